@@ -1,0 +1,7 @@
+"""Train the tutorial's AlexNet on any ImageFolder with PyTorch Lightning."""
+
+from alexnet_lit.data import ImageFolderDataModule
+from alexnet_lit.model import AlexNet
+from alexnet_lit.module import LitAlexNet
+
+__all__ = ["AlexNet", "ImageFolderDataModule", "LitAlexNet"]

@@ -1,0 +1,120 @@
+"""The tutorial's AlexNet as a plain ``nn.Module``: 5 conv layers and 3 fully connected layers."""
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+# Positions of the weighted layers in the tutorial's ``nn.Sequential``, mapped to ours. The
+# tutorial's index 6 is a ReLU right after a max-pool: a no-op that we keep so shapes and outputs
+# match layer for layer.
+_SEED_TO_OURS = {
+    "0": "features.0",
+    "3": "features.3",
+    "7": "features.7",
+    "9": "features.9",
+    "11": "features.11",
+    "15": "classifier.0",
+    "18": "classifier.3",
+    "21": "classifier.6",
+}
+
+
+class AlexNet(nn.Module):
+    """AlexNet exactly as the tutorial builds it (46,755,202 parameters for 2 classes).
+
+    Unlike torchvision's AlexNet, the first convolution has 96 filters with padding 1 and the
+    classifier reads a 5x5 map (6400 features), as in the tutorial's ``nn.Sequential``.
+
+    Args:
+        num_classes: Number of output logits.
+        in_channels: Image channels, 3 for RGB or 1 for grayscale.
+        dropout: Dropout probability before each of the first two linear layers.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, dropout: float = 0.5) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),  # [96,54,54]
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # [96,26,26]
+            nn.Conv2d(96, 256, kernel_size=5, padding=2),  # [256,26,26]
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # [256,12,12]
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 384, kernel_size=3, padding=1),  # [384,12,12]
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, kernel_size=3, padding=1),  # [384,12,12]
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),  # [256,12,12]
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # [256,5,5]
+        )
+        # An identity for 224x224 inputs; lets other input sizes reach the classifier.
+        self.avgpool = nn.AdaptiveAvgPool2d((5, 5))
+        self.classifier = nn.Sequential(
+            nn.Linear(256 * 5 * 5, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)  # [256,5,5] -> 6400
+        return self.classifier(x)
+
+    def load_seed_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a ``state_dict`` saved by the tutorial's script (an ``nn.Sequential``).
+
+        Args:
+            state_dict: Keys ``0.weight``, ``0.bias``, ``3.*``, ``7.*``, ``9.*``, ``11.*``,
+                ``15.*``, ``18.*`` and ``21.*``, as the tutorial's ``torch.save`` writes them.
+
+        Raises:
+            KeyError: The dict is not the tutorial's; the message names the missing and
+                unexpected keys.
+            ValueError: A tensor's shape does not match, e.g. a different number of classes.
+        """
+        converted = convert_seed_state_dict(state_dict)
+        own = self.state_dict()
+        for key, tensor in converted.items():
+            if tensor.shape != own[key].shape:
+                raise ValueError(
+                    f"Tensor {key} has shape {list(tensor.shape)} but this AlexNet expects "
+                    f"{list(own[key].shape)}; build it with the num_classes and in_channels the "
+                    "checkpoint was trained with."
+                )
+        self.load_state_dict(converted)
+
+
+def convert_seed_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the tutorial's ``nn.Sequential`` keys (``0.weight``, ...) to :class:`AlexNet`'s.
+
+    Raises:
+        KeyError: Keys are missing or unexpected; both lists are named in the message.
+    """
+    expected = {f"{seed}.{p}" for seed in _SEED_TO_OURS for p in ("weight", "bias")}
+    missing = sorted(expected - state_dict.keys(), key=_natural_key)
+    unexpected = sorted(state_dict.keys() - expected, key=_natural_key)
+    if missing or unexpected:
+        raise KeyError(
+            "This is not a state_dict saved by the tutorial's AlexNet: "
+            f"missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}."
+        )
+    converted = {}
+    for key, tensor in state_dict.items():
+        index, param = key.split(".")
+        converted[f"{_SEED_TO_OURS[index]}.{param}"] = tensor
+    return converted
+
+
+def _natural_key(key: str) -> tuple[int, str]:
+    index, _, param = key.partition(".")
+    return (int(index), param) if index.isdigit() else (-1, key)

@@ -1,0 +1,138 @@
+"""The LightningModule: AlexNet plus its loss, metrics and optimizer."""
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from alexnet_lit.model import AlexNet
+from alexnet_lit.transforms import preprocessing_record
+
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
+    """The tutorial's optimizer: Adam with learning rate 1e-4."""
+    return torch.optim.Adam(params, lr=1e-4)
+
+
+class LitAlexNet(L.LightningModule):
+    """AlexNet trained with cross-entropy; a checkpoint records its classes and preprocessing.
+
+    Args:
+        num_classes: Number of classes; the CLI links it from the DataModule.
+        class_names: Class names in label order; the CLI links them from the DataModule.
+        in_channels: 3 for RGB, 1 for grayscale.
+        dropout: Dropout probability in the classifier.
+        optimizer: Builds the optimizer from the parameters; the tutorial's Adam(lr=1e-4) when
+            not given. From YAML: ``class_path: torch.optim.SGD`` with ``init_args``.
+        lr_scheduler: Builds an LR scheduler from the optimizer; none by default.
+        preprocessing: The eval preprocessing (image size, mean, std) the model was trained with,
+            linked from the DataModule so that predictions never re-type it.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        class_names: Sequence[str] | None = None,
+        in_channels: int = 3,
+        dropout: float = 0.5,
+        optimizer: OptimizerCallable = tutorial_adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"model.class_names has {len(class_names)} names but model.num_classes is "
+                f"{num_classes}; pass one name per class."
+            )
+        if class_names is None:
+            class_names = [str(i) for i in range(num_classes)]
+        if preprocessing is None:
+            preprocessing = preprocessing_record(in_channels=in_channels)
+        self.save_hyperparameters(
+            {
+                "num_classes": num_classes,
+                "class_names": list(class_names),
+                "in_channels": in_channels,
+                "dropout": dropout,
+                "preprocessing": dict(preprocessing),
+            }
+        )
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.model = AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
+        self.loss_fn = nn.CrossEntropyLoss()
+        # One metric set per stage, so their states never mix.
+        self.train_metrics = self._accuracy_metrics(num_classes)
+        self.val_metrics = self._accuracy_metrics(num_classes)
+        self.test_metrics = self._accuracy_metrics(num_classes)
+
+    @staticmethod
+    def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+        metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return nn.ModuleDict(metrics)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, targets)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        for name, metric in getattr(self, f"{stage}_metrics").items():
+            metric(logits, targets)
+            self.log(
+                f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
+            )
+        return loss
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
+        images, _ = batch
+        probs = self(images).softmax(dim=1)
+        confidence, predicted = probs.max(dim=1)
+        return {"probs": probs, "predicted": predicted, "confidence": confidence}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/acc"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> "LitAlexNet":
+        """Load a checkpoint as data only (``weights_only=True``): no code in it ever runs."""
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, weights_only=weights_only, **kwargs
+        )

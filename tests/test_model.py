@@ -1,0 +1,90 @@
+"""AlexNet: the tutorial's layers, shapes and parameter count, and its state_dict import."""
+
+import pytest
+import torch
+from torch import nn
+
+from alexnet_lit.model import AlexNet
+
+
+def tutorial_alexnet(in_channels: int, num_classes: int) -> nn.Sequential:
+    """The tutorial's network, written the tutorial's way (an ``nn.Sequential``)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 96, 11, 4, 1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.ReLU(),
+        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        nn.Linear(6400, 4096), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(4096, num_classes),
+    )  # fmt: skip
+
+
+def test_parameter_count_matches_the_tutorial():
+    assert sum(p.numel() for p in AlexNet(num_classes=2).parameters()) == 46_755_202
+    assert sum(p.numel() for p in tutorial_alexnet(3, 2).parameters()) == 46_755_202
+
+
+def test_feature_map_shapes_layer_by_layer():
+    # Index in `features` -> shape after it, from the tutorial's table.
+    expected = {
+        0: (96, 54, 54),
+        2: (96, 26, 26),
+        3: (256, 26, 26),
+        5: (256, 12, 12),
+        7: (384, 12, 12),
+        9: (384, 12, 12),
+        11: (256, 12, 12),
+        13: (256, 5, 5),
+    }
+    model = AlexNet(num_classes=7)
+    x = torch.randn(2, 3, 224, 224)
+    for index, layer in enumerate(model.features):
+        x = layer(x)
+        if index in expected:
+            assert tuple(x.shape[1:]) == expected[index], f"after features.{index}"
+    assert len(model.features) == 14
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("size", [65, 128, 300])
+def test_other_input_sizes_reach_the_classifier(size):
+    model = AlexNet(num_classes=3, in_channels=1).eval()
+    assert model(torch.randn(1, 1, size, size)).shape == (1, 3)
+
+
+def test_every_parameter_gets_a_finite_gradient():
+    model = AlexNet(num_classes=3)
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 224, 224)), torch.tensor([0, 2]))
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_seed_state_dict_loads_with_identical_outputs():
+    torch.manual_seed(0)
+    seed = tutorial_alexnet(3, 2).eval()
+    model = AlexNet(num_classes=2)
+    model.load_seed_state_dict(seed.state_dict())
+    model.eval()
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), seed(x))
+
+
+def test_seed_state_dict_with_wrong_keys_names_them():
+    state = tutorial_alexnet(3, 2).state_dict()
+    state["99.weight"] = state.pop("21.weight")
+    with pytest.raises(
+        KeyError, match=r"missing keys \['21.weight'\].*unexpected keys \['99.weight'\]"
+    ):
+        AlexNet(num_classes=2).load_seed_state_dict(state)
+
+
+def test_seed_state_dict_with_other_class_count_is_a_clear_error():
+    state = tutorial_alexnet(3, 5).state_dict()
+    with pytest.raises(ValueError, match=r"classifier.6.weight has shape \[5, 4096\].*num_classes"):
+        AlexNet(num_classes=2).load_seed_state_dict(state)
