@@ -34,6 +34,8 @@ class LitAlexNet(L.LightningModule):
         lr_scheduler: Builds an LR scheduler from the optimizer; none by default.
         preprocessing: The eval preprocessing (image size, mean, std) the model was trained with,
             linked from the DataModule so that predictions never re-type it.
+        class_weights: Per-class cross-entropy weights, or None; the CLI links them from
+            ``data.balance: loss``.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class LitAlexNet(L.LightningModule):
         optimizer: OptimizerCallable = tutorial_adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict[str, Any] | None = None,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -63,12 +66,19 @@ class LitAlexNet(L.LightningModule):
                 "in_channels": in_channels,
                 "dropout": dropout,
                 "preprocessing": dict(preprocessing),
+                "class_weights": None if class_weights is None else list(class_weights),
             }
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.model = AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
-        self.loss_fn = nn.CrossEntropyLoss()
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(
+                f"model.class_weights has {len(class_weights)} values but model.num_classes is "
+                f"{num_classes}; pass one weight per class."
+            )
+        weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         # One metric set per stage, so their states never mix.
         self.train_metrics = self._accuracy_metrics(num_classes)
         self.val_metrics = self._accuracy_metrics(num_classes)
@@ -84,8 +94,12 @@ class LitAlexNet(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
+    ) -> torch.Tensor | None:
         images, targets = batch
+        if len(targets) == 0:  # every image of the batch was unreadable and skipped
+            return None
         logits = self(images)
         loss = self.loss_fn(logits, targets)
         on_step = stage == "train"
