@@ -18,13 +18,13 @@ from alexnet_lit import transforms
 from alexnet_lit.images import is_hidden, load_image
 from alexnet_lit.scan import (
     SplitScan,
-    _walk,
     class_count_table,
     imbalance_ratio,
     list_classes,
     scan_files,
     scan_split,
     split_train_val,
+    walk_files,
 )
 
 __all__ = ["is_hidden", "list_classes", "load_image"]  # re-exported: their home moved
@@ -46,7 +46,7 @@ class DataConfigError(ValueError):
 
 def list_images(folder: Path) -> list[Path]:
     """Usable images under ``folder`` (recursively, sorted), by content; hidden entries skipped."""
-    infos, _, _, _ = scan_files(_walk(Path(folder), []))
+    infos, _, _, _ = scan_files(walk_files(Path(folder), []))
     return sorted(infos)
 
 
@@ -279,6 +279,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._scans: dict[str, SplitScan] = {}
         self._samples: dict[str, list[tuple[Path, int]]] = {}
         self._written: set[str] = set()
+        self._split_lists: dict[str, dict[str, list[Path]]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -336,6 +337,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.datasets["test"] = self._dataset(split, self.eval_transform())
         if stage == "predict":
             self.datasets["predict"] = self._predict_dataset()
+        self._save_split_lists()
 
     def train_transform(self):
         return transforms.train_transform(
@@ -405,7 +407,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             train, val = split_train_val(
                 train, self.hparams.val_split, self.hparams.seed, self.data_dir
             )
-            self._save_split_lists(train, val)
+            rank_zero_info(
+                f"no '{self.data_dir / 'val'}': holding out {self.hparams.val_split:g} of each "
+                f"train class for validation (seed {self.hparams.seed})."
+            )
+            self._split_lists = {"train": train, "val": val}
         self._samples["train"] = self._index(train)
         self._samples["val"] = self._index(val)
 
@@ -435,15 +441,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             for path in images.get(name, [])
         ]
 
-    def _save_split_lists(self, train: dict, val: dict) -> None:
-        rank_zero_info(
-            f"no '{self.data_dir / 'val'}': holding out {self.hparams.val_split:g} of each "
-            f"train class for validation (seed {self.hparams.seed})."
-        )
-        if self.run_dir is None or (self.trainer is not None and not self.trainer.is_global_zero):
+    def _save_split_lists(self) -> None:
+        """Write the train/val split made from train/ into the run directory (rank 0, once)."""
+        if not self._split_lists or self.run_dir is None or not self.trainer.is_global_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for split, images in (("train", train), ("val", val)):
+        for split, images in self._split_lists.items():
             lines = [
                 path.relative_to(self.data_dir).as_posix()
                 for name in self.class_names

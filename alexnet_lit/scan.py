@@ -63,7 +63,8 @@ def list_classes(split_dir: Path) -> list[str]:
     )
 
 
-def _walk(folder: Path, hidden: list[Path]) -> list[Path]:
+def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
+    """Files under ``folder`` (sorted, recursively); hidden entries go to ``hidden`` instead."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         hidden += [Path(dirpath, d) for d in dirnames if is_hidden(d)]
@@ -115,7 +116,7 @@ def scan_split(split_dir: Path, hash_files: bool = False) -> SplitScan:
         if is_hidden(entry.name):
             scan.hidden.append(path)
         elif entry.is_dir():
-            files_by_class[entry.name] = _walk(path, scan.hidden)
+            files_by_class[entry.name] = walk_files(path, scan.hidden)
         else:
             scan.outside_classes.append(path)
     files = [path for paths in files_by_class.values() for path in paths]
