@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from alexnet_lit.images import ImageInfo, is_hidden, probe, sniff_format
+from alexnet_lit.images import ImageInfo, Verdict, is_hidden, load_image, probe, sniff_format
 
 SPLITS = ("train", "val", "test")
 # Folders with fewer files scan without a progress bar.
@@ -75,9 +75,12 @@ def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
 
 
 def scan_files(
-    files: Sequence[Path], hash_files: bool = False, desc: str = "scanning"
+    files: Sequence[Path], hash_files: bool = False, decode: bool = False, desc: str = "scanning"
 ) -> tuple[dict[Path, ImageInfo], list[tuple[Path, str]], list[tuple[Path, str]], dict]:
-    """Probe files: ``(infos, unreadable, not_images, hashes)``; a progress bar on many files."""
+    """Probe files: ``(infos, unreadable, not_images, hashes)``; a progress bar on many files.
+
+    ``decode`` also decodes every image that passes the cheap checks (slow; finds the rest).
+    """
     infos, unreadable, not_images, hashes = {}, [], [], {}
     show = len(files) >= PROGRESS_MIN_FILES
     for path in tqdm(files, desc=desc, unit="file", disable=None if show else True, leave=False):
@@ -91,6 +94,13 @@ def scan_files(
             except OSError:
                 pass  # probe() reports it
         verdict = probe(path, data)
+        if verdict.info is not None and decode:
+            try:
+                load_image(path)
+            except Exception as err:  # whatever Pillow raises for broken pixel data
+                lines = str(err).strip().splitlines()
+                reason = f"fails to decode ({type(err).__name__}: {lines[0] if lines else ''})"
+                verdict = Verdict(problem="unreadable", reason=reason)
         if verdict.info is not None:
             infos[path] = verdict.info
             if data is not None:
@@ -102,12 +112,13 @@ def scan_files(
     return infos, unreadable, not_images, hashes
 
 
-def scan_split(split_dir: Path, hash_files: bool = False) -> SplitScan:
+def scan_split(split_dir: Path, hash_files: bool = False, decode: bool = False) -> SplitScan:
     """Scan ``split_dir/<class>/**`` with cheap checks (headers, not pixels).
 
     Args:
         split_dir: A split folder such as ``dataset/train``.
         hash_files: Also hash each image's bytes (for the doctor's duplicate search).
+        decode: Also decode each image (slow); see :func:`scan_files`.
     """
     scan = SplitScan(Path(split_dir))
     files_by_class: dict[str, list[Path]] = {}
@@ -121,7 +132,7 @@ def scan_split(split_dir: Path, hash_files: bool = False) -> SplitScan:
             scan.outside_classes.append(path)
     files = [path for paths in files_by_class.values() for path in paths]
     infos, scan.unreadable, scan.not_images, scan.hashes = scan_files(
-        files, hash_files, desc=f"scanning {split_dir.name}/"
+        files, hash_files, decode, desc=f"scanning {split_dir.name}/"
     )
     scan.infos = infos
     scan.images = {
@@ -179,8 +190,11 @@ def class_count_table(counts: Mapping[str, Mapping[str, int]]) -> str:
 # The data doctor ------------------------------------------------------------------------------
 
 
-def diagnose(root: str | Path) -> dict[str, Any]:
+def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
     """Scan a dataset folder and return the doctor's report as plain data (JSON-ready).
+
+    The checks read headers and hash bytes; ``decode`` also decodes every image, which finds
+    the few broken files whose header and end marker look fine (and is much slower).
 
     ``errors`` make the dataset unusable as is (exit code 1 in ``check_data.py``): no train
     classes, a train class without a usable image, val/test classes not in train, unreadable
@@ -190,7 +204,11 @@ def diagnose(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     report: dict[str, Any] = {"path": str(root), "splits": {}, "errors": [], "warnings": []}
     errors, warnings = report["errors"], report["warnings"]
-    scans = {s: scan_split(root / s, hash_files=True) for s in SPLITS if (root / s).is_dir()}
+    scans = {
+        s: scan_split(root / s, hash_files=True, decode=decode)
+        for s in SPLITS
+        if (root / s).is_dir()
+    }
     if "train" not in scans:
         errors.append(f"'{root / 'train'}' does not exist; put training images in train/<class>/.")
     for split, scan in scans.items():
@@ -355,10 +373,13 @@ def check_data_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("path", type=Path, help="the dataset root, holding train/<class>/...")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--decode", action="store_true", help="also decode every image (slower, finds all)"
+    )
     args = parser.parse_args(argv)
     if not args.path.is_dir():
         print(f"error: '{args.path}' is not a folder; pass a dataset root.", file=sys.stderr)
         return 2
-    report = diagnose(args.path)
+    report = diagnose(args.path, decode=args.decode)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["errors"] else 0

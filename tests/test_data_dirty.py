@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
@@ -101,6 +102,14 @@ def test_doctor_text_report_and_exit_codes(dirty, tmp_path, capsys):
 
     assert check_data_main([str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_doctor_decode_finds_images_that_only_fail_to_decode(dirty, capsys):
+    code, out = doctor(capsys, dirty.root, "--json", "--decode")
+    assert code == 1
+    unreadable = {Path(d["path"]): d["reason"] for d in json.loads(out)["unreadable"]}
+    assert set(unreadable) == set(dirty.unreadable) | set(dirty.load_fails)
+    assert unreadable[dirty.load_fails[0]].startswith("fails to decode (OSError")
 
 
 def test_doctor_names_empty_and_unknown_classes(tmp_path, capsys):
@@ -365,3 +374,14 @@ def test_a_batch_of_only_bad_images_is_empty_and_skipped():
     assert batch.images.shape == (0, 3, 96, 96) and batch.skipped[0].path == "a.jpg"
     model = LitAlexNet(3)
     assert model.training_step((batch.images, batch.targets), 0) is None
+
+
+def test_skipped_markers_survive_pin_memory(monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    # Pinning needs CUDA; the structure it rebuilds is what matters (a namedtuple stays one).
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self)
+    bad = BadImage("a.jpg", "OSError: x")
+    batch = SkippingCollate((3, 8, 8))([(torch.zeros(3, 8, 8), 1), bad])
+    pinned = pin_memory(batch)
+    assert type(pinned).__name__ == "LoadedBatch" and pinned.skipped == [bad]
