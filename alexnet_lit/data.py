@@ -397,9 +397,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         train = self._scan("train").images
         empty = [name for name in self.class_names if not train.get(name)]
         if empty:
+            names = ", ".join(f"'{name}'" for name in empty)
+            plural = len(empty) > 1
             raise DataConfigError(
-                f"train class '{empty[0]}' ('{self.data_dir / 'train' / empty[0]}') has no usable "
-                "image; add images to it or remove the folder."
+                f"train class{'es' if plural else ''} {names} in '{self.data_dir / 'train'}' "
+                f"ha{'ve' if plural else 's'} no usable image; add images or remove the "
+                f"folder{'s' if plural else ''} (python scripts/check_data.py lists the problems)."
             )
         if (self.data_dir / "val").is_dir():
             val = self._checked_images("val")

@@ -272,7 +272,11 @@ def test_train_class_without_usable_image_is_an_error(tmp_path):
     data = make_image_folder(tmp_path / "data")
     for path in (data / "train" / "bee").iterdir():
         path.write_text("not an image")
-    with pytest.raises(DataConfigError, match=r"train class 'bee' .* has no usable image"):
+    with pytest.raises(DataConfigError, match=r"train class 'bee' in '.*train' has no usable"):
+        ImageFolderDataModule(data, image_size=96).setup("fit")
+    for path in (data / "train" / "cat").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(DataConfigError, match=r"train classes 'bee', 'cat' in .* have no usable"):
         ImageFolderDataModule(data, image_size=96).setup("fit")
 
 
