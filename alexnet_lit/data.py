@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -216,6 +217,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "test":
             # A held-out test/ split is optional; without one, test reports on val/.
             split = "test" if (self.data_dir / "test").is_dir() else "val"
+            note = "" if split == "test" else " (there is no test/ folder)"
+            rank_zero_info(f"test: evaluating {self.data_dir / split}{note}")
             self.datasets["test"] = self._split(split, self.eval_transform())
         if stage == "predict":
             self.datasets["predict"] = self._predict_dataset()

@@ -8,7 +8,13 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from alexnet_lit.model import AlexNet
 from alexnet_lit.transforms import preprocessing_record
@@ -70,21 +76,28 @@ class LitAlexNet(L.LightningModule):
         self.model = AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
         self.loss_fn = nn.CrossEntropyLoss()
         # One metric set per stage, so their states never mix.
-        self.train_metrics = self._accuracy_metrics(num_classes)
-        self.val_metrics = self._accuracy_metrics(num_classes)
-        self.test_metrics = self._accuracy_metrics(num_classes)
+        self.train_metrics = self._stage_metrics(num_classes)
+        self.val_metrics = self._stage_metrics(num_classes, per_class=True)
+        self.test_metrics = self._stage_metrics(num_classes, per_class=True)
+        self.val_acc_best = MaxMetric()
 
     @staticmethod
-    def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    def _stage_metrics(num_classes: int, per_class: bool = False) -> nn.ModuleDict:
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
         if num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        if per_class:  # macro averages weigh every class equally, whatever its size
+            metrics["precision_macro"] = MulticlassPrecision(num_classes, average="macro")
+            metrics["recall_macro"] = MulticlassRecall(num_classes, average="macro")
+            metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
         return nn.ModuleDict(metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
+    ) -> dict[str, torch.Tensor]:
         images, targets = batch
         logits = self(images)
         loss = self.loss_fn(logits, targets)
@@ -95,18 +108,29 @@ class LitAlexNet(L.LightningModule):
             self.log(
                 f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
             )
-        return loss
+        # The logits go to callbacks (confusion matrix, misclassified images) via the outputs.
+        return {"loss": loss, "logits": logits.detach()}
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the sanity check's few batches are not an epoch
+            return
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute())
+
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         images, _ = batch
