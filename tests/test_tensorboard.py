@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -265,3 +266,18 @@ def test_confusion_matrix_picture_stays_bounded(num_classes):
     names = [f"a_rather_long_class_name_{i}" for i in range(num_classes)]
     picture = render_confusion_matrix(confusion, names)
     assert picture.width < 1300 and picture.height < 1300
+
+
+def test_grayscale_inputs_become_rgb_pictures():
+    from alexnet_lit import LitAlexNet
+    from alexnet_lit.callbacks import ValidationImages
+    from alexnet_lit.reports import image_grid
+
+    model = LitAlexNet(num_classes=3, in_channels=1)  # normalization mean 0.5, std 0.5
+    images = torch.linspace(-1, 1, 2 * 40 * 40).reshape(2, 1, 40, 40)
+    pixels = ValidationImages(tile=64)._pixels(model, images).numpy()
+    assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
+    assert pixels.min() <= 2 and pixels.max() >= 250  # -1..1 mapped back onto 0..255
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+    grid = image_grid(pixels, ["a", "b"], tile=64)
+    assert grid.size[0] == 2 * (64 + 4) + 4
