@@ -34,6 +34,11 @@ def _in_fit(trainer: L.Trainer) -> bool:
     return trainer.state.fn == "fit" and not trainer.sanity_checking
 
 
+def _step(trainer: L.Trainer) -> int:
+    """The step Lightning logs scalars at (as LearningRateMonitor does), so pictures line up."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def _sync(module: L.LightningModule) -> None:
     """Wait for queued GPU work, so that a wall-clock reading covers it (once per epoch)."""
     if module.device.type == "cuda":
@@ -122,7 +127,7 @@ class HyperparametersToTensorBoard(L.Callback):
         best = trainer.callback_metrics.get(self.metric)
         if logger is None or best is None or not _in_fit(trainer):
             return
-        logger.log_metrics({"hp_metric": float(best)}, step=trainer.global_step)
+        logger.log_metrics({"hp_metric": float(best)}, step=_step(trainer))
 
 
 # Optimizer options that choose an implementation, not the optimization: left out of HPARAMS.
@@ -225,7 +230,7 @@ class ValidationImages(L.Callback):
         captions = [short_name(names[int(t)]) for t in targets.cpu()]
         grid = image_grid(pixels, captions, tile=self.tile)
         logger.experiment.add_image(
-            "train/inputs", np.asarray(grid), trainer.global_step, dataformats="HWC"
+            "train/inputs", np.asarray(grid), _step(trainer), dataformats="HWC"
         )
 
     def _pixels(self, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
@@ -288,7 +293,7 @@ class ValidationImages(L.Callback):
         if logger is None or not trainer.is_global_zero:
             return
         names = pl_module.hparams.class_names
-        step = trainer.global_step
+        step = _step(trainer)
         picture = render_confusion_matrix(confusion, names)
         logger.experiment.add_image(
             "val/confusion_matrix", np.asarray(picture), step, dataformats="HWC"
