@@ -77,16 +77,16 @@ class LitAlexNet(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss()
         # One metric set per stage, so their states never mix.
         self.train_metrics = self._stage_metrics(num_classes)
-        self.val_metrics = self._stage_metrics(num_classes, per_class=True)
-        self.test_metrics = self._stage_metrics(num_classes, per_class=True)
+        self.val_metrics = self._stage_metrics(num_classes, macro=True)
+        self.test_metrics = self._stage_metrics(num_classes, macro=True)
         self.val_acc_best = MaxMetric()
 
     @staticmethod
-    def _stage_metrics(num_classes: int, per_class: bool = False) -> nn.ModuleDict:
+    def _stage_metrics(num_classes: int, macro: bool = False) -> nn.ModuleDict:
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
         if num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        if per_class:  # macro averages weigh every class equally, whatever its size
+        if macro:  # macro averages weigh every class equally, whatever its size
             metrics["precision_macro"] = MulticlassPrecision(num_classes, average="macro")
             metrics["recall_macro"] = MulticlassRecall(num_classes, average="macro")
             metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
