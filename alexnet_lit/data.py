@@ -334,6 +334,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "test":
             # A held-out test/ split is optional; without one, test reports on val.
             split = "test" if (self.data_dir / "test").is_dir() else "val"
+            note = "" if split == "test" else " (there is no test/ folder)"
+            rank_zero_info(f"test: evaluating {self.data_dir / split}{note}")
             self.datasets["test"] = self._dataset(split, self.eval_transform())
         if stage == "predict":
             self.datasets["predict"] = self._predict_dataset()

@@ -8,7 +8,13 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from alexnet_lit.model import AlexNet
 from alexnet_lit.transforms import preprocessing_record
@@ -80,15 +86,20 @@ class LitAlexNet(L.LightningModule):
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         # One metric set per stage, so their states never mix.
-        self.train_metrics = self._accuracy_metrics(num_classes)
-        self.val_metrics = self._accuracy_metrics(num_classes)
-        self.test_metrics = self._accuracy_metrics(num_classes)
+        self.train_metrics = self._stage_metrics(num_classes)
+        self.val_metrics = self._stage_metrics(num_classes, macro=True)
+        self.test_metrics = self._stage_metrics(num_classes, macro=True)
+        self.val_acc_best = MaxMetric()
 
     @staticmethod
-    def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    def _stage_metrics(num_classes: int, macro: bool = False) -> nn.ModuleDict:
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
         if num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        if macro:  # macro averages weigh every class equally, whatever its size
+            metrics["precision_macro"] = MulticlassPrecision(num_classes, average="macro")
+            metrics["recall_macro"] = MulticlassRecall(num_classes, average="macro")
+            metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
         return nn.ModuleDict(metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +107,7 @@ class LitAlexNet(L.LightningModule):
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
-    ) -> torch.Tensor | None:
+    ) -> dict[str, torch.Tensor] | None:
         images, targets = batch
         if len(targets) == 0:  # every image of the batch was unreadable and skipped
             return None
@@ -109,18 +120,29 @@ class LitAlexNet(L.LightningModule):
             self.log(
                 f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
             )
-        return loss
+        # The logits go to callbacks (confusion matrix, misclassified images) via the outputs.
+        return {"loss": loss, "logits": logits.detach()}
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the sanity check's few batches are not an epoch
+            return
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute())
+
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         images, _ = batch
