@@ -5,6 +5,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -148,6 +149,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             off for the demo's digits.
         predict_dir: Folder of images (searched recursively) for the ``predict`` subcommand;
             None predicts the validation images.
+        augment: Training augmentation preset: ``"tutorial"`` (crop + flip) or ``"strong"``
+            (adds TrivialAugmentWide and RandomErasing). MixUp/CutMix are model options.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] | None = None,
         hflip: bool | None = None,
         predict_dir: str | Path | None = None,
+        augment: Literal["tutorial", "strong"] = "tutorial",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -222,7 +226,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_transform(self):
         return transforms.train_transform(
-            self.image_size, self.hparams.in_channels, crop_scale=self.crop_scale, hflip=self.hflip
+            self.image_size,
+            self.hparams.in_channels,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            augment=self.hparams.augment,
         )
 
     def eval_transform(self):
