@@ -1,5 +1,6 @@
 """Research recipes: each overlay via the CLI, the schedules, MixUp/CutMix, EMA, the finders."""
 
+import importlib.util
 import json
 import math
 from functools import partial
@@ -234,3 +235,23 @@ def test_batch_size_finder_writes_its_result_into_the_run(tmp_path, monkeypatch)
     result = json.loads((tmp_path / "lightning_logs" / "version_0" / "batch_size.json").read_text())
     # Power mode doubles 2 -> 4 -> 8 -> 16, and stops once a batch covers all 9 images.
     assert result["batch_size"] in (8, 16)
+
+
+def test_run_recipes_table_reports_mean_spread_and_the_command():
+    script = ROOT / "scripts" / "run_recipes.py"
+    spec = importlib.util.spec_from_file_location("run_recipes", script)
+    run_recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_recipes)
+    runs = [
+        {"recipe": "adamw", "seed": s, "returncode": 0, "wall_s": w, "epochs": 10}
+        | {"best_val_acc": a}
+        for s, w, a in [(0, 100.0, 0.90), (1, 110.0, 0.92), (2, 120.0, 0.94)]
+    ]
+    runs.append({"recipe": "ema", "seed": 0, "returncode": 1, "wall_s": 3.0, "epochs": 0,
+                 "best_val_acc": None})  # fmt: skip
+    table = run_recipes.markdown_table(runs, ["--trainer.max_epochs", "10"])
+    adamw, ema = table.splitlines()[2:]
+    assert "--config configs/experiments/adamw.yaml --trainer.max_epochs 10`" in adamw
+    assert "| 0.920 ± 0.020 |" in adamw and "| 1 min 50 s |" in adamw
+    assert "--seed_everything" not in adamw
+    assert "failed" in ema
