@@ -1,6 +1,7 @@
 """Lightning's learning-rate and batch-size finders as callbacks that write into the run folder."""
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -68,7 +69,11 @@ class LRFinder(LearningRateFinder):
         import matplotlib.pyplot as plt
 
         figure = finder.plot(suggest=finder.suggestion() is not None)
-        figure.axes[0].set_title("LR range test (loss vs learning rate)")
+        axes = figure.axes[0]
+        axes.set_title("LR range test (loss vs learning rate)")
+        losses = [loss for loss in finder.results["loss"] if math.isfinite(loss)]
+        if losses and max(losses) > 2 * losses[0]:  # keep a divergent tail from flattening it
+            axes.set_ylim(min(losses) * 0.95, 2 * losses[0])
         figure.savefig(path, dpi=100)
         plt.close(figure)
 
