@@ -233,6 +233,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         balance: Class-imbalance correction: ``none``; ``loss`` weights the cross-entropy by
             n_images / (n_classes * n_class_images); ``sampler`` draws every class equally often
             (with replacement; works under DDP).
+        augment: Training augmentation preset: ``"tutorial"`` (crop + flip) or ``"strong"``
+            (adds TrivialAugmentWide and RandomErasing). MixUp/CutMix are model options.
     """
 
     def __init__(
@@ -249,6 +251,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: int = 0,
         on_bad_image: Literal["skip", "error"] = "skip",
         balance: Literal["none", "loss", "sampler"] = "none",
+        augment: Literal["tutorial", "strong"] = "tutorial",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -343,7 +346,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_transform(self):
         return transforms.train_transform(
-            self.image_size, self.hparams.in_channels, crop_scale=self.crop_scale, hflip=self.hflip
+            self.image_size,
+            self.hparams.in_channels,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            augment=self.hparams.augment,
         )
 
     def eval_transform(self):

@@ -1,8 +1,9 @@
 """The LightningModule: AlexNet plus its loss, metrics and optimizer."""
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,7 +18,8 @@ from torchmetrics.classification import (
 )
 
 from alexnet_lit.model import AlexNet
-from alexnet_lit.transforms import preprocessing_record
+from alexnet_lit.schedules import scheduler_interval
+from alexnet_lit.transforms import batch_mix, preprocessing_record
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -37,11 +39,21 @@ class LitAlexNet(L.LightningModule):
         dropout: Dropout probability in the classifier.
         optimizer: Builds the optimizer from the parameters; the tutorial's Adam(lr=1e-4) when
             not given. From YAML: ``class_path: torch.optim.SGD`` with ``init_args``.
-        lr_scheduler: Builds an LR scheduler from the optimizer; none by default.
+        lr_scheduler: Builds an LR scheduler from the optimizer; none by default. A scheduler
+            with an unset ``total_steps`` (OneCycleLR, WarmupCosineLR) gets the trainer's
+            ``estimated_stepping_batches``.
         preprocessing: The eval preprocessing (image size, mean, std) the model was trained with,
             linked from the DataModule so that predictions never re-type it.
         class_weights: Per-class cross-entropy weights, or None; the CLI links them from
             ``data.balance: loss``.
+        lr_scheduler_interval: Step the scheduler per ``"step"`` or per ``"epoch"``. None: per
+            step for OneCycleLR, CyclicLR and WarmupCosineLR, per epoch for the others.
+        no_decay_bias: Exempt biases (and any other 1-d parameter, e.g. norm weights) from the
+            optimizer's weight decay.
+        label_smoothing: Label smoothing of the cross-entropy loss, e.g. 0.1.
+        mixup_alpha: MixUp's Beta(alpha, alpha) parameter for training batches; 0 is off.
+        cutmix_alpha: CutMix's Beta(alpha, alpha) parameter; 0 is off. With both on, each batch
+            uses one of the two at random. Accuracy is still measured on the integer labels.
     """
 
     def __init__(
@@ -54,6 +66,11 @@ class LitAlexNet(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict[str, Any] | None = None,
         class_weights: Sequence[float] | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] | None = None,
+        no_decay_bias: bool = False,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -73,6 +90,11 @@ class LitAlexNet(L.LightningModule):
                 "dropout": dropout,
                 "preprocessing": dict(preprocessing),
                 "class_weights": None if class_weights is None else list(class_weights),
+                "lr_scheduler_interval": lr_scheduler_interval,
+                "no_decay_bias": no_decay_bias,
+                "label_smoothing": label_smoothing,
+                "mixup_alpha": mixup_alpha,
+                "cutmix_alpha": cutmix_alpha,
             }
         )
         self.optimizer = optimizer
@@ -84,7 +106,9 @@ class LitAlexNet(L.LightningModule):
                 f"{num_classes}; pass one weight per class."
             )
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        # MixUp/CutMix of training batches: soft targets for the loss, None when both are off.
+        self.batch_mix = batch_mix(num_classes, mixup_alpha, cutmix_alpha)
         # One metric set per stage, so their states never mix.
         self.train_metrics = self._stage_metrics(num_classes)
         self.val_metrics = self._stage_metrics(num_classes, macro=True)
@@ -111,8 +135,11 @@ class LitAlexNet(L.LightningModule):
         images, targets = batch
         if len(targets) == 0:  # every image of the batch was unreadable and skipped
             return None
+        loss_targets = targets
+        if stage == "train" and self.batch_mix is not None:
+            images, loss_targets = self.batch_mix(images, targets)  # targets stay integers
         logits = self(images)
-        loss = self.loss_fn(logits, targets)
+        loss = self.loss_fn(logits, loss_targets)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
         for name, metric in getattr(self, f"{stage}_metrics").items():
@@ -151,14 +178,33 @@ class LitAlexNet(L.LightningModule):
         return {"probs": probs, "predicted": predicted, "confidence": confidence}
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
+        optimizer = self.optimizer(self._param_groups())
         if self.lr_scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config = {"scheduler": scheduler}
+        kwargs = {}
+        if _total_steps_unset(self.lr_scheduler):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.lr_scheduler(optimizer, **kwargs)
+        interval = self.hparams.lr_scheduler_interval or scheduler_interval(scheduler)
+        config = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if scheduler.mode != "max":
+                raise ValueError(
+                    "model.lr_scheduler: ReduceLROnPlateau watches val/acc, where higher is "
+                    "better; set its init_args.mode to max."
+                )
             config["monitor"] = "val/acc"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _param_groups(self) -> Iterable:
+        if not self.hparams.no_decay_bias:
+            return self.parameters()
+        # Biases and other 1-d tensors (norm scales) are offsets, not weights to shrink.
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
 
     @classmethod
     def load_from_checkpoint(
@@ -172,3 +218,15 @@ class LitAlexNet(L.LightningModule):
         return super().load_from_checkpoint(
             checkpoint_path, map_location=map_location, weights_only=weights_only, **kwargs
         )
+
+
+def _total_steps_unset(factory: Callable) -> bool:
+    """Whether a scheduler factory takes ``total_steps`` and was not given one."""
+    keywords = getattr(factory, "keywords", None)  # jsonargparse passes every init arg by name
+    if keywords and "total_steps" in keywords:
+        return keywords["total_steps"] is None
+    try:
+        parameter = inspect.signature(factory).parameters.get("total_steps")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is None

@@ -1,0 +1,115 @@
+"""Lightning's learning-rate and batch-size finders as callbacks that write into the run folder."""
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+from lightning.pytorch.utilities.exceptions import _TunerExitException
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    """The run folder (``lightning_logs/version_N``), or the root dir without a logger."""
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class LRFinder(LearningRateFinder):
+    """Lightning's LR range test; writes ``lr_find.json`` and ``lr_find.png`` to the run folder.
+
+    The model's learning rate lives in ``model.optimizer``, so the suggestion is reported, not
+    applied: put it into the config and train again.
+
+    Args:
+        min_lr: Smallest learning rate tried.
+        max_lr: Largest learning rate tried.
+        num_training_steps: Steps of the range test.
+        mode: ``"exponential"`` or ``"linear"`` growth of the learning rate.
+        early_stop_threshold: Stop once the loss exceeds this multiple of the best loss; None
+            runs all steps.
+        stop: End the run after the test (the usual use); False trains on afterwards.
+    """
+
+    def __init__(
+        self,
+        min_lr: float = 1e-8,
+        max_lr: float = 1.0,
+        num_training_steps: int = 100,
+        mode: str = "exponential",
+        early_stop_threshold: float | None = 4.0,
+        stop: bool = True,
+    ) -> None:
+        super().__init__(
+            min_lr, max_lr, num_training_steps, mode, early_stop_threshold, update_attr=False
+        )
+        self.stop = stop
+
+    def lr_find(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().lr_find(trainer, pl_module)
+        finder = self.optimal_lr
+        if finder is None:  # skipped, e.g. under fast_dev_run
+            return
+        run_dir = _run_dir(trainer)
+        suggestion = finder.suggestion()
+        result = {"suggested_lr": suggestion, "lr": finder.results["lr"]}
+        result["loss"] = finder.results["loss"]
+        (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
+        self._plot(finder, run_dir / "lr_find.png")
+        print(f"LR finder: suggested learning rate {suggestion}; plot and data in {run_dir}")
+        if self.stop:
+            raise _TunerExitException()
+
+    @staticmethod
+    def _plot(finder, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+
+        figure = finder.plot(suggest=finder.suggestion() is not None)
+        axes = figure.axes[0]
+        axes.set_title("LR range test (loss vs learning rate)")
+        losses = [loss for loss in finder.results["loss"] if math.isfinite(loss)]
+        if losses and max(losses) > 2 * losses[0]:  # keep a divergent tail from flattening it
+            axes.set_ylim(min(losses) * 0.95, 2 * losses[0])
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+
+
+class BatchSizeSearch(BatchSizeFinder):
+    """Lightning's batch-size finder; writes ``batch_size.json`` to the run folder.
+
+    It grows ``data.batch_size`` until memory runs out (or the batch covers the training set)
+    and then trains on with the largest size that fit, unless ``stop`` is set.
+
+    Args:
+        mode: ``"power"`` doubles the size; ``"binsearch"`` then narrows it down.
+        steps_per_trial: Training steps tried at each size.
+        init_val: The first batch size tried.
+        max_trials: At most this many sizes are tried.
+        stop: End the run after the search.
+    """
+
+    def __init__(
+        self,
+        mode: str = "power",
+        steps_per_trial: int = 3,
+        init_val: int = 2,
+        max_trials: int = 25,
+        stop: bool = False,
+    ) -> None:
+        super().__init__(mode, steps_per_trial, init_val, max_trials, batch_arg_name="batch_size")
+        self.stop = stop
+
+    def scale_batch_size(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().scale_batch_size(trainer, pl_module)
+        if self.optimal_batch_size is None:
+            return
+        run_dir = _run_dir(trainer)
+        result = {"batch_size": self.optimal_batch_size, "mode": self._mode}
+        (run_dir / "batch_size.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"Batch-size finder: batch size {self.optimal_batch_size}; written to {run_dir}")
+        if self.stop:
+            raise _TunerExitException()
