@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from alexnet_lit import transforms
+from alexnet_lit.distributed import UnpaddedDistributedSampler
 
 # Folders that tools and operating systems drop into datasets; never classes.
 _IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
@@ -282,10 +283,22 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        sampler = None
+        if not shuffle and self.trainer is not None and self.trainer.world_size > 1:
+            # Evaluation under DDP: each image exactly once, so metrics are exact. Training keeps
+            # Lightning's shuffling DistributedSampler (it calls set_epoch every epoch).
+            world_size = self.trainer.world_size
+            if len(dataset) < world_size:
+                raise DataConfigError(
+                    f"{len(dataset)} evaluation images cannot be split over {world_size} "
+                    "processes; add images or lower trainer.devices / trainer.num_nodes."
+                )
+            sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_cuda,

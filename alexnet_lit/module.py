@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from alexnet_lit.model import AlexNet
@@ -73,6 +74,7 @@ class LitAlexNet(L.LightningModule):
         self.train_metrics = self._accuracy_metrics(num_classes)
         self.val_metrics = self._accuracy_metrics(num_classes)
         self.test_metrics = self._accuracy_metrics(num_classes)
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     @staticmethod
     def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
@@ -88,8 +90,13 @@ class LitAlexNet(L.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = self.loss_fn(logits, targets)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        if stage == "train":  # no sync per step: under DDP the epoch value is rank 0's
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        else:
+            # A torchmetrics mean syncs its sums once per epoch, so it is exact under DDP with
+            # unequal shards (Lightning's sync_dist mean truncates the averaged sample count).
+            self.eval_loss[stage].update(loss, weight=len(targets))
+            self.log(f"{stage}/loss", self.eval_loss[stage], on_epoch=True, prog_bar=True)
         for name, metric in getattr(self, f"{stage}_metrics").items():
             metric(logits, targets)
             self.log(
