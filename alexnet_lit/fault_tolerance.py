@@ -72,13 +72,11 @@ class RNGStateCheckpoint(L.Callback):
 
     Lightning restores weights, optimizer, scheduler and loop counters but not the RNGs: after a
     resume, ``seed_everything`` would replay the first epoch's shuffling and dropout masks. The
-    states are restored at the start of the next training epoch (after the sanity check, which
-    draws random numbers too), so a run resumed from an epoch-end checkpoint computes exactly what
-    the uninterrupted run would have. With several processes the checkpoint holds rank 0's states.
+    states are set as soon as the checkpoint is restored, before the training loader draws its
+    shuffling seed (Lightning runs the sanity check with isolated RNGs), so a run resumed from an
+    epoch-end checkpoint computes exactly what the uninterrupted run would have. With several
+    processes the checkpoint holds rank 0's states.
     """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         version, numbers, gauss = random.getstate()
@@ -92,13 +90,7 @@ class RNGStateCheckpoint(L.Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending is None:
-            return
-        state, self._pending = self._pending, None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         version, numbers, gauss = state["python"]
         random.setstate((version, tuple(numbers), gauss))
         name, keys, position, has_gauss, cached = state["numpy"]
@@ -126,6 +118,12 @@ class StopOnNonFiniteLoss(L.Callback):
         self.check_every_n_steps = check_every_n_steps
         # [global_step, epoch, batch_idx] of the first bad step; _NONE while there is none.
         self._first_bad: torch.Tensor | None = None
+        self._step = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step  # the step this batch's loss belongs to
 
     def on_train_batch_end(
         self,
@@ -141,7 +139,7 @@ class StopOnNonFiniteLoss(L.Callback):
         device = loss.device
         if self._first_bad is None or self._first_bad.device != device:
             self._first_bad = torch.full((3,), _NONE, dtype=torch.long, device=device)
-        here = torch.tensor([trainer.global_step, trainer.current_epoch, batch_idx])
+        here = torch.tensor([self._step, trainer.current_epoch, batch_idx])
         first_time = (~torch.isfinite(loss.detach())) & (self._first_bad[0] == _NONE)
         here = here.to(device, non_blocking=True)
         self._first_bad = torch.where(first_time, here, self._first_bad)
@@ -197,7 +195,7 @@ class CheckpointOnSigterm(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state, to resume from
         rank_zero_info(
             f"Stopped by SIGTERM at epoch {trainer.current_epoch}, global step "
             f"{trainer.global_step}; saved '{path}'. To resume, run the same fit command with "
