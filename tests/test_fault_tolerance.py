@@ -274,3 +274,14 @@ def test_step_checkpoints_overlay_saves_mid_epoch(tiny_data, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
     last = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["global_step"] == 2
+
+
+def test_config_files_are_parsed_as_data_only(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    marker, overlay = tmp_path / "pwned", tmp_path / "evil.yaml"
+    overlay.write_text(f"seed_everything: !!python/object/apply:os.mkdir ['{marker}']\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(fit_args(tiny_data, "--config", str(overlay)))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+    assert not marker.exists()
