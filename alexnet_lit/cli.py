@@ -2,11 +2,24 @@
 
 import sys
 from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from alexnet_lit.data import DataConfigError, ImageFolderDataModule
+from alexnet_lit.fault_tolerance import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    NonFiniteLossError,
+    check_checkpoint_is_data,
+    find_last_checkpoint,
+)
 from alexnet_lit.module import LitAlexNet
+
+_VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
 class AlexNetCLI(LightningCLI):
@@ -16,6 +29,40 @@ class AlexNetCLI(LightningCLI):
         parser.link_arguments("data.in_channels", "model.in_channels")
         for attribute in ("num_classes", "class_names", "preprocessing", "class_weights"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None or not config.get("ckpt_path"):
+            return
+        logger = config.trainer.logger
+        versioned = getattr(logger, "class_path", "").rsplit(".", 1)[-1] in _VERSIONED_LOGGERS
+        if versioned:
+            log_root = Path(logger.init_args.save_dir, logger.init_args.name or "")
+        else:
+            log_root = Path(config.trainer.default_root_dir or ".", "lightning_logs")
+        if config.ckpt_path == "last":
+            config.ckpt_path = str(find_last_checkpoint(log_root))
+        check_checkpoint_is_data(config.ckpt_path)
+        # Resuming a fit continues its run folder: the TensorBoard curves stay one history, and
+        # ModelCheckpoint keeps tracking the best score (it forgets it when its folder changes).
+        run_dir = Path(config.ckpt_path).parent.parent  # log_root/version_N/checkpoints/x.ckpt
+        if (
+            subcommand == "fit"
+            and versioned
+            and logger.init_args.version is None
+            and run_dir.name.startswith("version_")
+            and run_dir.parent.resolve() == log_root.resolve()
+        ):
+            logger.init_args.version = run_dir.name
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def cli_main(args: list[str] | None = None) -> AlexNetCLI:
@@ -31,13 +78,15 @@ def cli_main(args: list[str] | None = None) -> AlexNetCLI:
             # Raise instead of printing the whole usage text, so the error is one line.
             parser_kwargs={"exit_on_error": False},
         )
-    except DataConfigError as err:
+    except (DataConfigError, CheckpointError) as err:
         _exit_with(str(err))
+    except NonFiniteLossError as err:
+        _exit_with(str(err), code=1)
     except ArgumentError as err:
         message = str(err).strip().splitlines()[0].rstrip(".")
         _exit_with(f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys.")
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)

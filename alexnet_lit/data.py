@@ -28,6 +28,7 @@ from alexnet_lit.scan import (
 )
 
 __all__ = ["is_hidden", "list_classes", "load_image"]  # re-exported: their home moved
+from alexnet_lit.distributed import UnpaddedDistributedSampler
 
 DEMO_CLASSES = [str(digit) for digit in range(10)]
 # Augmentation presets, used where image_size, crop_scale or hflip are left unset (None).
@@ -518,6 +519,17 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if sampler is None and not shuffle and distributed:
+            # Evaluation under DDP: each image exactly once, so metrics are exact. Training keeps
+            # Lightning's shuffling DistributedSampler (it calls set_epoch every epoch).
+            world_size = self.trainer.world_size
+            if len(dataset) < world_size:
+                raise DataConfigError(
+                    f"{len(dataset)} evaluation images cannot be split over {world_size} "
+                    "processes; add images or lower trainer.devices / trainer.num_nodes."
+                )
+            sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassF1Score,
@@ -114,6 +114,7 @@ class LitAlexNet(L.LightningModule):
         self.val_metrics = self._stage_metrics(num_classes, macro=True)
         self.test_metrics = self._stage_metrics(num_classes, macro=True)
         self.val_acc_best = MaxMetric()
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     @staticmethod
     def _stage_metrics(num_classes: int, macro: bool = False) -> nn.ModuleDict:
@@ -140,8 +141,13 @@ class LitAlexNet(L.LightningModule):
             images, loss_targets = self.batch_mix(images, targets)  # targets stay integers
         logits = self(images)
         loss = self.loss_fn(logits, loss_targets)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        if stage == "train":  # no sync per step: under DDP the epoch value is rank 0's
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        else:
+            # A torchmetrics mean syncs its sums once per epoch, so it is exact under DDP with
+            # unequal shards (Lightning's sync_dist mean truncates the averaged sample count).
+            self.eval_loss[stage].update(loss, weight=len(targets))
+            self.log(f"{stage}/loss", self.eval_loss[stage], on_epoch=True, prog_bar=True)
         for name, metric in getattr(self, f"{stage}_metrics").items():
             metric(logits, targets)
             self.log(

@@ -142,7 +142,7 @@ def test_mixed_batches_train_on_soft_labels_and_measure_hard_ones(mix):
         return perfect
 
     model.forward = forward
-    loss = model.training_step((images, targets), 0)
+    loss = model.training_step((images, targets), 0)["loss"]
     assert not torch.equal(seen[0], images)  # the batch was mixed
     assert model.train_metrics["acc"].compute() == 1.0  # accuracy against the integer labels
     hard_loss = torch.nn.functional.cross_entropy(perfect, targets)

@@ -1,0 +1,246 @@
+"""Surviving crashes: atomic and safe checkpoint files, exact resume, SIGTERM and NaN stops."""
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+_NONE = torch.iinfo(torch.long).max
+_UNSAFE = (
+    "checkpoint '{path}' holds objects other than tensors and plain data, and loading it could "
+    "run code, so it was refused; use a checkpoint written by this project."
+)
+_MISSING = "checkpoint '{path}' does not exist; pass an existing .ckpt file or --ckpt_path last."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot or must not be loaded, explained in one sentence."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files that are never half-written and never run code when loaded.
+
+    Saving writes ``<name>.tmp-<pid>`` in the same folder and renames it over the target
+    (``os.replace`` is atomic on one filesystem), so a crash or SIGKILL during a save leaves the
+    previous file intact. Loading always uses ``weights_only=True``: a checkpoint is data, and one
+    that needs arbitrary unpickling is refused with :class:`CheckpointError`.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):  # remote: no rename to rely on
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(_UNSAFE.format(path=path)) from err
+        except FileNotFoundError as err:
+            raise CheckpointError(_MISSING.format(path=path)) from err
+
+
+class RNGStateCheckpoint(L.Callback):
+    """Store the random generators in checkpoints, so a resumed run continues the same stream.
+
+    Lightning restores weights, optimizer, scheduler and loop counters but not the RNGs: after a
+    resume, ``seed_everything`` would replay the first epoch's shuffling and dropout masks. The
+    states are set as soon as the checkpoint is restored, before the training loader draws its
+    shuffling seed (Lightning runs the sanity check with isolated RNGs), so a run resumed from an
+    epoch-end checkpoint computes exactly what the uninterrupted run would have. With several
+    processes the checkpoint holds rank 0's states.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, numbers, gauss = random.getstate()
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": [version, list(numbers), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, numbers, gauss = state["python"]
+        random.setstate((version, tuple(numbers), gauss))
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stop when the training loss becomes NaN or infinite, before any checkpoint is written.
+
+    The check stays on the device: each step updates a small tensor holding the first bad step,
+    and the host reads it (one sync) only every ``check_every_n_steps`` steps, before validation
+    and before every checkpoint save. A checkpoint is never written from broken weights, so the
+    best and last checkpoints keep the last good state.
+
+    Args:
+        check_every_n_steps: Steps between host-side checks; 1 checks every step.
+    """
+
+    def __init__(self, check_every_n_steps: int = 50) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be at least 1, got {check_every_n_steps}.")
+        self.check_every_n_steps = check_every_n_steps
+        # [global_step, epoch, batch_idx] of the first bad step; _NONE while there is none.
+        self._first_bad: torch.Tensor | None = None
+        self._step = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step  # the step this batch's loss belongs to
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        device = loss.device
+        if self._first_bad is None or self._first_bad.device != device:
+            self._first_bad = torch.full((3,), _NONE, dtype=torch.long, device=device)
+        here = torch.tensor([self._step, trainer.current_epoch, batch_idx])
+        first_time = (~torch.isfinite(loss.detach())) & (self._first_bad[0] == _NONE)
+        here = here.to(device, non_blocking=True)
+        self._first_bad = torch.where(first_time, here, self._first_bad)
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._check(trainer)
+        finite = torch.stack([p.detach().isfinite().all() for p in pl_module.parameters()]).all()
+        if not bool(trainer.strategy.reduce_boolean_decision(bool(finite), all=True)):
+            raise NonFiniteLossError(
+                f"the weights hold NaN or infinite values at global step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}); no checkpoint was written, the previous ones "
+                "are kept: lower the learning rate (model.optimizer.init_args.lr) or check the "
+                "data."
+            )
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self._first_bad is None:
+            return
+        # Across processes the earliest bad step wins (a min over ranks).
+        first = trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min")
+        step, epoch, batch_idx = (int(v) for v in first.tolist())
+        if step == _NONE:
+            return
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite at global step {step} (epoch {epoch}, "
+            f"batch {batch_idx}); training stopped and no checkpoint was written from the broken "
+            "weights: lower the learning rate (model.optimizer.init_args.lr) or check the data."
+        )
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (preemption, ``scancel``, ``kill``) save ``last.ckpt`` and say how to resume.
+
+    Lightning turns SIGTERM into a clean stop after the current batch (on every rank); this
+    callback then writes the checkpoint where ``--ckpt_path last`` finds it, and the process exits
+    with status 0.
+    """
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path, weights_only=False)  # full state, to resume from
+        rank_zero_info(
+            f"Stopped by SIGTERM at epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step}; saved '{path}'. To resume, run the same fit command with "
+            f"--ckpt_path {path} (or --ckpt_path last)."
+        )
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """Where ``last.ckpt`` of this run lives: the ModelCheckpoint folder, else the log folder."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+        return Path(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+    return Path(trainer.log_dir or trainer.default_root_dir, "checkpoints", "last.ckpt")
+
+
+def check_checkpoint_is_data(path: str | Path) -> None:
+    """Refuse a checkpoint that is missing or needs more than ``weights_only`` unpickling.
+
+    Memory-maps the file, so the tensors are not read: cheap even for a 560 MB checkpoint.
+
+    Raises:
+        CheckpointError: Naming the file and what to do.
+    """
+    if "://" in str(path):
+        return  # remote: AtomicCheckpointIO.load_checkpoint still loads it with weights_only
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_UNSAFE.format(path=path)) from err
+    except FileNotFoundError as err:
+        raise CheckpointError(_MISSING.format(path=path)) from err
+
+
+def find_last_checkpoint(log_root: str | Path) -> Path:
+    """The newest ``version_*/checkpoints/last.ckpt`` under a logger folder (e.g. lightning_logs).
+
+    Raises:
+        CheckpointError: When there is none.
+    """
+    candidates = sorted(
+        Path(log_root).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not candidates:
+        raise CheckpointError(
+            f"--ckpt_path last: no version_*/checkpoints/last.ckpt under '{log_root}'; train "
+            "first, or pass the checkpoint file with --ckpt_path PATH."
+        )
+    return candidates[-1]

@@ -1,0 +1,72 @@
+"""DDP with 2 CPU processes (gloo): validation metrics equal the single-process values."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from alexnet_lit import LitAlexNet
+from alexnet_lit.data import ImageFolderDataModule
+from alexnet_lit.distributed import UnpaddedDistributedSampler
+from tests.conftest import CLASSES, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("size", [1, 2, 9, 10])
+def test_unpadded_sampler_gives_each_sample_to_exactly_one_rank(size):
+    parts = [list(UnpaddedDistributedSampler(range(size), 2, rank)) for rank in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(size))
+    assert [len(UnpaddedDistributedSampler(range(size), 2, r)) for r in range(2)] == [
+        len(p) for p in parts
+    ]
+
+
+def validate_in_subprocess(data: Path, ckpt: Path, out: Path, devices: int) -> dict[str, float]:
+    """Run ``scripts/train.py validate`` on ``devices`` CPU processes; return the logged metrics."""
+    args = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "validate",
+        "--config", str(ROOT / "configs" / "default.yaml"),
+        f"--data.data_dir={data}", "--data.image_size=67", "--data.batch_size=2",
+        "--data.num_workers=0", f"--ckpt_path={ckpt}",
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={out}",
+    ]  # fmt: skip
+    if devices > 1:
+        args.append("--trainer.strategy=ddp")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        args, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics_file,) = out.glob("**/metrics.csv")
+    (row,) = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/acc")]
+    return {key: float(row[key]) for key in ("val/acc", "val/loss")}
+
+
+@pytest.mark.slow
+def test_ddp_validation_equals_single_process(tmp_path):
+    # 9 validation images: torch's DistributedSampler would score one of them twice on 2 ranks.
+    data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 3})
+    model = LitAlexNet(num_classes=len(CLASSES), class_names=CLASSES)
+    datamodule = ImageFolderDataModule(str(data), batch_size=2, num_workers=0, image_size=67)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt, weights_only=True)
+
+    single = validate_in_subprocess(data, ckpt, tmp_path / "one", devices=1)
+    ddp = validate_in_subprocess(data, ckpt, tmp_path / "two", devices=2)
+    # Exact only if every image counts once; 0 < acc < 1 so a repeated image would change it.
+    assert 0.0 < single["val/acc"] < 1.0
+    assert ddp["val/acc"] == single["val/acc"]
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
