@@ -26,6 +26,17 @@ from alexnet_lit.reports import (
 )
 
 
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder (``lightning_logs/version_N``), or the root dir without a logger.
+
+    Unlike ``Trainer.log_dir`` this is no collective call: under DDP, ``log_dir`` broadcasts and
+    hangs when only rank 0 asks, as it does before writing a file. Other ranks may get another
+    folder; only rank 0 writes.
+    """
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    return Path(log_dir or trainer.default_root_dir)
+
+
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
@@ -341,7 +352,7 @@ class EvaluationReport(L.Callback):
         confusion = self._confusion.compute(trainer)
         if not trainer.is_global_zero:
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        out_dir = run_dir(trainer)
         title = f"{stage} report ({trainer.state.fn}, {int(confusion.sum())} images)"
         self.paths = write_report(
             confusion, pl_module.hparams.class_names, out_dir, stage, title, self.top_pairs

@@ -14,6 +14,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from alexnet_lit.callbacks import run_dir
+
 _NONE = torch.iinfo(torch.long).max
 _UNSAFE = (
     "checkpoint '{path}' holds objects other than tensors and plain data, and loading it could "
@@ -208,7 +210,7 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     callback = trainer.checkpoint_callback
     if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
         return Path(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
-    return Path(trainer.log_dir or trainer.default_root_dir, "checkpoints", "last.ckpt")
+    return run_dir(trainer) / "checkpoints" / "last.ckpt"
 
 
 def check_checkpoint_is_data(path: str | Path) -> None:

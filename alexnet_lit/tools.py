@@ -8,12 +8,14 @@ import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.utilities.exceptions import _TunerExitException
 
+from alexnet_lit.callbacks import run_dir
+
 
 def _run_dir(trainer: L.Trainer) -> Path:
-    """The run folder (``lightning_logs/version_N``), or the root dir without a logger."""
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    """The run folder, created if needed."""
+    path = run_dir(trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class LRFinder(LearningRateFinder):
