@@ -3,9 +3,11 @@
 import sys
 from argparse import ArgumentError
 
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from alexnet_lit.data import DataConfigError, ImageFolderDataModule
+from alexnet_lit.inference import PredictionCSVWriter
 from alexnet_lit.module import LitAlexNet
 
 
@@ -16,6 +18,11 @@ class AlexNetCLI(LightningCLI):
         parser.link_arguments("data.in_channels", "model.in_channels")
         for attribute in ("num_classes", "class_names", "preprocessing"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
+
+    def before_predict(self) -> None:
+        # predict writes predictions.csv into the run directory unless a writer is configured.
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionCSVWriter())
 
 
 def cli_main(args: list[str] | None = None) -> AlexNetCLI:
