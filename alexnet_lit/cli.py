@@ -1,5 +1,6 @@
 """The LightningCLI entry point behind ``scripts/train.py``."""
 
+import pickle
 import sys
 from argparse import ArgumentError
 
@@ -40,6 +41,11 @@ def cli_main(args: list[str] | None = None) -> AlexNetCLI:
         )
     except DataConfigError as err:
         _exit_with(str(err))
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met code in --ckpt_path
+        _exit_with(
+            "--ckpt_path was refused: it holds Python objects that could run code when loaded "
+            "(only tensors and plain data load); use a checkpoint from a source you trust."
+        )
     except ArgumentError as err:
         message = str(err).strip().splitlines()[0].rstrip(".")
         _exit_with(f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys.")
