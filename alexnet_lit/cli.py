@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from alexnet_lit.data import DataConfigError, ImageFolderDataModule
-from alexnet_lit.inference import PredictionCSVWriter
+from alexnet_lit.inference import PredictionCSVWriter, checkpoint_mismatch
 from alexnet_lit.module import LitAlexNet
 
 
@@ -21,6 +21,12 @@ class AlexNetCLI(LightningCLI):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
 
     def before_predict(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            data = self.datamodule
+            mismatch = checkpoint_mismatch(ckpt_path, data.class_names, data.preprocessing)
+            if mismatch:
+                raise DataConfigError(mismatch)
         # predict writes predictions.csv into the run directory unless a writer is configured.
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionCSVWriter())

@@ -1,12 +1,13 @@
 """Export a checkpoint's AlexNet to ONNX or TorchScript and check it against PyTorch."""
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alexnet_lit.inference import CheckpointError, load_model
+from alexnet_lit.inference import InferenceError, load_model
 
 FORMATS = ("onnx", "torchscript")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
@@ -78,10 +79,17 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
         The maximum absolute difference from PyTorch's outputs (fp32).
 
     Raises:
-        CheckpointError: A bad checkpoint or format, or the export does not match PyTorch.
+        InferenceError: A bad checkpoint or format, or the export does not match PyTorch.
     """
     if fmt not in FORMATS:
-        raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'.")
+        raise InferenceError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'.")
+    if fmt == "onnx":
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not find_spec(name)]
+        if missing:
+            raise InferenceError(
+                f"ONNX export needs {', '.join(missing)}; install them with "
+                "pip install 'alexnet-lit[export]'."
+            )
     lit = load_model(ckpt, map_location="cpu")
     network = lit.model.eval()
     pre = lit.hparams["preprocessing"]
@@ -103,7 +111,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
     with torch.inference_mode():
         difference = check(network, out, inputs)
     if not difference <= TOLERANCE:
-        raise CheckpointError(
+        raise InferenceError(
             f"the exported '{out}' differs from PyTorch by {difference:.3g} (more than "
             f"{TOLERANCE}); do not use it and report this."
         )

@@ -17,29 +17,29 @@ from alexnet_lit.module import LitAlexNet
 from alexnet_lit.transforms import eval_transform
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or input path the user gave cannot be used, explained in one sentence."""
+class InferenceError(ValueError):
+    """A checkpoint, path or option the user gave cannot be used, explained in one sentence."""
 
 
 def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
     """``torch.load`` a file as data only (``weights_only=True``), with one-sentence errors.
 
     Raises:
-        CheckpointError: The file is missing, unreadable, or holds objects that could run code.
+        InferenceError: The file is missing, unreadable, or holds objects that could run code.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a .ckpt file.")
+        raise InferenceError(f"checkpoint '{path}' does not exist; pass the path of a .ckpt file.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
+        raise InferenceError(
             f"'{path}' was refused: it holds Python objects that could run code when loaded "
             "(only tensors and plain data load, weights_only=True); re-save it as a state_dict "
             "from a source you trust."
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(
+        raise InferenceError(
             f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file."
         ) from err
 
@@ -48,7 +48,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Li
     """Load a :class:`LitAlexNet` checkpoint (tensors and plain data only) in eval mode.
 
     Raises:
-        CheckpointError: The file is missing, unsafe, or not a LitAlexNet checkpoint.
+        InferenceError: The file is missing, unsafe, or not a LitAlexNet checkpoint.
     """
     checkpoint = load_checkpoint_dict(path)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
@@ -60,7 +60,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Li
             if isinstance(checkpoint, dict) and "21.weight" in checkpoint
             else " pass a checkpoint written by scripts/train.py"
         )
-        raise CheckpointError(f"'{path}' is not a LitAlexNet checkpoint;{hint}.")
+        raise InferenceError(f"'{path}' is not a LitAlexNet checkpoint;{hint}.")
     hparams = checkpoint["hyper_parameters"]
     model = LitAlexNet(
         **{key: hparams[key] for key in ("num_classes", "class_names", "in_channels", "dropout")},
@@ -74,13 +74,13 @@ def find_best_checkpoint(roots: Iterable[str | Path] = ("lightning_logs",)) -> P
     """The newest ``best-*.ckpt`` (by modification time) under any of ``roots``.
 
     Raises:
-        CheckpointError: No best checkpoint exists there.
+        InferenceError: No best checkpoint exists there.
     """
     roots = [Path(root) for root in roots]
     found = [ckpt for root in roots for ckpt in root.glob("*/checkpoints/best*.ckpt")]
     if not found:
         searched = ", ".join(f"'{root}'" for root in roots)
-        raise CheckpointError(
+        raise InferenceError(
             f"no best-*.ckpt under {searched}; train first or set the checkpoint path."
         )
     return max(found, key=lambda ckpt: ckpt.stat().st_mtime)
@@ -93,7 +93,7 @@ def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     gets a row with its error instead of silently disappearing.
 
     Raises:
-        CheckpointError: A path does not exist.
+        InferenceError: A path does not exist.
     """
     paths: list[Path] = []
     for item in map(Path, inputs):
@@ -102,7 +102,7 @@ def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
         elif item.is_file():
             paths.append(item)
         else:
-            raise CheckpointError(f"'{item}' does not exist; pass image files or folders.")
+            raise InferenceError(f"'{item}' does not exist; pass image files or folders.")
     return paths
 
 
@@ -172,12 +172,12 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when available, else the CPU.
 
     Raises:
-        CheckpointError: CUDA was asked for but is not available.
+        InferenceError: CUDA was asked for but is not available.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was given but no CUDA GPU is available; use cpu.")
+        raise InferenceError("--device cuda was given but no CUDA GPU is available; use cpu.")
     return torch.device(device)
 
 
@@ -331,15 +331,15 @@ def predict_files(
         The number of rows written and how many of them are unreadable files.
 
     Raises:
-        CheckpointError: A bad checkpoint, input path, option or device.
+        InferenceError: A bad checkpoint, input path, option or device.
     """
     if top_k < 1 or batch_size < 1 or num_workers < 0:
-        raise CheckpointError(
+        raise InferenceError(
             "--top-k and --batch-size must be at least 1 and --num-workers at least 0."
         )
     paths = collect_image_paths(inputs)
     if not paths:
-        raise CheckpointError(
+        raise InferenceError(
             f"no image files under {', '.join(map(str, inputs))}; pass images or folders."
         )
     model = load_model(ckpt, map_location=resolve_device(device))
@@ -354,3 +354,31 @@ def predict_files(
 
     rows = iter_predictions(model, paths, top_k, batch_size, num_workers, progress)
     return write_predictions_csv(counted(rows), out, top_k), failed
+
+
+def checkpoint_mismatch(
+    ckpt: str | Path, class_names: Sequence[str], preprocessing: dict[str, Any]
+) -> str | None:
+    """Why the data's classes or preprocessing differ from what ``ckpt`` was trained with.
+
+    Returns None when they agree (or ``ckpt`` records neither). The file is memory-mapped, so
+    only its small hyperparameter record is read.
+    """
+    try:
+        checkpoint = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError):
+        return None  # the trainer's own load reports unreadable and unsafe files
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    trained = {
+        "class names": hparams.get("class_names"),
+        "preprocessing": hparams.get("preprocessing"),
+    }
+    given = {"class names": list(class_names), "preprocessing": dict(preprocessing)}
+    for what, value in trained.items():
+        if value is not None and value != given[what]:
+            return (
+                f"--ckpt_path '{ckpt}' was trained with {what} {value} but the data gives "
+                f"{given[what]}; pass the run's config.yaml with --config (or the matching "
+                "--data.* options)."
+            )
+    return None

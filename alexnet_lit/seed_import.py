@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning
 import torch
 
-from alexnet_lit.inference import CheckpointError, load_checkpoint_dict
+from alexnet_lit.inference import InferenceError, load_checkpoint_dict
 from alexnet_lit.model import convert_seed_state_dict
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.transforms import IMAGE_SIZE, MEAN, STD, preprocessing_record
@@ -25,19 +25,19 @@ def seed_checkpoint(seed_path: str | Path, class_names: Sequence[str]) -> dict:
             (sorted folder names).
 
     Raises:
-        CheckpointError: The file is unsafe or not the tutorial's, or the class count is wrong.
+        InferenceError: The file is unsafe or not the tutorial's, or the class count is wrong.
     """
     state_dict = load_checkpoint_dict(seed_path)
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"'{seed_path}' holds no state_dict; pass the tutorial's alexnet.pt.")
+        raise InferenceError(f"'{seed_path}' holds no state_dict; pass the tutorial's alexnet.pt.")
     try:
         converted = convert_seed_state_dict(state_dict)
     except KeyError as err:
-        raise CheckpointError(f"'{seed_path}': {err.args[0]}") from err
+        raise InferenceError(f"'{seed_path}': {err.args[0]}") from err
     num_classes = converted["classifier.6.weight"].shape[0]
     in_channels = converted["features.0.weight"].shape[1]
     if len(class_names) != num_classes:
-        raise CheckpointError(
+        raise InferenceError(
             f"'{seed_path}' has {num_classes} outputs but {len(class_names)} class names were "
             f"given ({', '.join(class_names)}); pass exactly {num_classes}, in the order of the "
             "tutorial's sorted class folders."

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from alexnet_lit.export import FORMATS, TOLERANCE, export_checkpoint
-from alexnet_lit.inference import CheckpointError
+from alexnet_lit.inference import InferenceError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         difference = export_checkpoint(args.ckpt, args.format, args.out)
-    except CheckpointError as err:
+    except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -6,7 +6,7 @@ python scripts/predict.py --ckpt CKPT PATH [PATH ...] [--out predictions.csv] [-
 import argparse
 import sys
 
-from alexnet_lit.inference import CheckpointError, predict_files
+from alexnet_lit.inference import InferenceError, predict_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
             args.num_workers,
         )  # fmt: skip
-    except CheckpointError as err:
+    except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     unreadable = f" ({failed} unreadable, see the error column)" if failed else ""

@@ -150,3 +150,18 @@ def test_cli_predict_under_ddp_writes_each_image_once(tiny_run, tiny_ckpt, tmp_p
     assert sorted(row["path"] for row in rows) == sorted(str(p) for p in images.iterdir())
     assert list(rows[0])[3:7] == ["top1", "top1_prob", "top2", "top2_prob"]
     assert not list(tmp_path.glob(".ddp.csv.rank*"))
+
+
+def test_cli_predict_refuses_preprocessing_other_than_the_checkpoints(
+    tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # trained at 96 px; the data default is 224
+        cli_main(
+            ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+             "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --ckpt_path '{tiny_ckpt}' was trained with preprocessing")
+    assert "'image_size': 96" in line and "'image_size': 224" in line and "--config" in line

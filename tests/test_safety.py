@@ -8,7 +8,7 @@ import torch
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
-from alexnet_lit.inference import CheckpointError, load_model
+from alexnet_lit.inference import InferenceError, load_model
 from scripts.export import main as export_main
 from scripts.import_seed_checkpoint import main as import_main
 from scripts.predict import main as predict_main
@@ -57,7 +57,7 @@ def test_load_from_checkpoint_refuses_it(crafted):
 
 def test_load_model_refuses_it_in_one_sentence(crafted):
     path, marker = crafted
-    with pytest.raises(CheckpointError, match=r"was refused: it holds Python objects"):
+    with pytest.raises(InferenceError, match=r"was refused: it holds Python objects"):
         load_model(path)
     assert not marker.exists()
 
