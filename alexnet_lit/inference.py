@@ -1,6 +1,7 @@
 """Use a trained checkpoint: load it safely, predict image files in batches, write CSV rows."""
 
 import csv
+import inspect
 import os
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,9 +39,11 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
             "(only tensors and plain data load, weights_only=True); re-save it as a state_dict "
             "from a source you trust."
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
+    # torch.load raises many types for files that are not checkpoints (KeyError, EOFError, ...).
+    except Exception as err:
         raise InferenceError(
-            f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file."
+            f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); "
+            "check the file."
         ) from err
 
 
@@ -61,12 +64,27 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Li
             else " pass a checkpoint written by scripts/train.py"
         )
         raise InferenceError(f"'{path}' is not a LitAlexNet checkpoint;{hint}.")
-    hparams = checkpoint["hyper_parameters"]
-    model = LitAlexNet(
-        **{key: hparams[key] for key in ("num_classes", "class_names", "in_channels", "dropout")},
-        preprocessing=hparams.get("preprocessing"),
-    )
-    model.load_state_dict(checkpoint["state_dict"])
+    accepted = inspect.signature(LitAlexNet.__init__).parameters
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    model = LitAlexNet(**hparams)
+    given, own = set(checkpoint["state_dict"]), set(model.state_dict())
+    problem = ""
+    if given != own:
+        missing, unexpected = sorted(own - given), sorted(given - own)
+        problem = (
+            f"{len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    else:
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:  # "Error(s) in loading ...:\n\tsize mismatch for ..."
+            problem = str(err).splitlines()[-1].strip()
+    if problem:
+        raise InferenceError(
+            f"'{path}' does not fit the AlexNet its hyperparameters describe ({problem}); "
+            "pass a checkpoint written by scripts/train.py."
+        )
     return model.eval().to(map_location)
 
 

@@ -6,6 +6,7 @@ python scripts/predict.py --ckpt CKPT PATH [PATH ...] [--out predictions.csv] [-
 import argparse
 import sys
 
+from alexnet_lit.data import default_num_workers
 from alexnet_lit.inference import InferenceError, predict_files
 
 
@@ -17,7 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=3, help="top classes listed per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=0, help="image loading processes")
+    parser.add_argument(
+        "--num-workers", type=int, default=default_num_workers(),
+        help="image loading processes (default: the CPUs minus one, at most 8)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         rows, failed = predict_files(

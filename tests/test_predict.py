@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
 from alexnet_lit.data import load_image
-from alexnet_lit.inference import load_model
+from alexnet_lit.inference import InferenceError, find_best_checkpoint, load_model
 from alexnet_lit.transforms import eval_transform
 from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder
@@ -165,3 +166,24 @@ def test_cli_predict_refuses_preprocessing_other_than_the_checkpoints(
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: --ckpt_path '{tiny_ckpt}' was trained with preprocessing")
     assert "'image_size': 96" in line and "'image_size': 224" in line and "--config" in line
+
+
+def test_find_best_checkpoint_picks_the_newest_best(tmp_path):
+    logs = tmp_path / "lightning_logs"
+    for version, mtime in (("version_0", 100), ("version_1", 300), ("version_2", 200)):
+        folder = logs / version / "checkpoints"
+        folder.mkdir(parents=True)
+        for name, offset in (("best-epoch=01.ckpt", 0), ("last.ckpt", 50)):
+            (folder / name).touch()
+            os.utime(folder / name, (mtime + offset, mtime + offset))
+    assert find_best_checkpoint([logs]) == logs / "version_1" / "checkpoints" / "best-epoch=01.ckpt"
+    with pytest.raises(InferenceError, match=r"no best-\*\.ckpt under"):
+        find_best_checkpoint([tmp_path / "elsewhere"])
+
+
+def test_a_checkpoint_of_another_shape_is_one_sentence(tmp_path):
+    ckpt = tmp_path / "other.ckpt"
+    hparams = dict(LitAlexNet(num_classes=2).hparams)
+    torch.save({"state_dict": {"model.extra": torch.zeros(1)}, "hyper_parameters": hparams}, ckpt)
+    with pytest.raises(InferenceError, match="does not fit the AlexNet its hyperparameters"):
+        load_model(ckpt)
