@@ -276,6 +276,8 @@ class PredictionCSVWriter(BasePredictionWriter):
         return out.with_name(f".{out.name}.rank{rank}.part")
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        # As in predict.py: never more columns than classes.
+        self._top_k = min(self.top_k, pl_module.hparams["num_classes"])
         part = self._part_path(trainer, trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         self._part_handle = part.open("w", newline="")
@@ -287,8 +289,8 @@ class PredictionCSVWriter(BasePredictionWriter):
         class_names = pl_module.hparams["class_names"]
         writer = csv.writer(self._part_handle)
         for index, probs in zip(batch_indices, prediction["probs"].cpu(), strict=True):
-            row = prediction_row(samples[index][0], probs, class_names, self.top_k)
-            writer.writerow([index, *(row.get(key, "") for key in csv_fieldnames(self.top_k))])
+            row = prediction_row(samples[index][0], probs, class_names, self._top_k)
+            writer.writerow([index, *(row.get(key, "") for key in csv_fieldnames(self._top_k))])
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._part_handle.close()
@@ -300,15 +302,20 @@ class PredictionCSVWriter(BasePredictionWriter):
                 with part.open(newline="") as handle:
                     rows += [(int(index), values) for index, *values in csv.reader(handle)]
             rows.sort(key=lambda row: row[0])
-            fields = csv_fieldnames(self.top_k)
+            fields = csv_fieldnames(self._top_k)
             write_predictions_csv(
                 (dict(zip(fields, values, strict=True)) for _, values in rows),
                 self._resolved_path(trainer),
-                self.top_k,
+                self._top_k,
             )
             for part in parts:
                 part.unlink()
         trainer.strategy.barrier()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._part_handle is not None and not self._part_handle.closed:
+            self._part_handle.close()
+            Path(self._part_handle.name).unlink(missing_ok=True)
 
 
 def _dataset_of(dataloaders, dataloader_idx: int):
