@@ -9,7 +9,7 @@ import torch
 
 from alexnet_lit.inference import InferenceError, load_model
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "torch_export")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
 TOLERANCE = 1e-4
 # Metadata key (ONNX metadata_props, TorchScript extra file) holding class names and preprocessing.
@@ -72,6 +72,20 @@ def check_torchscript(model: torch.nn.Module, out: Path, inputs: list[torch.Tens
     return max((loaded(x) - model(x)).abs().max().item() for x in inputs)
 
 
+def export_program(model: torch.nn.Module, example: torch.Tensor, out: Path, metadata: str) -> None:
+    """Write ``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch axis."""
+    program = torch.export.export(
+        model, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}
+    )
+    torch.export.save(program, out, extra_files={f"{METADATA_KEY}.json": metadata})
+
+
+def check_program(model: torch.nn.Module, out: Path, inputs: list[torch.Tensor]) -> float:
+    """Max abs difference between the reloaded ``torch.export`` program and PyTorch."""
+    loaded = torch.export.load(out).module()
+    return max((loaded(x) - model(x)).abs().max().item() for x in inputs)
+
+
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
     """Export a checkpoint's network and verify it on random input of batch sizes 1 and 3.
 
@@ -105,9 +119,12 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
         if fmt == "onnx":
             export_onnx(network, example, out, metadata)
             check = check_onnx
-        else:
+        elif fmt == "torchscript":
             export_torchscript(network, example, out, metadata)
             check = check_torchscript
+        else:
+            export_program(network, example, out, metadata)
+            check = check_program
     with torch.inference_mode():
         difference = check(network, out, inputs)
     if not difference <= TOLERANCE:

@@ -1,6 +1,6 @@
 """Export a checkpoint to ONNX or TorchScript and check it against PyTorch on random input.
 
-python scripts/export.py --ckpt CKPT --format onnx|torchscript --out FILE
+python scripts/export.py --ckpt CKPT --format onnx|torchscript|torch_export --out FILE
 """
 
 import argparse
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="file to write (.onnx or .pt)")
+    parser.add_argument("--out", required=True, help="file to write (.onnx, .pt, .pt2)")
     args = parser.parse_args(argv)
     try:
         difference = export_checkpoint(args.ckpt, args.format, args.out)

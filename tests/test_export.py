@@ -43,15 +43,18 @@ def test_onnx_has_a_dynamic_batch_and_matches_pytorch(tiny_ckpt, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_torchscript_matches_pytorch_and_carries_metadata(tiny_ckpt, tmp_path, capsys):
-    out = tmp_path / "model.pt"
-    code = export_main(["--ckpt", str(tiny_ckpt), "--format", "torchscript", "--out", str(out)])
-    assert code == 0
+@pytest.mark.parametrize("fmt", ["torchscript", "torch_export"])
+def test_pytorch_formats_match_and_carry_metadata(fmt, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / ("model.pt" if fmt == "torchscript" else "model.pt2")
+    assert export_main(["--ckpt", str(tiny_ckpt), "--format", fmt, "--out", str(out)]) == 0
     assert exported_difference(capsys) <= 1e-4
     extra = {f"{METADATA_KEY}.json": ""}
-    loaded = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    else:
+        loaded = torch.export.load(out, extra_files=extra).module()
     assert json.loads(extra[f"{METADATA_KEY}.json"])["class_names"] == CLASSES
-    x = torch.randn(4, 3, 96, 96)
+    x = torch.randn(4, 3, 96, 96)  # a batch size the export never saw
     with torch.no_grad():
         assert torch.allclose(loaded(x), load_model(tiny_ckpt)(x), atol=1e-4)
 
