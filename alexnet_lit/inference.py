@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from alexnet_lit.data import list_images, load_image
+from alexnet_lit.data import is_hidden, load_image
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.transforms import eval_transform
 
@@ -104,6 +105,22 @@ def find_best_checkpoint(roots: Iterable[str | Path] = ("lightning_logs",)) -> P
     return max(found, key=lambda ckpt: ckpt.stat().st_mtime)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Files with an image extension under ``folder`` (recursively, sorted), hidden ones skipped.
+
+    Chosen by name, not content: a broken image is listed, so that it gets a row with its error.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        found += [
+            Path(dirpath, name)
+            for name in sorted(filenames)
+            if not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
+        ]
+    return found
+
+
 def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     """Expand images and folders (searched recursively) into a list of image files.
 
@@ -116,7 +133,7 @@ def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += list_images(item)
+            paths += image_files(item)
         elif item.is_file():
             paths.append(item)
         else:
@@ -287,10 +304,29 @@ class PredictionCSVWriter(BasePredictionWriter):
     ) -> None:
         samples = _dataset_of(trainer.predict_dataloaders, dataloader_idx).samples
         class_names = pl_module.hparams["class_names"]
+        # A DataModule that leaves unreadable images out of the batch records them in `skipped`
+        # ({path: (reason, ...)}); they get error rows and the probabilities skip them.
+        skipped = getattr(trainer.datamodule, "skipped", None) or {}
+        probs = iter(prediction["probs"].float().cpu())
+        fields = csv_fieldnames(self._top_k)
         writer = csv.writer(self._part_handle)
-        for index, probs in zip(batch_indices, prediction["probs"].cpu(), strict=True):
-            row = prediction_row(samples[index][0], probs, class_names, self._top_k)
-            writer.writerow([index, *(row.get(key, "") for key in csv_fieldnames(self._top_k))])
+        for index in batch_indices:
+            path = samples[index][0]
+            if str(path) in skipped:
+                row = error_row(path, str(skipped[str(path)][0]))
+            else:
+                image_probs = next(probs, None)
+                if image_probs is None:
+                    break
+                row = prediction_row(path, image_probs, class_names, self._top_k)
+            writer.writerow([index, *(row.get(key, "") for key in fields)])
+        else:
+            if next(probs, None) is None:
+                return
+        raise RuntimeError(
+            f"predict batch {batch_idx}: the predictions do not match the images; a DataModule "
+            "that leaves images out of a batch must record each in its `skipped` dict."
+        )
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._part_handle.close()

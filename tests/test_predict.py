@@ -7,13 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
 from alexnet_lit.data import load_image
-from alexnet_lit.inference import InferenceError, find_best_checkpoint, load_model
+from alexnet_lit.inference import (
+    InferenceError,
+    PredictionCSVWriter,
+    find_best_checkpoint,
+    image_files,
+    load_model,
+)
 from alexnet_lit.transforms import eval_transform
 from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder
@@ -187,3 +195,57 @@ def test_a_checkpoint_of_another_shape_is_one_sentence(tmp_path):
     torch.save({"state_dict": {"model.extra": torch.zeros(1)}, "hyper_parameters": hparams}, ckpt)
     with pytest.raises(InferenceError, match="does not fit the AlexNet its hyperparameters"):
         load_model(ckpt)
+
+
+class SkippingPredictData(L.LightningDataModule):
+    """Leaves unreadable images out of each batch and records them in ``skipped``
+    (``{path: (reason, when)}``), the contract :class:`PredictionCSVWriter` reads."""
+
+    def __init__(self, folder: Path, preprocessing: dict) -> None:
+        super().__init__()
+        self.transform = eval_transform(**preprocessing)
+        self.samples = [(path, -1) for path in image_files(folder)]
+        self.skipped: dict[str, tuple[str, str]] = {}
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self, batch_size=3, collate_fn=self.collate)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path = self.samples[index][0]
+        try:
+            return self.transform(load_image(path)), -1
+        except OSError as err:
+            return str(path), str(err)
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        good = [item for item in items if isinstance(item[0], torch.Tensor)]
+        for path, reason in (item for item in items if isinstance(item[0], str)):
+            self.skipped[path] = (reason, "load")
+        if not good:
+            return torch.empty(0, 3, 96, 96), torch.empty(0, dtype=torch.long)
+        return torch.stack([image for image, _ in good]), torch.tensor([t for _, t in good])
+
+
+@pytest.mark.slow
+def test_writer_gives_images_the_datamodule_skipped_an_error_row(tiny_ckpt, new_images, tmp_path):
+    model = load_model(tiny_ckpt)
+    data = SkippingPredictData(new_images, model.hparams["preprocessing"])
+    out = tmp_path / "cli.csv"
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[PredictionCSVWriter(out)],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    expected = tmp_path / "script.csv"
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(new_images), "--out", str(expected)]) == 0
+    written, wanted = read_csv(out), read_csv(expected)
+    assert [row["path"] for row in written] == [row["path"] for row in wanted]
+    for got, want in zip(written, wanted, strict=True):
+        assert bool(got["error"]) == bool(want["error"])
+        assert got["predicted"] == want["predicted"]
+    assert sorted(Path(row["path"]).name for row in written if row["error"]) == [
+        "broken.jpg", "notes.png"
+    ]  # fmt: skip
