@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -17,6 +18,7 @@ from alexnet_lit.fault_tolerance import (
     check_checkpoint_is_data,
     find_last_checkpoint,
 )
+from alexnet_lit.inference import PredictionCSVWriter, checkpoint_mismatch
 from alexnet_lit.module import LitAlexNet
 
 _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -63,6 +65,17 @@ class AlexNetCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def before_predict(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            data = self.datamodule
+            mismatch = checkpoint_mismatch(ckpt_path, data.class_names, data.preprocessing)
+            if mismatch:
+                raise DataConfigError(mismatch)
+        # predict writes predictions.csv into the run directory unless a writer is configured.
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionCSVWriter())
 
 
 def cli_main(args: list[str] | None = None) -> AlexNetCLI:

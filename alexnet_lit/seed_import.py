@@ -1,0 +1,69 @@
+"""Turn the tutorial's saved ``state_dict`` (``alexnet.pt``) into a LitAlexNet checkpoint."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning
+import torch
+
+from alexnet_lit.inference import InferenceError, load_checkpoint_dict
+from alexnet_lit.model import convert_seed_state_dict
+from alexnet_lit.module import LitAlexNet
+from alexnet_lit.transforms import IMAGE_SIZE, MEAN, STD, preprocessing_record
+
+
+def seed_checkpoint(seed_path: str | Path, class_names: Sequence[str]) -> dict:
+    """Build a Lightning checkpoint dict from the tutorial's ``alexnet.pt``.
+
+    The checkpoint records the tutorial's preprocessing (224 px, mean and std 0.5) and holds what
+    ``LitAlexNet.load_from_checkpoint`` and ``trainer.validate(ckpt_path=...)`` read: the
+    module's ``state_dict``, ``hyper_parameters`` and ``pytorch-lightning_version``.
+
+    Args:
+        seed_path: The file the tutorial's ``torch.save(model.state_dict(), 'alexnet.pt')`` wrote.
+        class_names: One name per output of the last layer, in the tutorial's ImageFolder order
+            (sorted folder names).
+
+    Raises:
+        InferenceError: The file is unsafe or not the tutorial's, or the class count is wrong.
+    """
+    state_dict = load_checkpoint_dict(seed_path)
+    if not isinstance(state_dict, dict):
+        raise InferenceError(f"'{seed_path}' holds no state_dict; pass the tutorial's alexnet.pt.")
+    try:
+        converted = convert_seed_state_dict(state_dict)
+    except KeyError as err:
+        raise InferenceError(f"'{seed_path}': {err.args[0]}") from err
+    num_classes = converted["classifier.6.weight"].shape[0]
+    in_channels = converted["features.0.weight"].shape[1]
+    if len(class_names) != num_classes:
+        raise InferenceError(
+            f"'{seed_path}' has {num_classes} outputs but {len(class_names)} class names were "
+            f"given ({', '.join(class_names)}); pass exactly {num_classes}, in the order of the "
+            "tutorial's sorted class folders."
+        )
+    model = LitAlexNet(
+        num_classes=num_classes,
+        class_names=list(class_names),
+        in_channels=in_channels,
+        preprocessing=preprocessing_record(IMAGE_SIZE, in_channels, MEAN, STD),
+    )
+    model.model.load_seed_state_dict(state_dict)
+    return {
+        "state_dict": {key: tensor.clone() for key, tensor in model.state_dict().items()},
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+    }
+
+
+def import_seed_checkpoint(
+    seed_path: str | Path, class_names: Sequence[str], out: str | Path
+) -> Path:
+    """Convert ``seed_path`` and save the checkpoint to ``out`` (parents created)."""
+    checkpoint = seed_checkpoint(seed_path, class_names)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return out

@@ -1,0 +1,40 @@
+"""Predict image files or folders with a checkpoint and write one CSV row per image.
+
+python scripts/predict.py --ckpt CKPT PATH [PATH ...] [--out predictions.csv] [--top-k 3]
+"""
+
+import argparse
+import sys
+
+from alexnet_lit.data import default_num_workers
+from alexnet_lit.inference import InferenceError, predict_files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
+    parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    parser.add_argument("--top-k", type=int, default=3, help="top classes listed per image")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--num-workers", type=int, default=default_num_workers(),
+        help="image loading processes (default: the CPUs minus one, at most 8)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        rows, failed = predict_files(
+            args.ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
+            args.num_workers,
+        )  # fmt: skip
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    unreadable = f" ({failed} unreadable, see the error column)" if failed else ""
+    print(f"wrote {rows} predictions to {args.out}{unreadable}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""scripts/predict.py and the CLI's predict subcommand: one CSV row per image, errors kept."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from alexnet_lit import LitAlexNet
+from alexnet_lit.cli import cli_main
+from alexnet_lit.data import load_image
+from alexnet_lit.inference import (
+    InferenceError,
+    PredictionCSVWriter,
+    find_best_checkpoint,
+    image_files,
+    load_model,
+)
+from alexnet_lit.transforms import eval_transform
+from scripts.predict import main as predict_main
+from tests.conftest import CLASSES, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def new_images(tmp_path: Path) -> Path:
+    """Unlabelled images in nested folders, plus a truncated JPEG and a text file named .png."""
+    folder = make_image_folder(tmp_path / "new", splits={"a": 2}, seed=1)
+    (folder / "a" / "ant" / "broken.jpg").write_bytes(
+        (folder / "a" / "ant" / "img_0.jpg").read_bytes()[:200]
+    )
+    (folder / "a" / "bee" / "notes.png").write_text("not an image")
+    (folder / "a" / "bee" / "readme.txt").write_text("not an image and not an image name")
+    return folder
+
+
+@pytest.mark.slow
+def test_predict_writes_a_row_per_image_and_keeps_bad_files(tiny_ckpt, new_images, tmp_path):
+    out = tmp_path / "out" / "predictions.csv"
+    single = new_images / "a" / "cat" / "img_1.jpg"
+    code = predict_main(
+        ["--ckpt", str(tiny_ckpt), str(new_images), str(single), "--out", str(out),
+         "--top-k", "2", "--batch-size", "3", "--num-workers", "2"]
+    )  # fmt: skip
+    assert code == 0
+    rows = read_csv(out)
+    assert list(rows[0]) == [
+        "path", "predicted", "confidence", "top1", "top1_prob", "top2", "top2_prob", "error"
+    ]  # fmt: skip
+    # 6 good images + 2 unreadable in the folder (readme.txt is not an image name) + 1 file.
+    assert len(rows) == 9
+    assert [row["path"] for row in rows[-1:]] == [str(single)]
+    bad = {Path(row["path"]).name: row for row in rows if row["error"]}
+    assert sorted(bad) == ["broken.jpg", "notes.png"]
+    assert all(row["predicted"] == "" for row in bad.values())
+
+    model = load_model(tiny_ckpt)
+    preprocess = eval_transform(**model.hparams["preprocessing"])
+    for row in rows:
+        if row["error"]:
+            continue
+        assert row["predicted"] == row["top1"] and row["confidence"] == row["top1_prob"]
+        assert row["top1"] in CLASSES and row["top2"] in CLASSES and row["top1"] != row["top2"]
+        assert float(row["top1_prob"]) >= float(row["top2_prob"])
+        with torch.no_grad():
+            probs = model(preprocess(load_image(row["path"])).unsqueeze(0)).softmax(1)[0]
+        assert float(row["top1_prob"]) == pytest.approx(probs.max().item(), abs=1e-5)
+        assert row["top1"] == CLASSES[probs.argmax()]
+
+
+def test_missing_input_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "predict.py"), "--ckpt", str(tmp_path / "x.ckpt"),
+         str(tmp_path / "nowhere")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: '{tmp_path / 'nowhere'}' does not exist; pass image files or folders."
+    ]
+
+
+def test_missing_checkpoint_names_it(tmp_path, capsys):
+    image = make_image_folder(tmp_path / "img", splits={"x": 1}) / "x" / "ant" / "img_0.jpg"
+    assert predict_main(["--ckpt", str(tmp_path / "none.ckpt"), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: checkpoint '{tmp_path / 'none.ckpt'}' does not exist; " + (
+        "pass the path of a .ckpt file.\n"
+    )
+
+
+def test_tutorial_state_dict_gets_a_hint(tmp_path, capsys):
+    ckpt = tmp_path / "alexnet.pt"
+    torch.save({"21.weight": torch.zeros(2, 4096)}, ckpt)
+    image = make_image_folder(tmp_path / "img", splits={"x": 1}) / "x" / "ant" / "img_0.jpg"
+    assert predict_main(["--ckpt", str(ckpt), str(image)]) == 2
+    assert "import_seed_checkpoint.py" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_predict_writes_the_same_csv(tiny_run, tiny_ckpt, tmp_path, monkeypatch):
+    images = make_image_folder(tmp_path / "new", splits={"a": 2}, seed=2)
+    expected = tmp_path / "expected.csv"
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(images), "--out", str(expected)]) == 0
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+         "--data.image_size=96", "--data.batch_size=4", "--data.num_workers=0",
+         f"--data.predict_dir={images}", f"--ckpt_path={tiny_ckpt}"]
+    )  # fmt: skip
+    written = read_csv(tmp_path / "lightning_logs" / "version_0" / "predictions.csv")
+    wanted = read_csv(expected)
+    assert [row["path"] for row in written] == [row["path"] for row in wanted]
+    assert list(written[0]) == list(wanted[0])
+    for got, want in zip(written, wanted, strict=True):
+        assert got["predicted"] == want["predicted"]
+        assert float(got["confidence"]) == pytest.approx(float(want["confidence"]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_predict_under_ddp_writes_each_image_once(tiny_run, tiny_ckpt, tmp_path):
+    # 5 images on 2 ranks: a plain DistributedSampler would pad one rank with a duplicate.
+    images = tmp_path / "new"
+    images.mkdir()
+    for path in sorted((tiny_run / "data" / "train").rglob("*.jpg"))[:5]:
+        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
+    out = tmp_path / "ddp.csv"
+    overlay = tmp_path / "writer.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: alexnet_lit.inference.PredictionCSVWriter\n"
+        f"      init_args: {{output_path: {out}, top_k: 2}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "predict", "--config", DEFAULT_CONFIG,
+         "--config", str(overlay), f"--data.data_dir={tiny_run / 'data'}", "--data.image_size=96",
+         "--data.batch_size=2", "--data.num_workers=0", f"--data.predict_dir={images}",
+         f"--ckpt_path={tiny_ckpt}", "--trainer.accelerator=cpu", "--trainer.devices=2",
+         "--trainer.strategy=ddp", "--trainer.logger=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(out)
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in images.iterdir())
+    assert list(rows[0])[3:7] == ["top1", "top1_prob", "top2", "top2_prob"]
+    assert not list(tmp_path.glob(".ddp.csv.rank*"))
+
+
+def test_cli_predict_refuses_preprocessing_other_than_the_checkpoints(
+    tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # trained at 96 px; the data default is 224
+        cli_main(
+            ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+             "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --ckpt_path '{tiny_ckpt}' was trained with preprocessing")
+    assert "'image_size': 96" in line and "'image_size': 224" in line and "--config" in line
+
+
+def test_find_best_checkpoint_picks_the_newest_best(tmp_path):
+    logs = tmp_path / "lightning_logs"
+    for version, mtime in (("version_0", 100), ("version_1", 300), ("version_2", 200)):
+        folder = logs / version / "checkpoints"
+        folder.mkdir(parents=True)
+        for name, offset in (("best-epoch=01.ckpt", 0), ("last.ckpt", 50)):
+            (folder / name).touch()
+            os.utime(folder / name, (mtime + offset, mtime + offset))
+    assert find_best_checkpoint([logs]) == logs / "version_1" / "checkpoints" / "best-epoch=01.ckpt"
+    with pytest.raises(InferenceError, match=r"no best-\*\.ckpt under"):
+        find_best_checkpoint([tmp_path / "elsewhere"])
+
+
+def test_a_checkpoint_of_another_shape_is_one_sentence(tmp_path):
+    ckpt = tmp_path / "other.ckpt"
+    hparams = dict(LitAlexNet(num_classes=2).hparams)
+    torch.save({"state_dict": {"model.extra": torch.zeros(1)}, "hyper_parameters": hparams}, ckpt)
+    with pytest.raises(InferenceError, match="does not fit the AlexNet its hyperparameters"):
+        load_model(ckpt)
+
+
+class SkippingPredictData(L.LightningDataModule):
+    """Leaves unreadable images out of each batch and records them in ``skipped``
+    (``{path: (reason, when)}``), the contract :class:`PredictionCSVWriter` reads."""
+
+    def __init__(self, folder: Path, preprocessing: dict) -> None:
+        super().__init__()
+        self.transform = eval_transform(**preprocessing)
+        self.samples = [(path, -1) for path in image_files(folder)]
+        self.skipped: dict[str, tuple[str, str]] = {}
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self, batch_size=3, collate_fn=self.collate)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path = self.samples[index][0]
+        try:
+            return self.transform(load_image(path)), -1
+        except OSError as err:
+            return str(path), str(err)
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        good = [item for item in items if isinstance(item[0], torch.Tensor)]
+        for path, reason in (item for item in items if isinstance(item[0], str)):
+            self.skipped[path] = (reason, "load")
+        if not good:
+            return torch.empty(0, 3, 96, 96), torch.empty(0, dtype=torch.long)
+        return torch.stack([image for image, _ in good]), torch.tensor([t for _, t in good])
+
+
+@pytest.mark.slow
+def test_writer_gives_images_the_datamodule_skipped_an_error_row(tiny_ckpt, new_images, tmp_path):
+    model = load_model(tiny_ckpt)
+    data = SkippingPredictData(new_images, model.hparams["preprocessing"])
+    out = tmp_path / "cli.csv"
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[PredictionCSVWriter(out)],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    expected = tmp_path / "script.csv"
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(new_images), "--out", str(expected)]) == 0
+    written, wanted = read_csv(out), read_csv(expected)
+    assert [row["path"] for row in written] == [row["path"] for row in wanted]
+    for got, want in zip(written, wanted, strict=True):
+        assert bool(got["error"]) == bool(want["error"])
+        assert got["predicted"] == want["predicted"]
+    assert sorted(Path(row["path"]).name for row in written if row["error"]) == [
+        "broken.jpg", "notes.png"
+    ]  # fmt: skip

@@ -1,0 +1,94 @@
+"""scripts/import_seed_checkpoint.py: the tutorial's alexnet.pt becomes a checkpoint we can use."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from alexnet_lit import LitAlexNet
+from alexnet_lit.cli import cli_main
+from scripts.import_seed_checkpoint import main as import_main
+from scripts.predict import main as predict_main
+from tests.conftest import CLASSES, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tutorial_alexnet(input_channel: int, class_num: int) -> nn.Sequential:
+    """The tutorial's network, layer for layer (SEED_RECIPE.md)."""
+    return nn.Sequential(
+        nn.Conv2d(input_channel, 96, 11, stride=4, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.ReLU(),
+        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(),
+        nn.Linear(6400, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Dropout(0.5), nn.Linear(4096, class_num),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory) -> tuple[nn.Sequential, Path]:
+    """A randomly initialised tutorial model with 3 classes and its saved ``alexnet.pt``."""
+    torch.manual_seed(0)
+    model = tutorial_alexnet(3, len(CLASSES)).eval()
+    path = tmp_path_factory.mktemp("seed") / "alexnet.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def imported(seed, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imported") / "model.ckpt"
+    assert import_main([str(seed[1]), "--classes", *CLASSES, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_gives_the_tutorials_outputs(seed, imported):
+    model = LitAlexNet.load_from_checkpoint(imported, map_location="cpu").eval()
+    assert model.hparams.class_names == CLASSES
+    assert model.hparams.preprocessing == {
+        "image_size": 224, "resize_size": 256, "in_channels": 3,
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    }  # fmt: skip
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(x), seed[0](x))
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_predicts_and_validates(imported, tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 2})
+    out = tmp_path / "predictions.csv"
+    assert predict_main(["--ckpt", str(imported), str(data / "val"), "--out", str(out)]) == 0
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and all(row["predicted"] in CLASSES for row in rows)
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        ["validate", "--config", str(ROOT / "configs" / "default.yaml"), f"--data.data_dir={data}",
+         "--data.batch_size=3", "--data.num_workers=0", f"--ckpt_path={imported}"]
+    )  # fmt: skip
+    accuracy = float(cli.trainer.callback_metrics["val/acc"])
+    expected = sum(row["predicted"] == Path(row["path"]).parent.name for row in rows) / 6
+    assert accuracy == pytest.approx(expected)
+
+
+def test_class_count_mismatch_is_one_clear_line(seed, tmp_path, capsys):
+    code = import_main([str(seed[1]), "--classes", "husky", "shiba", "--out", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: '{seed[1]}' has 3 outputs but 2 class names were given")
+    assert not (tmp_path / "x").exists()
+
+
+def test_other_files_are_refused_with_the_reason(tmp_path, capsys):
+    not_seed = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, not_seed)
+    code = import_main([str(not_seed), "--classes", "a", "--out", str(tmp_path / "x.ckpt")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not a state_dict saved by the tutorial's AlexNet" in err and "conv.weight" in err
