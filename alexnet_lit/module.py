@@ -95,7 +95,8 @@ class LitAlexNet(L.LightningModule):
         logits = self(images)
         loss = self.loss_fn(logits, targets)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        # A per-step value in the progress bar would cost a host-device sync every step.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step)
         for name, metric in getattr(self, f"{stage}_metrics").items():
             metric(logits, targets)
             self.log(
