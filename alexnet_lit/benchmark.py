@@ -122,20 +122,21 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     dm.setup("fit")
     module = LitAlexNet(num_classes=dm.num_classes, class_names=dm.class_names).to(device)
     model, optimizer = module.model, module.optimizer(module.parameters())
-    train_loader, val_loader = dm._loader(dm.datasets["train"], shuffle=True), dm.val_dataloader()
+    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best = -1.0
     for epoch in range(epochs):
         model.train()
-        for images, targets in train_loader:
-            loss = module.loss_fn(model(images.to(device)), targets.to(device))
+        for batch in train_loader:  # a LoadedBatch: images, targets, skipped files
+            loss = module.loss_fn(model(batch.images.to(device)), batch.targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         model.eval()
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.inference_mode():
-            for images, targets in val_loader:
-                correct += (model(images.to(device)).argmax(1) == targets.to(device)).sum()
+            for batch in val_loader:
+                predicted = model(batch.images.to(device)).argmax(1)
+                correct += (predicted == batch.targets.to(device)).sum()
         acc = correct.item() / len(dm.datasets["val"])
         state = {"state_dict": module.state_dict(), "optimizer": optimizer.state_dict()}
         if acc > best:

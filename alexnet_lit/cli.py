@@ -14,7 +14,7 @@ class AlexNetCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.in_channels", "model.in_channels")
-        for attribute in ("num_classes", "class_names", "preprocessing"):
+        for attribute in ("num_classes", "class_names", "preprocessing", "class_weights"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
 
 

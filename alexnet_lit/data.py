@@ -1,65 +1,68 @@
 """The ImageFolder DataModule: roots, splits, presets, loaders, worker counts and the class list."""
 
+import csv
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from alexnet_lit import transforms
+from alexnet_lit.images import is_hidden, load_image
+from alexnet_lit.scan import (
+    SplitScan,
+    class_count_table,
+    imbalance_ratio,
+    list_classes,
+    scan_files,
+    scan_split,
+    split_train_val,
+    walk_files,
+)
 
-# Folders that tools and operating systems drop into datasets; never classes.
-_IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+__all__ = ["is_hidden", "list_classes", "load_image"]  # re-exported: their home moved
+
 DEMO_CLASSES = [str(digit) for digit in range(10)]
 # Augmentation presets, used where image_size, crop_scale or hflip are left unset (None).
 TUTORIAL_PRESET = {"image_size": transforms.IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
 # The demo's digits are 8x8 pixels: 96 px trains ~3x faster than 224 at the same accuracy, a flip
 # turns digits into other shapes, and crops under half the area cut them into single strokes.
 DEMO_PRESET = {"image_size": 96, "crop_scale": (0.5, 1.0), "hflip": False}
+# Files written into the run directory (the logger's log_dir).
+SKIPPED_FILE = "skipped_images.csv"
+SPLIT_FILES = {"train": "split_train.txt", "val": "split_val.txt"}
 
 
 class DataConfigError(ValueError):
     """A problem with the user's data or data settings, explained in one sentence."""
 
 
-def is_hidden(name: str) -> bool:
-    """Whether a file or folder name is a system or hidden entry (``.DS_Store``, ``__MACOSX``)."""
-    return name.startswith(".") or name in _IGNORED_NAMES
-
-
-def list_classes(split_dir: Path) -> list[str]:
-    """Sorted class folder names of one split, without hidden and system folders."""
-    return sorted(
-        entry.name
-        for entry in os.scandir(split_dir)
-        if entry.is_dir() and not is_hidden(entry.name)
-    )
-
-
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted), skipping hidden entries."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        found += [
-            Path(dirpath, name)
-            for name in sorted(filenames)
-            if not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
-        ]
-    return found
+    """Usable images under ``folder`` (recursively, sorted), by content; hidden entries skipped."""
+    infos, _, _, _ = scan_files(walk_files(Path(folder), []))
+    return sorted(infos)
 
 
-def load_image(path: str | Path, in_channels: int = 3) -> Image.Image:
-    """Open an image as RGB (or grayscale for ``in_channels=1``), with EXIF rotation applied."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("L" if in_channels == 1 else "RGB")
+class BadImage(NamedTuple):
+    """What a dataset returns, instead of a sample, for an image that fails to load."""
+
+    path: str
+    reason: str
+
+
+class LoadedBatch(NamedTuple):
+    """A collated batch before the DataModule records and drops ``skipped`` (main process)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    skipped: list[BadImage]
 
 
 class ImageListDataset(Dataset):
@@ -69,19 +72,87 @@ class ImageListDataset(Dataset):
         samples: ``(path, class_index)`` pairs; the index is -1 for unlabelled images.
         transform: Applied to each loaded PIL image.
         in_channels: 3 for RGB or 1 for grayscale.
+        skip_bad: Return a :class:`BadImage` for an image that fails to load, instead of
+            raising; :class:`SkippingCollate` drops it from the batch.
     """
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform, in_channels: int = 3):
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        transform,
+        in_channels: int = 3,
+        skip_bad: bool = False,
+    ):
         self.samples = list(samples)
         self.transform = transform
         self.in_channels = in_channels
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadImage:
         path, target = self.samples[index]
-        return self.transform(load_image(path, self.in_channels)), target
+        try:
+            image = load_image(path, self.in_channels)
+        except Exception as err:  # a broken file raises anything from OSError to SyntaxError
+            if not self.skip_bad:
+                raise
+            lines = str(err).strip().splitlines()
+            return BadImage(str(path), f"{type(err).__name__}: {lines[0] if lines else ''}")
+        return self.transform(image), target
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+
+class SkippingCollate:
+    """Collates the good samples of a batch and keeps the :class:`BadImage` markers aside.
+
+    Runs in the loader workers; the markers travel with the batch to the main process, where
+    :meth:`ImageFolderDataModule.on_before_batch_transfer` records them. A batch of only bad
+    images becomes an empty one of ``empty_shape``.
+    """
+
+    def __init__(self, empty_shape: tuple[int, int, int]):
+        self.empty_shape = tuple(empty_shape)
+
+    def __call__(self, batch: list) -> LoadedBatch:
+        skipped = [item for item in batch if isinstance(item, BadImage)]
+        good = [item for item in batch if not isinstance(item, BadImage)]
+        if not good:
+            empty = torch.empty((0, *self.empty_shape))
+            return LoadedBatch(empty, torch.empty(0, dtype=torch.long), skipped)
+        images, targets = default_collate(good)
+        return LoadedBatch(images, targets, skipped)
+
+
+class BalancedSampler(DistributedSampler):
+    """Draws classes equally often (with replacement), each process a disjoint share of one draw.
+
+    Every process draws the same ``len(dataset)`` (rounded up to a multiple of the number of
+    processes) indices, weighted by 1 / class count, from a generator seeded by ``seed + epoch``,
+    and takes every ``num_replicas``-th one from its rank. It subclasses DistributedSampler so
+    that Lightning calls ``set_epoch`` and does not wrap it again under DDP.
+    """
+
+    def __init__(self, targets: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(
+            range(len(targets)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+        )
+        counts = torch.bincount(torch.as_tensor(targets))
+        self.weights = 1.0 / counts[torch.as_tensor(targets)].double()
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(
+            self.weights, self.total_size, replacement=True, generator=generator
+        )
+        return iter(draw[self.rank : self.total_size : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def default_num_workers() -> int:
@@ -133,6 +204,11 @@ def write_digits_demo(root: Path, val_fraction: float = 0.2, seed: int = 0) -> N
 class ImageFolderDataModule(L.LightningDataModule):
     """Train/val(/test) ImageFolders: ``data_dir/{train,val}/<class>/*.jpg``.
 
+    Hidden and system entries are never classes nor samples; files that are not images (by
+    content) are ignored and counted; unreadable images found by cheap header checks are left
+    out before training, and images that fail to load are skipped. Both are written to
+    ``skipped_images.csv`` in the run directory (see ``on_bad_image``).
+
     Args:
         data_dir: Dataset root holding ``train/`` and ``val/`` (and optionally ``test/``). None
             trains on the built-in demo: scikit-learn's handwritten digits, written once by
@@ -148,6 +224,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             off for the demo's digits.
         predict_dir: Folder of images (searched recursively) for the ``predict`` subcommand;
             None predicts the validation images.
+        val_split: Without a ``val/`` folder, the fraction of each train class held out for
+            validation (a stratified split that depends only on the file list and ``seed``; the
+            lists are saved as ``split_train.txt`` and ``split_val.txt`` in the run directory).
+        seed: Seeds that split and the balanced sampler.
+        on_bad_image: ``skip`` leaves unreadable images out and records them; ``error`` stops
+            at the first one with a message naming it.
+        balance: Class-imbalance correction: ``none``; ``loss`` weights the cross-entropy by
+            n_images / (n_classes * n_class_images); ``sampler`` draws every class equally often
+            (with replacement; works under DDP).
     """
 
     def __init__(
@@ -160,6 +245,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] | None = None,
         hflip: bool | None = None,
         predict_dir: str | Path | None = None,
+        val_split: float = 0.1,
+        seed: int = 0,
+        on_bad_image: Literal["skip", "error"] = "skip",
+        balance: Literal["none", "loss", "sampler"] = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -171,6 +260,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
         if in_channels not in (1, 3):
             raise DataConfigError(f"data.in_channels must be 1 or 3, got {in_channels}.")
+        if not 0.0 < val_split < 1.0:
+            raise DataConfigError(f"data.val_split must be between 0 and 1, got {val_split}.")
+        if on_bad_image not in ("skip", "error"):
+            raise DataConfigError(f"data.on_bad_image must be skip or error, got {on_bad_image}.")
+        if balance not in ("none", "loss", "sampler"):
+            raise DataConfigError(f"data.balance must be none, loss or sampler, got {balance}.")
         # Read now, not in setup(): the CLI links the class list into the model at instantiation.
         self.class_names = DEMO_CLASSES if self.is_demo else self._read_class_names()
         preset = DEMO_PRESET if self.is_demo else TUTORIAL_PRESET
@@ -179,10 +274,27 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.hflip = preset["hflip"] if hflip is None else hflip
         self.preprocessing = transforms.preprocessing_record(self.image_size, in_channels)
         self.datasets: dict[str, ImageListDataset] = {}
+        self.skipped: dict[str, tuple[str, str]] = {}  # path -> (reason, when), in record order
+        self.run_dir: Path | None = None
+        self._scans: dict[str, SplitScan] = {}
+        self._samples: dict[str, list[tuple[Path, int]]] = {}
+        self._written: set[str] = set()
+        self._split_lists: dict[str, dict[str, list[Path]]] = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Cross-entropy class weights for ``balance: loss`` (linked into the model), else None."""
+        if self.hparams.balance != "loss":
+            return None
+        counts = [0] * self.num_classes
+        for _, target in self._labelled("train"):
+            counts[target] += 1
+        total = sum(counts)
+        return [total / (self.num_classes * count) for count in counts]
 
     def _read_class_names(self) -> list[str]:
         if not self.data_dir.is_dir():
@@ -209,16 +321,25 @@ class ImageFolderDataModule(L.LightningDataModule):
             write_digits_demo(self.data_dir)
 
     def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.run_dir is None:
+            # log_dir is a collective call under DDP: resolve it here, where all ranks run.
+            log_dir = self.trainer.log_dir
+            self.run_dir = None if log_dir is None else Path(log_dir)
+            self._write_record()  # what a scan at instantiation found
         if stage == "fit":
-            self.datasets["train"] = self._split("train", self.train_transform())
+            self.datasets["train"] = self._dataset("train", self.train_transform())
+            self._report_class_counts()
         if stage in ("fit", "validate"):
-            self.datasets["val"] = self._split("val", self.eval_transform())
+            self.datasets["val"] = self._dataset("val", self.eval_transform())
         if stage == "test":
-            # A held-out test/ split is optional; without one, test reports on val/.
+            # A held-out test/ split is optional; without one, test reports on val.
             split = "test" if (self.data_dir / "test").is_dir() else "val"
-            self.datasets["test"] = self._split(split, self.eval_transform())
+            note = "" if split == "test" else " (there is no test/ folder)"
+            rank_zero_info(f"test: evaluating {self.data_dir / split}{note}")
+            self.datasets["test"] = self._dataset(split, self.eval_transform())
         if stage == "predict":
             self.datasets["predict"] = self._predict_dataset()
+        self._save_split_lists()
 
     def train_transform(self):
         return transforms.train_transform(
@@ -228,35 +349,133 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self):
         return transforms.eval_transform(**self.preprocessing)
 
-    def _split(self, split: str, transform) -> ImageListDataset:
+    def _dataset(self, split: str, transform) -> ImageListDataset:
+        return ImageListDataset(
+            self._labelled(split), transform, self.hparams.in_channels, skip_bad=True
+        )
+
+    def _scan(self, split: str) -> SplitScan:
+        """Scan a split folder once: cheap checks, then report what was left out."""
+        if split in self._scans:
+            return self._scans[split]
         split_dir = self.data_dir / split
         if not split_dir.is_dir():
             raise DataConfigError(
                 f"'{split_dir}' does not exist; put the {split} images in {split}/<class>/ "
                 "under data.data_dir."
             )
-        unknown = sorted(set(list_classes(split_dir)) - set(self.class_names))
+        scan = self._scans[split] = scan_split(split_dir)
+        for path, reason in scan.unreadable:
+            self._record_bad(str(path), reason, "scan")
+        if scan.unreadable:
+            rank_zero_warn(
+                f"{split}/: {len(scan.unreadable)} unreadable image(s) left out before training, "
+                f"e.g. '{scan.unreadable[0][0]}' ({scan.unreadable[0][1]}); "
+                f"listed in {self._record_name()}."
+            )
+        if scan.not_images:
+            rank_zero_warn(
+                f"{split}/: ignored {len(scan.not_images)} file(s) that are not images, "
+                f"e.g. '{scan.not_images[0][0]}'."
+            )
+        ignored = len(scan.hidden) + len(scan.outside_classes)
+        if ignored:
+            rank_zero_info(
+                f"{split}/: ignored {len(scan.hidden)} hidden or system entries and "
+                f"{len(scan.outside_classes)} file(s) outside class folders."
+            )
+        return scan
+
+    def _labelled(self, split: str) -> list[tuple[Path, int]]:
+        """``(path, class_index)`` of a split's usable images; labels follow the train classes."""
+        if split in ("train", "val") and "train" not in self._samples:
+            self._train_and_val()
+        if split not in self._samples:
+            images = self._checked_images(split)
+            self._samples[split] = self._index(images)
+        return self._samples[split]
+
+    def _train_and_val(self) -> None:
+        train = self._scan("train").images
+        empty = [name for name in self.class_names if not train.get(name)]
+        if empty:
+            names = ", ".join(f"'{name}'" for name in empty)
+            plural = len(empty) > 1
+            raise DataConfigError(
+                f"train class{'es' if plural else ''} {names} in '{self.data_dir / 'train'}' "
+                f"ha{'ve' if plural else 's'} no usable image; add images or remove the "
+                f"folder{'s' if plural else ''} (python scripts/check_data.py lists the problems)."
+            )
+        if (self.data_dir / "val").is_dir():
+            val = self._checked_images("val")
+        else:
+            train, val = split_train_val(
+                train, self.hparams.val_split, self.hparams.seed, self.data_dir
+            )
+            rank_zero_info(
+                f"no '{self.data_dir / 'val'}': holding out {self.hparams.val_split:g} of each "
+                f"train class for validation (seed {self.hparams.seed})."
+            )
+            self._split_lists = {"train": train, "val": val}
+        self._samples["train"] = self._index(train)
+        self._samples["val"] = self._index(val)
+
+    def _checked_images(self, split: str) -> dict[str, list[Path]]:
+        split_dir = self.data_dir / split
+        images = self._scan(split).images
+        unknown = sorted(set(images) - set(self.class_names))
         if unknown:
             raise DataConfigError(
                 f"'{split_dir}' has classes that train/ does not: {', '.join(unknown)}; "
                 "add them to train/ or remove them."
             )
-        samples = [
+        if not any(images.values()):
+            raise DataConfigError(
+                f"'{split_dir}' has no images (by content: JPEG, PNG, GIF, BMP, TIFF, WebP, "
+                f"PPM); put them in {split}/<class>/."
+            )
+        missing = [name for name in self.class_names if not images.get(name)]
+        if missing:
+            rank_zero_warn(f"'{split_dir}' has no images of train classes: {', '.join(missing)}.")
+        return images
+
+    def _index(self, images: dict[str, list[Path]]) -> list[tuple[Path, int]]:
+        return [
             (path, index)
             for index, name in enumerate(self.class_names)
-            if (split_dir / name).is_dir()
-            for path in list_images(split_dir / name)
+            for path in images.get(name, [])
         ]
-        if not samples:
-            raise DataConfigError(
-                f"'{split_dir}' has no images ({', '.join(sorted(IMG_EXTENSIONS))}); "
-                f"put them in {split}/<class>/."
-            )
-        return ImageListDataset(samples, transform, self.hparams.in_channels)
+
+    def _save_split_lists(self) -> None:
+        """Write the train/val split made from train/ into the run directory (rank 0, once)."""
+        if not self._split_lists or self.run_dir is None or not self.trainer.is_global_zero:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for split, images in self._split_lists.items():
+            lines = [
+                path.relative_to(self.data_dir).as_posix()
+                for name in self.class_names
+                for path in images.get(name, [])
+            ]
+            (self.run_dir / SPLIT_FILES[split]).write_text("".join(f"{line}\n" for line in lines))
+
+    def _report_class_counts(self) -> None:
+        counts = {}
+        for split in ("train", "val"):
+            per_class = [0] * self.num_classes
+            for _, target in self._labelled(split):
+                per_class[target] += 1
+            counts[split] = dict(zip(self.class_names, per_class, strict=True))
+        ratio = imbalance_ratio(counts["train"])
+        ratio_text = "n/a" if ratio is None else f"{ratio:.2f}:1"
+        rank_zero_info(
+            f"images per class (train imbalance {ratio_text}, balance: "
+            f"{self.hparams.balance}):\n{class_count_table(counts)}"
+        )
 
     def _predict_dataset(self) -> ImageListDataset:
         if self.predict_dir is None:
-            return self._split("val", self.eval_transform())
+            return self._dataset("val", self.eval_transform())
         if not self.predict_dir.exists():
             raise DataConfigError(
                 f"data.predict_dir: '{self.predict_dir}' does not exist; pass an image folder."
@@ -265,11 +484,21 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not paths:
             raise DataConfigError(f"data.predict_dir: '{self.predict_dir}' holds no images.")
         return ImageListDataset(
-            [(p, -1) for p in paths], self.eval_transform(), self.hparams.in_channels
+            [(p, -1) for p in paths], self.eval_transform(), self.hparams.in_channels, True
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], shuffle=True)
+        dataset = self.datasets["train"]
+        if self.hparams.balance != "sampler":
+            return self._loader(dataset, shuffle=True)
+        trainer = self.trainer
+        sampler = BalancedSampler(
+            dataset.targets,
+            num_replicas=1 if trainer is None else trainer.world_size,
+            rank=0 if trainer is None else trainer.global_rank,
+            seed=self.hparams.seed,
+        )
+        return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])
@@ -280,13 +509,84 @@ class ImageFolderDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["predict"])
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_cuda,
+            collate_fn=SkippingCollate(
+                (self.hparams.in_channels, self.image_size, self.image_size)
+            ),
         )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record the images the workers could not load, then hand on ``(images, targets)``."""
+        if not isinstance(batch, LoadedBatch):
+            return batch
+        for bad in batch.skipped:
+            if self.hparams.on_bad_image == "error":
+                raise DataConfigError(
+                    f"cannot load image '{bad.path}' ({bad.reason}); fix or delete it, or set "
+                    "data.on_bad_image=skip to skip unreadable images."
+                )
+            self._record_bad(bad.path, bad.reason, "load")
+        return batch.images, batch.targets
+
+    def _record_name(self) -> str:
+        return str(self.run_dir / SKIPPED_FILE) if self.run_dir else "dm.skipped"
+
+    def _record_bad(self, path: str, reason: str, when: str) -> None:
+        """Write a left-out image to ``skipped_images.csv`` once (per process; rank N > 0 writes
+        ``skipped_images.rankN.csv``), or raise with ``on_bad_image: error``."""
+        if self.hparams.on_bad_image == "error":
+            raise DataConfigError(
+                f"unreadable image '{path}' ({reason}); fix or delete it, or set "
+                "data.on_bad_image=skip to leave unreadable images out."
+            )
+        if path in self.skipped:
+            return
+        self.skipped[path] = (reason, when)
+        if when == "load":
+            rank_zero_warn(f"skipped image '{path}' ({reason}); recorded in {self._record_name()}.")
+        self._write_record()
+
+    def _write_record(self) -> None:
+        """Append the not yet written entries of ``self.skipped`` to the run directory's record.
+
+        Scan-time entries are the same on every process, so only rank 0 writes them; images that
+        fail at load time are written by the process that met them (rank N > 0 writes
+        ``skipped_images.rankN.csv``).
+        """
+        if self.run_dir is None:
+            return
+        rank = 0 if self.trainer is None else self.trainer.global_rank
+        pending = [
+            (path, reason, when)
+            for path, (reason, when) in self.skipped.items()
+            if path not in self._written and (rank == 0 or when == "load")
+        ]
+        if not pending:
+            return
+        name = SKIPPED_FILE if rank == 0 else SKIPPED_FILE.replace(".csv", f".rank{rank}.csv")
+        record = self.run_dir / name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        is_new = not record.exists()
+        with open(record, "a", newline="") as file:
+            writer = csv.writer(file)
+            if is_new:
+                writer.writerow(["path", "reason", "when"])
+            writer.writerows(pending)
+        self._written.update(path for path, _, _ in pending)
+
+    def teardown(self, stage: str) -> None:
+        at_load = sum(when == "load" for _, when in self.skipped.values())
+        if self.skipped:
+            rank_zero_info(
+                f"{len(self.skipped)} image(s) left out ({at_load} at load time); listed in "
+                f"{self._record_name()}."
+            )

@@ -8,7 +8,13 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from alexnet_lit.model import AlexNet
 from alexnet_lit.transforms import preprocessing_record
@@ -34,6 +40,8 @@ class LitAlexNet(L.LightningModule):
         lr_scheduler: Builds an LR scheduler from the optimizer; none by default.
         preprocessing: The eval preprocessing (image size, mean, std) the model was trained with,
             linked from the DataModule so that predictions never re-type it.
+        class_weights: Per-class cross-entropy weights, or None; the CLI links them from
+            ``data.balance: loss``.
         channels_last: Keep weights and inputs in channels-last memory format, which bf16
             convolutions run faster in.
     """
@@ -47,6 +55,7 @@ class LitAlexNet(L.LightningModule):
         optimizer: OptimizerCallable = tutorial_adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict[str, Any] | None = None,
+        class_weights: Sequence[float] | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -66,32 +75,49 @@ class LitAlexNet(L.LightningModule):
                 "in_channels": in_channels,
                 "dropout": dropout,
                 "preprocessing": dict(preprocessing),
+                "class_weights": None if class_weights is None else list(class_weights),
                 "channels_last": channels_last,
             }
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.model = AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(
+                f"model.class_weights has {len(class_weights)} values but model.num_classes is "
+                f"{num_classes}; pass one weight per class."
+            )
+        weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.loss_fn = nn.CrossEntropyLoss()
         # One metric set per stage, so their states never mix.
-        self.train_metrics = self._accuracy_metrics(num_classes)
-        self.val_metrics = self._accuracy_metrics(num_classes)
-        self.test_metrics = self._accuracy_metrics(num_classes)
+        self.train_metrics = self._stage_metrics(num_classes)
+        self.val_metrics = self._stage_metrics(num_classes, macro=True)
+        self.test_metrics = self._stage_metrics(num_classes, macro=True)
+        self.val_acc_best = MaxMetric()
 
     @staticmethod
-    def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    def _stage_metrics(num_classes: int, macro: bool = False) -> nn.ModuleDict:
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
         if num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        if macro:  # macro averages weigh every class equally, whatever its size
+            metrics["precision_macro"] = MulticlassPrecision(num_classes, average="macro")
+            metrics["recall_macro"] = MulticlassRecall(num_classes, average="macro")
+            metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
         return nn.ModuleDict(metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
+    ) -> dict[str, torch.Tensor] | None:
         images, targets = batch
+        if len(targets) == 0:  # every image of the batch was unreadable and skipped
+            return None
         logits = self(images)
         loss = self.loss_fn(logits, targets)
         on_step = stage == "train"
@@ -102,18 +128,29 @@ class LitAlexNet(L.LightningModule):
             self.log(
                 f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
             )
-        return loss
+        # The logits go to callbacks (confusion matrix, misclassified images) via the outputs.
+        return {"loss": loss, "logits": logits.detach()}
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the sanity check's few batches are not an epoch
+            return
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute())
+
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         images, _ = batch

@@ -1,0 +1,285 @@
+"""What a run shows in TensorBoard and the reports validate/test write, read with the real clients:
+TensorBoard's EventAccumulator, the tensorboard server's HTTP API, and the files on disk."""
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from alexnet_lit.cli import cli_main
+from alexnet_lit.reports import most_confused, per_class_metrics, render_confusion_matrix
+from tests.conftest import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
+CLASSES = [f"class_{i}" for i in range(7)]  # more than 5 classes, so top-5 accuracy is logged
+VAL_PER_CLASS = 2
+EPOCHS, TRAIN_BATCHES, BATCH = 2, 2, 4
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One tiny fit (2 epochs of 2 steps), then validate and test on its last checkpoint."""
+    tmp = tmp_path_factory.mktemp("tb")
+    data = make_image_folder(tmp / "data", CLASSES, {"train": 4, "val": VAL_PER_CLASS})
+    common = ["--config", DEFAULT_CONFIG, f"--data.data_dir={data}", f"--data.batch_size={BATCH}"]
+    common += ["--data.image_size=96", "--trainer.enable_progress_bar=false"]
+    records = _Records()
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(records)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp)
+            fit = cli_main(
+                ["fit", *common, f"--trainer.max_epochs={EPOCHS}",
+                 f"--trainer.limit_train_batches={TRAIN_BATCHES}", "--trainer.log_every_n_steps=1"]
+            )  # fmt: skip
+            ckpt = f"--ckpt_path={tmp / 'lightning_logs/version_0/checkpoints/last.ckpt'}"
+            validate = cli_main(["validate", *common, ckpt])
+            test = cli_main(["test", *common, ckpt])
+    finally:
+        lightning_logger.removeHandler(records)
+    logs = tmp / "lightning_logs"
+    return {
+        "fit": logs / "version_0",
+        "validate": logs / "version_1",
+        "test": logs / "version_2",
+        "data": data,
+        "metrics": {
+            name: {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+            for name, cli in (("fit", fit), ("validate", validate), ("test", test))
+        },
+        "log": records.messages,
+    }
+
+
+@pytest.fixture(scope="module")
+def events(runs) -> EventAccumulator:
+    accumulator = EventAccumulator(
+        str(runs["fit"]), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+def values(events: EventAccumulator, tag: str) -> list[float]:
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_scalars_are_logged_with_sane_values(events):
+    expected = {
+        "train/loss_step", "train/loss_epoch", "train/acc", "train/acc_top5", "val/loss",
+        "val/acc", "val/acc_top5", "val/acc_best", "val/precision_macro", "val/recall_macro",
+        "val/f1_macro", "lr-Adam", "train/images_per_s", "train/epoch_time_s",
+        "val/epoch_time_s", "hp_metric",
+    }  # fmt: skip
+    assert expected <= set(events.Tags()["scalars"])
+    assert len(values(events, "train/loss_step")) == EPOCHS * TRAIN_BATCHES
+    assert all(math.isfinite(v) for v in values(events, "train/loss_step"))
+    for tag in expected - {"train/loss_step", "lr-Adam", "hp_metric"}:
+        assert len(values(events, tag)) == EPOCHS, tag  # once per epoch, no sanity-check entry
+    for tag in ("val/acc", "val/acc_top5", "val/precision_macro", "val/recall_macro"):
+        assert all(0 <= v <= 1 for v in values(events, tag)), tag
+    acc = values(events, "val/acc")
+    assert all(top5 >= a for top5, a in zip(values(events, "val/acc_top5"), acc, strict=True))
+    assert values(events, "val/acc_best") == pytest.approx(np.maximum.accumulate(acc).tolist())
+    assert values(events, "lr-Adam") == pytest.approx([1e-4] * EPOCHS)
+    # Throughput is the epoch's training images over its training time.
+    for rate, seconds in zip(
+        values(events, "train/images_per_s"), values(events, "train/epoch_time_s"), strict=True
+    ):
+        assert rate > 0 and seconds > 0
+        assert rate * seconds == pytest.approx(TRAIN_BATCHES * BATCH, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_hparams_tab_holds_the_real_settings_and_best_val_acc(events, runs):
+    hp_metric = values(events, "hp_metric")
+    assert -1 not in hp_metric
+    assert hp_metric[-1] == pytest.approx(max(values(events, "val/acc")))
+    assert hp_metric[-1] == pytest.approx(runs["metrics"]["fit"]["val/acc_best"])
+    val_steps = [event.step for event in events.Scalars("val/acc")]
+    assert [event.step for event in events.Scalars("hp_metric")] == val_steps
+
+    plugin_data = {
+        tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+        for tag, content in events.PluginTagToContent("hparams").items()
+    }
+    experiment = plugin_data["_hparams_/experiment"].experiment
+    assert [info.name.tag for info in experiment.metric_infos] == ["hp_metric"]
+    hparams = plugin_data["_hparams_/session_start_info"].session_start_info.hparams
+    assert hparams["model/num_classes"].number_value == len(CLASSES)
+    assert hparams["optimizer/class"].string_value == "Adam"
+    assert hparams["optimizer/lr"].number_value == pytest.approx(1e-4)
+    assert hparams["data/batch_size"].number_value == BATCH
+    assert hparams["data/image_size"].number_value == 96
+    assert hparams["trainer/precision"].string_value == "32-true"
+    assert hparams["trainer/max_epochs"].number_value == EPOCHS
+    assert hparams["lr_scheduler/class"].string_value == "none"
+
+
+def decode(event) -> Image.Image:
+    return Image.open(io.BytesIO(event.encoded_image_string))
+
+
+@pytest.mark.slow
+def test_images_are_logged_once_per_validation_epoch(events):
+    tags = events.Tags()["images"]
+    assert {"train/inputs", "val/confusion_matrix", "val/misclassified"} <= set(tags)
+    (inputs,) = events.Images("train/inputs")  # once, at the start
+    picture = np.asarray(decode(inputs))
+    assert picture.std() > 5  # de-normalized pictures, not a flat -1..1 image clipped to black
+    matrices = events.Images("val/confusion_matrix")
+    assert [m.step for m in matrices] == [e.step for e in events.Scalars("val/acc")]
+    assert all(200 < m.width < 1000 and 200 < m.height < 1000 for m in matrices)
+    mistakes = events.Images("val/misclassified")
+    assert 1 <= len(mistakes) <= EPOCHS
+    assert all(m.width <= 8 * 120 + 8 and m.height <= 2 * 160 for m in mistakes)  # <= 16 tiles
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subcommand, stage", [("validate", "val"), ("test", "test")])
+def test_validate_and_test_write_reports(runs, subcommand, stage):
+    run = runs[subcommand]
+    rows = read_csv(run / f"{stage}_report.csv")
+    assert [row["class"] for row in rows] == CLASSES
+    assert sum(int(row["support"]) for row in rows) == len(CLASSES) * VAL_PER_CLASS
+    # The report agrees with the torchmetrics values the run logged.
+    metrics = runs["metrics"][subcommand]
+    recall = np.mean([float(row["recall"]) for row in rows])
+    assert recall == pytest.approx(metrics[f"{stage}/recall_macro"], abs=1e-4)
+    precision = np.mean([float(row["precision"]) for row in rows])
+    assert precision == pytest.approx(metrics[f"{stage}/precision_macro"], abs=1e-4)
+    pairs = read_csv(run / f"{stage}_confused_pairs.csv")
+    assert all(pair["true"] != pair["predicted"] for pair in pairs)
+    wrong = round((1 - metrics[f"{stage}/acc"]) * len(CLASSES) * VAL_PER_CLASS)
+    listed = sum(int(pair["count"]) for pair in pairs)
+    assert listed == wrong if len(pairs) < 10 else listed <= wrong  # the top 10 pairs are listed
+    markdown = (run / f"{stage}_report.md").read_text()
+    assert "| class_6 |" in markdown and "## Most confused pairs" in markdown
+    with Image.open(run / f"{stage}_confusion_matrix.png") as image:
+        assert image.width > 200 and image.height > 200
+
+
+@pytest.mark.slow
+def test_test_says_which_split_it_evaluates(runs):
+    val_dir = runs["data"] / "val"
+    assert f"test: evaluating {val_dir} (there is no test/ folder)" in runs["log"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_server_serves_val_acc(runs, events):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={runs['fit'].parent}",
+         "--host=127.0.0.1", f"--port={port}", "--load_fast=false", "--reload_interval=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=version_0&tag=val%2Facc"
+    points = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(points) < EPOCHS:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            # Not listening yet, or the run not loaded yet (HTTP 400): ask again.
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                points = get_json(url)
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)
+    # Each point is [wall_time, step, value], as the dashboard reads it.
+    assert [value for _, _, value in points] == pytest.approx(values(events, "val/acc"))
+
+
+def test_per_class_metrics_match_scikit_learn():
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 6, size=200)  # class 6 never occurs
+    predicted = np.where(rng.random(200) < 0.6, targets, rng.integers(0, 5, size=200))
+    labels = list(range(7))  # class 5 is never predicted either
+    confusion = confusion_matrix(targets, predicted, labels=labels)
+    rows = per_class_metrics(confusion, [str(i) for i in labels])
+    expected = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
+    for key, reference in zip(("precision", "recall", "f1", "support"), expected, strict=True):
+        assert [row[key] for row in rows] == pytest.approx(list(reference)), key
+
+
+def test_most_confused_lists_off_diagonal_cells_by_count():
+    confusion = np.array([[5, 3, 0], [1, 4, 6], [0, 3, 2]])
+    pairs = most_confused(confusion, ["a", "b", "c"], top=3)
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("b", "c", 6), ("c", "b", 3), ("a", "b", 3)  # a tie in count goes to the larger share
+    ]  # fmt: skip
+    assert pairs[0]["share"] == pytest.approx(6 / 11)
+    assert most_confused(np.eye(3, dtype=int), ["a", "b", "c"]) == []
+
+
+@pytest.mark.parametrize("num_classes", [3, 40, 1000])
+def test_confusion_matrix_picture_stays_bounded(num_classes):
+    confusion = np.random.default_rng(0).integers(0, 9, size=(num_classes, num_classes))
+    names = [f"a_rather_long_class_name_{i}" for i in range(num_classes)]
+    picture = render_confusion_matrix(confusion, names)
+    assert picture.width < 1300 and picture.height < 1300
+
+
+def test_grayscale_inputs_become_rgb_pictures():
+    from alexnet_lit import LitAlexNet
+    from alexnet_lit.callbacks import ValidationImages
+    from alexnet_lit.reports import image_grid
+
+    model = LitAlexNet(num_classes=3, in_channels=1)  # normalization mean 0.5, std 0.5
+    images = torch.linspace(-1, 1, 2 * 40 * 40).reshape(2, 1, 40, 40)
+    pixels = ValidationImages(tile=64)._pixels(model, images).numpy()
+    assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
+    assert pixels.min() <= 2 and pixels.max() >= 250  # -1..1 mapped back onto 0..255
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+    grid = image_grid(pixels, ["a", "b"], tile=64)
+    assert grid.size[0] == 2 * (64 + 4) + 4
