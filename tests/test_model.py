@@ -5,21 +5,7 @@ import torch
 from torch import nn
 
 from alexnet_lit.model import AlexNet
-
-
-def tutorial_alexnet(in_channels: int, num_classes: int) -> nn.Sequential:
-    """The tutorial's network, written the tutorial's way (an ``nn.Sequential``)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 96, 11, 4, 1), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.ReLU(),
-        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Flatten(),
-        nn.Linear(6400, 4096), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(4096, num_classes),
-    )  # fmt: skip
+from alexnet_lit.tutorial_loop import tutorial_alexnet
 
 
 def test_parameter_count_matches_the_tutorial():
