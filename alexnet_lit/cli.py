@@ -96,7 +96,9 @@ def cli_main(args: list[str] | None = None) -> AlexNetCLI:
     except NonFiniteLossError as err:
         _exit_with(str(err), code=1)
     except ArgumentError as err:
-        message = str(err).strip().splitlines()[0].rstrip(".")
+        # jsonargparse puts the key on the first line and the reason on the second.
+        message = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
+        message = message.rstrip(".")
         _exit_with(f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys.")
 
 

@@ -43,7 +43,7 @@ def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkey
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """One short real fit (1 epoch, 2 steps); returns its lightning_logs/version_0 directory."""
+    """One short real fit (2 epochs of 2 steps); returns its lightning_logs/version_0 directory."""
     tmp = tmp_path_factory.mktemp("run")
     data = make_image_folder(tmp / "data")
     with pytest.MonkeyPatch.context() as mp:
@@ -51,8 +51,8 @@ def trained_run(tmp_path_factory) -> Path:
         cli_main(
             fit_args(
                 data,
-                "--trainer.max_epochs=1",
-                "--trainer.limit_train_batches=2",
+                "--trainer.max_epochs=2",
+                "--trainer.limit_train_batches=2",  # "1" would parse as 1.0, the whole epoch
                 "--trainer.enable_progress_bar=false",
             )
         )
@@ -62,13 +62,15 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_fit_writes_config_best_and_last_checkpoints(trained_run):
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
-    assert config["trainer"]["max_epochs"] == 1
+    assert config["trainer"]["max_epochs"] == 2
     assert config["model"]["optimizer"]["class_path"] == "torch.optim.Adam"
     hparams = yaml.safe_load((trained_run / "hparams.yaml").read_text())
     assert hparams["num_classes"] == 3 and hparams["class_names"] == CLASSES
     names = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
-    assert "last.ckpt" in names
-    assert any(name.startswith("best-epoch=00-val_acc=") for name in names), names
+    assert any(name.startswith("best-epoch=") for name in names), names
+    # last.ckpt is the last epoch even where val/acc did not improve in it.
+    last = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 4)
     assert list(trained_run.glob("events.out.tfevents.*"))
 
 
@@ -157,3 +159,9 @@ def test_script_prints_one_line_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.data_dir")
+
+
+def test_bad_value_names_the_key_and_the_reason(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = run_cli(capsys, fit_args(image_folder, "--data.batch_size=many"))
+    assert 'Parser key "data.batch_size"' in line and "Got value: many" in line

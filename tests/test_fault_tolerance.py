@@ -132,8 +132,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(
     bad_step = STEPS_PER_EPOCH + 1  # epoch 1, batch 1
 
     def nan_from_bad_step(self, batch, batch_idx):
-        loss = training_step(self, batch, batch_idx)
-        return loss * float("nan") if self.global_step >= bad_step else loss
+        output = training_step(self, batch, batch_idx)
+        if self.global_step >= bad_step:
+            output = {**output, "loss": output["loss"] * float("nan")}
+        return output
 
     monkeypatch.setattr(LitAlexNet, "training_step", nan_from_bad_step)
     with pytest.raises(SystemExit) as exit_info:

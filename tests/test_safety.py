@@ -92,5 +92,5 @@ def test_cli_ckpt_path_refuses_it(crafted, tmp_path, monkeypatch, capsys):
                   "--data.num_workers=0", f"--ckpt_path={path}"])  # fmt: skip
     assert exit_info.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line.startswith("error: --ckpt_path was refused: it holds Python objects")
+    assert last_line.startswith(f"error: checkpoint '{path}' holds objects other than tensors")
     assert not marker.exists()
