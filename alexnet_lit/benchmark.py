@@ -149,11 +149,12 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
 def _ceiling(device: str, bf16: bool, steps: int, batch: int = 32) -> dict:
     """Training images/s of AlexNet + Adam on in-memory tensors: no data loading at all."""
     from alexnet_lit.model import AlexNet
+    from alexnet_lit.module import tutorial_adam
 
     torch.manual_seed(0)
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     model = AlexNet(num_classes=2).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = tutorial_adam(model.parameters())  # the project's Adam, as in default.yaml
     images = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory_format)
     targets = torch.randint(0, 2, (batch,), device=device)
     warmup = min(3, steps)  # the first steps allocate memory and pick kernels

@@ -25,8 +25,8 @@ OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
 
 def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
-    """The tutorial's optimizer: Adam with learning rate 1e-4."""
-    return torch.optim.Adam(params, lr=1e-4)
+    """The tutorial's optimizer, Adam with learning rate 1e-4, as one fused kernel per step."""
+    return torch.optim.Adam(params, lr=1e-4, fused=True)
 
 
 class LitAlexNet(L.LightningModule):
