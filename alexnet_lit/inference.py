@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from alexnet_lit.data import is_hidden, load_image
+from alexnet_lit.images import has_image_extension, load_image
 from alexnet_lit.module import LitAlexNet
+from alexnet_lit.scan import walk_files
 from alexnet_lit.transforms import eval_transform
 
 
@@ -110,15 +110,7 @@ def image_files(folder: Path) -> list[Path]:
 
     Chosen by name, not content: a broken image is listed, so that it gets a row with its error.
     """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        found += [
-            Path(dirpath, name)
-            for name in sorted(filenames)
-            if not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
-        ]
-    return found
+    return [path for path in walk_files(Path(folder), []) if has_image_extension(path)]
 
 
 def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
