@@ -269,9 +269,9 @@ class ValidationImages(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking:
-            return
         images, targets = batch
+        if trainer.sanity_checking or len(targets) == 0:  # empty: every image was unreadable
+            return
         logits = outputs["logits"]
         self._confusion.update(logits, targets)
         if trainer.is_global_zero:
@@ -346,7 +346,8 @@ class EvaluationReport(L.Callback):
         self._confusion.reset(pl_module.hparams.num_classes, pl_module.device)
 
     def _update(self, outputs: Any, batch: Any) -> None:
-        self._confusion.update(outputs["logits"], batch[1])
+        if len(batch[1]):  # empty when every image of the batch was unreadable
+            self._confusion.update(outputs["logits"], batch[1])
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         confusion = self._confusion.compute(trainer)

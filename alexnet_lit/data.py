@@ -15,10 +15,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from alexnet_lit import transforms
+from alexnet_lit.distributed import UnpaddedDistributedSampler
 from alexnet_lit.images import is_hidden, load_image
 from alexnet_lit.scan import (
     SplitScan,
     class_count_table,
+    image_files,
     imbalance_ratio,
     list_classes,
     scan_files,
@@ -28,7 +30,6 @@ from alexnet_lit.scan import (
 )
 
 __all__ = ["is_hidden", "list_classes", "load_image"]  # re-exported: their home moved
-from alexnet_lit.distributed import UnpaddedDistributedSampler
 
 DEMO_CLASSES = [str(digit) for digit in range(10)]
 # Augmentation presets, used where image_size, crop_scale or hflip are left unset (None).
@@ -488,7 +489,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataConfigError(
                 f"data.predict_dir: '{self.predict_dir}' does not exist; pass an image folder."
             )
-        paths = [self.predict_dir] if self.predict_dir.is_file() else list_images(self.predict_dir)
+        # By name, not content: a broken file is loaded, fails, and still gets its error row.
+        paths = [self.predict_dir] if self.predict_dir.is_file() else image_files(self.predict_dir)
         if not paths:
             raise DataConfigError(f"data.predict_dir: '{self.predict_dir}' holds no images.")
         return ImageListDataset(

@@ -1,4 +1,4 @@
-"""Export a checkpoint's AlexNet to ONNX or TorchScript and check it against PyTorch."""
+"""Export a checkpoint's AlexNet (ONNX, TorchScript, torch.export) and check it against PyTorch."""
 
 import json
 from importlib.util import find_spec

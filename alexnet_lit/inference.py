@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from alexnet_lit.images import has_image_extension, load_image
+from alexnet_lit.images import load_image
 from alexnet_lit.module import LitAlexNet
-from alexnet_lit.scan import walk_files
+from alexnet_lit.scan import image_files
 from alexnet_lit.transforms import eval_transform
 
 
@@ -103,14 +103,6 @@ def find_best_checkpoint(roots: Iterable[str | Path] = ("lightning_logs",)) -> P
             f"no best-*.ckpt under {searched}; train first or set the checkpoint path."
         )
     return max(found, key=lambda ckpt: ckpt.stat().st_mtime)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Files with an image extension under ``folder`` (recursively, sorted), hidden ones skipped.
-
-    Chosen by name, not content: a broken image is listed, so that it gets a row with its error.
-    """
-    return [path for path in walk_files(Path(folder), []) if has_image_extension(path)]
 
 
 def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
@@ -275,19 +267,17 @@ class PredictionCSVWriter(BasePredictionWriter):
         self.top_k = top_k
         self._part_handle = None
 
-    def _resolved_path(self, trainer) -> Path:
-        if self.output_path is not None:
-            return self.output_path
-        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
-
-    def _part_path(self, trainer, rank: int) -> Path:
-        out = self._resolved_path(trainer)
-        return out.with_name(f".{out.name}.rank{rank}.part")
+    def _part_path(self, rank: int) -> Path:
+        return self._out.with_name(f".{self._out.name}.rank{rank}.part")
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        # Every rank resolves the folder here: Trainer.log_dir is a collective call under DDP.
+        self._out = self.output_path or Path(
+            trainer.log_dir or trainer.default_root_dir, "predictions.csv"
+        )
         # As in predict.py: never more columns than classes.
         self._top_k = min(self.top_k, pl_module.hparams["num_classes"])
-        part = self._part_path(trainer, trainer.global_rank)
+        part = self._part_path(trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         self._part_handle = part.open("w", newline="")
 
@@ -324,7 +314,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._part_handle.close()
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            parts = [self._part_path(trainer, rank) for rank in range(trainer.world_size)]
+            parts = [self._part_path(rank) for rank in range(trainer.world_size)]
             rows = []
             for part in parts:
                 with part.open(newline="") as handle:
@@ -333,7 +323,7 @@ class PredictionCSVWriter(BasePredictionWriter):
             fields = csv_fieldnames(self._top_k)
             write_predictions_csv(
                 (dict(zip(fields, values, strict=True)) for _, values in rows),
-                self._resolved_path(trainer),
+                self._out,
                 self._top_k,
             )
             for part in parts:

@@ -138,10 +138,13 @@ class LitAlexNet(L.LightningModule):
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
-    ) -> dict[str, torch.Tensor] | None:
+    ) -> dict[str, torch.Tensor]:
         images, targets = batch
-        if len(targets) == 0:  # every image of the batch was unreadable and skipped
-            return None
+        if len(targets) == 0:
+            # Every image of the batch was unreadable. A zero loss through the model still
+            # gives every parameter a gradient, so DDP ranks stay in step.
+            logits = self(images)
+            return {"loss": logits.sum() * 0.0, "logits": logits.detach()}
         loss_targets = targets
         if stage == "train" and self.batch_mix is not None:
             images, loss_targets = self.batch_mix(images, targets)  # targets stay integers

@@ -17,7 +17,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from alexnet_lit.images import ImageInfo, Verdict, is_hidden, load_image, probe, sniff_format
+from alexnet_lit.images import (
+    ImageInfo,
+    Verdict,
+    has_image_extension,
+    is_hidden,
+    load_image,
+    probe,
+    sniff_format,
+)
 
 SPLITS = ("train", "val", "test")
 # Folders with fewer files scan without a progress bar.
@@ -72,6 +80,14 @@ def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
         for name in sorted(filenames):
             (hidden if is_hidden(name) else found).append(Path(dirpath, name))
     return found
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Files with an image extension under ``folder`` (recursively, sorted), hidden ones skipped.
+
+    Chosen by name, not content: a broken image is listed, so that it gets a row with its error.
+    """
+    return [path for path in walk_files(Path(folder), []) if has_image_extension(path)]
 
 
 def scan_files(

@@ -53,13 +53,14 @@ class LRFinder(LearningRateFinder):
         finder = self.optimal_lr
         if finder is None:  # skipped, e.g. under fast_dev_run
             return
-        run_dir = _run_dir(trainer)
-        suggestion = finder.suggestion()
-        result = {"suggested_lr": suggestion, "lr": finder.results["lr"]}
-        result["loss"] = finder.results["loss"]
-        (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
-        self._plot(finder, run_dir / "lr_find.png")
-        print(f"LR finder: suggested learning rate {suggestion}; plot and data in {run_dir}")
+        if trainer.is_global_zero:  # one writer under DDP
+            run_dir = _run_dir(trainer)
+            suggestion = finder.suggestion()
+            result = {"suggested_lr": suggestion, "lr": finder.results["lr"]}
+            result["loss"] = finder.results["loss"]
+            (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
+            self._plot(finder, run_dir / "lr_find.png")
+            print(f"LR finder: suggested learning rate {suggestion}; plot and data in {run_dir}")
         if self.stop:
             raise _TunerExitException()
 
@@ -109,9 +110,10 @@ class BatchSizeSearch(BatchSizeFinder):
         super().scale_batch_size(trainer, pl_module)
         if self.optimal_batch_size is None:
             return
-        run_dir = _run_dir(trainer)
-        result = {"batch_size": self.optimal_batch_size, "mode": self._mode}
-        (run_dir / "batch_size.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"Batch-size finder: batch size {self.optimal_batch_size}; written to {run_dir}")
+        if trainer.is_global_zero:  # one writer under DDP
+            run_dir = _run_dir(trainer)
+            result = {"batch_size": self.optimal_batch_size, "mode": self._mode}
+            (run_dir / "batch_size.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(f"Batch-size finder: batch size {self.optimal_batch_size}; written to {run_dir}")
         if self.stop:
             raise _TunerExitException()

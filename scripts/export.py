@@ -1,4 +1,4 @@
-"""Export a checkpoint to ONNX or TorchScript and check it against PyTorch on random input.
+"""Export a checkpoint to ONNX, TorchScript or torch.export and check it against PyTorch.
 
 python scripts/export.py --ckpt CKPT --format onnx|torchscript|torch_export --out FILE
 """

@@ -18,7 +18,6 @@ def test_every_contender_runs_and_is_compared(tmp_path):
     result = benchmark(n_train=8, n_val=4, epochs=1, repeats=1, ceiling_steps=1)
     rows = result["rows"]
     assert set(rows) == {"tutorial", "default", "plain", "fast", "ceiling_fp32", "ceiling_bf16"}
-    assert rows["tutorial"]["ratio_to_tutorial"] == pytest.approx(1.0)
     for name in ("default", "plain", "fast"):
         assert rows[name]["images_per_s"] > 0 and rows[name]["peak_rss_gb"] > 0.1
         assert rows[name]["percent_of_ceiling"] > 0

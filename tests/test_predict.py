@@ -19,9 +19,9 @@ from alexnet_lit.inference import (
     InferenceError,
     PredictionCSVWriter,
     find_best_checkpoint,
-    image_files,
     load_model,
 )
+from alexnet_lit.scan import image_files
 from alexnet_lit.transforms import eval_transform
 from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder

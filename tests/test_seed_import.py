@@ -9,23 +9,12 @@ from torch import nn
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
+from alexnet_lit.tutorial_loop import tutorial_alexnet
 from scripts.import_seed_checkpoint import main as import_main
 from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tutorial_alexnet(input_channel: int, class_num: int) -> nn.Sequential:
-    """The tutorial's network, layer for layer (SEED_RECIPE.md)."""
-    return nn.Sequential(
-        nn.Conv2d(input_channel, 96, 11, stride=4, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.ReLU(),
-        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(),
-        nn.Linear(6400, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(),
-        nn.Dropout(0.5), nn.Linear(4096, class_num),
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
