@@ -550,12 +550,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not isinstance(batch, LoadedBatch):
             return batch
         for bad in batch.skipped:
-            if self.hparams.on_bad_image == "error":
-                raise DataConfigError(
-                    f"cannot load image '{bad.path}' ({bad.reason}); fix or delete it, or set "
-                    "data.on_bad_image=skip to skip unreadable images."
-                )
-            self._record_bad(bad.path, bad.reason, "load")
+            self._record_bad(bad.path, bad.reason, "load")  # raises with on_bad_image: error
         return batch.images, batch.targets
 
     def _record_name(self) -> str:

@@ -264,7 +264,7 @@ def test_on_bad_image_error_at_load_time_is_one_line(tmp_path, monkeypatch, caps
         cli_main(args)
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"error: cannot load image '{broken}' (OSError: broken data stream")
+    assert line.startswith(f"error: unreadable image '{broken}' (OSError: broken data stream")
     assert line.endswith("or set data.on_bad_image=skip to skip unreadable images.")
 
 
