@@ -265,7 +265,7 @@ def test_on_bad_image_error_at_load_time_is_one_line(tmp_path, monkeypatch, caps
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: unreadable image '{broken}' (OSError: broken data stream")
-    assert line.endswith("or set data.on_bad_image=skip to skip unreadable images.")
+    assert line.endswith("or set data.on_bad_image=skip to leave unreadable images out.")
 
 
 def test_train_class_without_usable_image_is_an_error(tmp_path):
