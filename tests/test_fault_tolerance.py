@@ -6,14 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
-from alexnet_lit.fault_tolerance import AtomicCheckpointIO, CheckpointError
+from alexnet_lit.fault_tolerance import AtomicCheckpointIO, CheckpointError, LastCheckpoint
 from tests.conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +124,26 @@ def test_ckpt_path_last_without_a_run_is_one_line(tiny_data, tmp_path, monkeypat
 
 
 # --- NaN ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("improves", [True, False])
+def test_last_checkpoint_links_to_a_best_checkpoint_of_the_same_state(tmp_path, improves):
+    # monitor "step" with mode max improves every epoch; with mode min only in the first.
+    best = ModelCheckpoint(monitor="step", mode="max" if improves else "min", filename="best")
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+        callbacks=[best, LastCheckpoint()], plugins=[AtomicCheckpointIO()], logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    folder = tmp_path / "checkpoints"
+    last, best_file = folder / "last.ckpt", Path(best.best_model_path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["last.ckpt", best_file.name])
+    assert torch.load(last, weights_only=True)["epoch"] == 1  # always the last epoch
+    assert torch.load(best_file, weights_only=True)["epoch"] == (1 if improves else 0)
+    # Improving epoch: one file under two names. Otherwise two files, written separately.
+    assert last.samefile(best_file) == improves
+    assert "optimizer_states" in torch.load(last, weights_only=True)  # resumable either way
 
 
 @pytest.mark.slow
