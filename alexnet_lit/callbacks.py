@@ -59,9 +59,11 @@ def _sync(module: L.LightningModule) -> None:
 class EpochTimer(L.Callback):
     """Log ``train/images_per_s``, ``train/epoch_time_s`` and ``val/epoch_time_s`` each epoch.
 
-    Training time excludes the validation run(s) inside the epoch. Images are counted from the
-    batch shape on every process (``world_size`` times the local count), so nothing waits on the
-    device during a step.
+    Training time runs from the epoch's start to its last training batch: it excludes the
+    validation run(s) inside the epoch and what follows them until training resumes (checkpoint
+    writes, which are timed by Lightning's profiler). Images are counted from the batch shape on
+    every process (``world_size`` times the local count), so nothing waits on the device during a
+    step.
     """
 
     def __init__(self) -> None:
@@ -79,6 +81,8 @@ class EpochTimer(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._resumed is None:  # the first batch after a validation inside the epoch
+            self._resumed = time.perf_counter()
         self._images += int(batch[0].shape[0])
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -91,11 +95,8 @@ class EpochTimer(L.Callback):
         self._val_started = now
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not _in_fit(trainer) or self._resumed is not None:
-            return
-        now = time.perf_counter()
-        self._val_s += now - self._val_started
-        self._resumed = now
+        if _in_fit(trainer) and self._resumed is None:
+            self._val_s += time.perf_counter() - self._val_started
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._resumed is not None:
