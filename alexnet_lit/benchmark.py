@@ -1,18 +1,28 @@
 """Speed benchmark: the tutorial's own loop against ``scripts/train.py`` and the compute ceiling.
 
 Every contender runs as its own process on the same generated JPEG ImageFolder, in alternating
-order and repeated, and the table reports medians. ``scripts/benchmark.py`` is the entry point.
+order and repeated, and the table reports medians. Two speeds are reported for each fit:
+
+- whole run: training images over the process's wall time (start-up, validation, checkpoints);
+- training: images per second of the training loop itself, from each epoch's start to its last
+  optimizer step, over the epochs after the first (which pays for worker start-up and warm-up).
+  This is what the compute ceiling measures, so "% of ceiling" uses it.
+
+``scripts/benchmark.py`` is the entry point.
 """
 
 import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,56 +32,119 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 
-# name -> (what it is, which ceiling it is compared with)
+
+@dataclass(frozen=True)
+class Contender:
+    what: str
+    ceiling: str | None = None  # the ceiling row it is compared with
+    cuda_only: bool = False  # left out of CPU runs unless named with --only
+
+
 CONTENDERS = {
-    "tutorial": ("the tutorial's loop (baseline)", "ceiling_fp32"),
-    "default": ("train.py fit, configs/default.yaml", "ceiling_fp32"),
-    "plain": ("plain PyTorch loop, same model/loader/checkpoints", "ceiling_fp32"),
-    "fast": ("train.py fit, default.yaml + fast.yaml", "ceiling_bf16"),
-    "ceiling_fp32": ("compute ceiling: in-memory tensors, fp32", None),
-    "ceiling_bf16": ("compute ceiling: in-memory tensors, bf16 + channels_last", None),
+    "tutorial": Contender("the tutorial's loop (baseline)", "ceiling_fp32"),
+    "default": Contender("train.py fit, configs/default.yaml", "ceiling_fp32"),
+    "plain": Contender("plain PyTorch loop, same model/loader/checkpoints", "ceiling_fp32"),
+    "fast": Contender("train.py fit, default.yaml + fast.yaml", "ceiling_bf16"),
+    "fast_decode": Contender(
+        "train.py fit, fast.yaml + decode_on_device.yaml", "ceiling_bf16", cuda_only=True
+    ),
+    "ceiling_fp32": Contender("compute ceiling: in-memory tensors, fp32"),
+    "ceiling_bf16": Contender("compute ceiling: in-memory tensors, bf16 + channels_last"),
+    "ceiling_bf16_nchw": Contender(
+        "compute ceiling: in-memory tensors, bf16, default layout", cuda_only=True
+    ),
+    "ceiling_compiled": Contender(
+        "compute ceiling: bf16 + channels_last + torch.compile", cuda_only=True
+    ),
 }
+FITS = {
+    "default": ["configs/default.yaml"],
+    "fast": ["configs/default.yaml", "configs/fast.yaml"],
+    "fast_decode": ["configs/default.yaml", "configs/fast.yaml", "configs/decode_on_device.yaml"],
+}
+# Sizes: (train images, val images, epochs, repeats, ceiling steps, loader workers on the GPU).
+SIZES = {
+    ("cpu", False): dict(n_train=320, n_val=80, epochs=3, repeats=3, ceiling_steps=12),
+    ("cpu", True): dict(n_train=160, n_val=40, epochs=2, repeats=1, ceiling_steps=6),
+    ("cuda", False): dict(n_train=8192, n_val=1024, epochs=3, repeats=2, ceiling_steps=200),
+    ("cuda", True): dict(n_train=2048, n_val=256, epochs=2, repeats=1, ceiling_steps=50),
+}
+GPU_WORKERS = 16
 
 
-def make_photo_folder(root: Path, n_train: int, n_val: int, classes: int = 2, seed: int = 0):
-    """Write a photo-like JPEG ImageFolder: smooth colour fields with noise, ~500x375 each."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
+# --- the data ----------------------------------------------------------------------------------
+
+
+def make_photo_folder(
+    root: Path, n_train: int, n_val: int, classes: int = 2, seed: int = 0, workers: int = 1
+) -> None:
+    """Write a photo-like JPEG ImageFolder: smooth colour fields with noise, ~500x375 each.
+
+    Each image depends only on ``seed`` and its place (split, class, index), so ``workers``
+    processes write the same folder as one.
+    """
+    jobs = []
+    for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val))):
         for c in range(classes):
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count // classes):
-                width, height = int(rng.integers(440, 560)), int(rng.integers(330, 420))
-                coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-                coarse[..., c % 3] = np.maximum(coarse[..., c % 3], 160)
-                image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-                noise = rng.normal(0, 12, size=(height, width, 3))
-                pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+            jobs += [
+                (folder / f"{i:05d}.jpg", (seed, split_index, c, i), c)
+                for i in range(count // classes)
+            ]
+    if workers <= 1:
+        for job in jobs:
+            _write_photo(*job)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_photo, *zip(*jobs, strict=True), chunksize=64))
+
+
+def _write_photo(path: Path, key: tuple[int, ...], c: int) -> None:
+    rng = np.random.default_rng(key)
+    width, height = int(rng.integers(440, 560)), int(rng.integers(330, 420))
+    coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    coarse[..., c % 3] = np.maximum(coarse[..., c % 3], 160)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    noise = rng.normal(0, 12, size=(height, width, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+
+
+# --- one contender, as its own process ---------------------------------------------------------
 
 
 def run_contender(
-    name: str, data: Path, epochs: int, device: str, workdir: Path, ceiling_steps: int = 12
+    name: str,
+    data: Path,
+    epochs: int,
+    device: str,
+    workdir: Path,
+    ceiling_steps: int,
+    timeout: float,
 ) -> dict:
-    """Run one contender as its own process; return wall time, peak RSS and its own report."""
+    """Run one contender as its own process; return wall time, peak RSS and its own report.
+
+    A contender that fails or runs past ``timeout`` seconds returns ``{"error": ...}`` instead,
+    so that one broken run does not cost the others.
+    """
     report = workdir / f"{name}.json"
-    if name in ("default", "fast"):
-        command = [sys.executable, str(TRAIN_SCRIPT), "fit", "--config", "configs/default.yaml"]
-        if name == "fast":
-            command += ["--config", "configs/fast.yaml"]
+    if name in FITS:
+        command = [sys.executable, str(TRAIN_SCRIPT), "fit"]
+        for config in FITS[name]:
+            command += ["--config", config]
         command += [
             f"--data.data_dir={data}",
             f"--trainer.max_epochs={epochs}",
             f"--trainer.logger.init_args.save_dir={workdir}",
         ]
         if device == "cuda":
-            command += ["--trainer.accelerator=gpu", "--data.num_workers=16"]
+            command += ["--trainer.accelerator=gpu", f"--data.num_workers={GPU_WORKERS}"]
         cwd = REPO
     else:
         command = [sys.executable, "-m", "alexnet_lit.benchmark", "--worker", name]
         command += [f"--data={data}", f"--epochs={epochs}", f"--device={device}"]
-        command += [f"--steps={ceiling_steps}"]
-        command += [f"--report={report}"]
+        command += [f"--steps={ceiling_steps}", f"--report={report}"]
         cwd = workdir
     # The checkout under test, not whatever copy of the package is installed.
     env = {
@@ -82,17 +155,35 @@ def run_contender(
     start = time.perf_counter()
     with log.open("w") as output:
         process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a timeout stops its workers too
         )
-        _, status, usage = os.wait4(process.pid, 0)
+        while True:  # wait4, not wait: its resource usage holds the peak RSS
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout:
+                os.killpg(process.pid, signal.SIGKILL)
+                os.wait4(process.pid, 0)
+                return {"error": f"ran past {timeout:.0f} s"}
+            time.sleep(0.05)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{name} failed; its last output:\n{log.read_text()[-3000:]}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log.read_text()[-3000:]
+        print(f"{name} failed; its last output:\n{tail}", file=sys.stderr, flush=True)
+        last = tail.strip().splitlines()[-1] if tail.strip() else ""
+        return {"error": f"exit status {code}: {last}"}
     result = json.loads(report.read_text()) if report.exists() else {}
     result["wall_s"] = wall
     result["peak_rss_gb"] = usage.ru_maxrss / 2**20  # KiB on Linux; the largest process
-    if name in ("default", "fast"):
+    if name in FITS:
         result["val_acc"] = _best_val_acc(workdir)
+        result["train_seconds"] = _epoch_times(workdir)
     return result
 
 
@@ -104,13 +195,26 @@ def _best_val_acc(log_root: Path) -> float | None:
     return max(found) if found else None
 
 
+def _epoch_times(log_root: Path) -> list[float]:
+    """The fit's ``train/epoch_time_s`` per epoch (EpochTimer), read from its TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted(log_root.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(runs[-1])).Reload()
+    return [event.value for event in events.Scalars("train/epoch_time_s")]
+
+
 # --- the contenders that are not scripts/train.py, run as ``--worker NAME`` ---------------------
 
 
 def _worker_tutorial(data: Path, epochs: int, device: str, steps: int) -> dict:
     from alexnet_lit.tutorial_loop import run_tutorial
 
-    return {"val_acc": run_tutorial(data, epochs)}
+    train_seconds: list[float] = []
+    return {
+        "val_acc": run_tutorial(data, epochs, train_seconds=train_seconds),
+        "train_seconds": train_seconds,
+    }
 
 
 def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
@@ -118,19 +222,23 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     from alexnet_lit import ImageFolderDataModule, LitAlexNet
 
     torch.manual_seed(0)
-    dm = ImageFolderDataModule(data_dir=data)
+    workers = GPU_WORKERS if device == "cuda" else None
+    dm = ImageFolderDataModule(data_dir=data, num_workers=workers)
     dm.setup("fit")
     module = LitAlexNet(num_classes=dm.num_classes, class_names=dm.class_names).to(device)
     model, optimizer = module.model, module.optimizer(module.parameters())
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
-    best = -1.0
+    best, train_seconds = -1.0, []
     for epoch in range(epochs):
         model.train()
+        start = time.perf_counter()
         for batch in train_loader:  # a LoadedBatch: images, targets, skipped files
             loss = module.loss_fn(model(batch.images.to(device)), batch.targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        _synchronize(device)
+        train_seconds.append(time.perf_counter() - start)
         model.eval()
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.inference_mode():
@@ -138,33 +246,46 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
                 predicted = model(batch.images.to(device)).argmax(1)
                 correct += (predicted == batch.targets.to(device)).sum()
         acc = correct.item() / len(dm.datasets["val"])
+        # As configs/default.yaml: the best file when val/acc improves, and last.ckpt every
+        # epoch, a hard link to the best file when that was just written (LastCheckpoint).
         state = {"state_dict": module.state_dict(), "optimizer": optimizer.state_dict()}
+        Path("last.ckpt").unlink(missing_ok=True)
         if acc > best:
             best = acc
             torch.save({**state, "epoch": epoch}, "best.ckpt")
-        torch.save({**state, "epoch": epoch}, "last.ckpt")
-    return {"val_acc": best}
+            os.link("best.ckpt", "last.ckpt")
+        else:
+            torch.save({**state, "epoch": epoch}, "last.ckpt")
+    return {"val_acc": best, "train_seconds": train_seconds}
 
 
-def _ceiling(device: str, bf16: bool, steps: int, batch: int = 32) -> dict:
+def _ceiling(
+    device: str,
+    bf16: bool,
+    steps: int,
+    channels_last: bool = True,
+    compiled: bool = False,
+    batch: int = 32,
+) -> dict:
     """Training images/s of AlexNet + Adam on in-memory tensors: no data loading at all."""
     from alexnet_lit.model import AlexNet
     from alexnet_lit.module import tutorial_adam
 
     torch.manual_seed(0)
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = AlexNet(num_classes=2).to(device, memory_format=memory_format)
     optimizer = tutorial_adam(model.parameters())  # the project's Adam, as in default.yaml
+    forward = torch.compile(model) if compiled else model
     images = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory_format)
     targets = torch.randint(0, 2, (batch,), device=device)
-    warmup = min(3, steps)  # the first steps allocate memory and pick kernels
+    warmup = min(3, steps)  # the first steps allocate memory, pick kernels (and compile)
     dtype = torch.bfloat16 if bf16 else torch.float32
     for step in range(warmup + steps):
         if step == warmup:
             _synchronize(device)
             start = time.perf_counter()
         with torch.autocast(device_type=device, dtype=dtype, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(images), targets)
+            loss = torch.nn.functional.cross_entropy(forward(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,8 +301,12 @@ def _synchronize(device: str) -> None:
 WORKERS = {
     "tutorial": _worker_tutorial,
     "plain": _worker_plain,
-    "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, False, steps),
+    "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, False, steps, False),
     "ceiling_bf16": lambda data, epochs, device, steps: _ceiling(device, True, steps),
+    "ceiling_bf16_nchw": lambda data, epochs, device, steps: _ceiling(device, True, steps, False),
+    "ceiling_compiled": lambda data, epochs, device, steps: _ceiling(
+        device, True, steps, compiled=True
+    ),
 }
 
 
@@ -196,86 +321,136 @@ def benchmark(
     device: str = "cpu",
     only: list[str] | None = None,
     ceiling_steps: int = 12,
+    timeout: float = 1800.0,
+    time_budget: float | None = None,
+    json_path: Path | None = None,
 ) -> dict:
-    """Run every contender ``repeats`` times in rotating order and return the medians."""
-    names = only or list(CONTENDERS)
+    """Run every contender ``repeats`` times in rotating order and return the medians.
+
+    With ``time_budget`` (seconds), no new round starts once the rounds so far suggest it would
+    end past the budget. With ``json_path`` the summary is rewritten after every run, so an
+    interrupted benchmark still leaves what it measured.
+    """
+    names = only or [n for n, c in CONTENDERS.items() if device == "cuda" or not c.cuda_only]
     runs: dict[str, list[dict]] = {name: [] for name in names}
+    size = {"n_train": n_train, "n_val": n_val, "epochs": epochs, "device": device}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alexnet-bench-") as tmp:
         data = Path(tmp, "data")
-        make_photo_folder(data, n_train, n_val)
+        make_photo_folder(data, n_train, n_val, workers=min(16, len(os.sched_getaffinity(0))))
+        print(f"data written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         for repeat in range(repeats):
+            elapsed = time.perf_counter() - started
+            if time_budget is not None and repeat and elapsed * (repeat + 1) / repeat > time_budget:
+                print(f"stopping after {repeat} round(s): the time budget", file=sys.stderr)
+                break
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
                 workdir = Path(tmp, f"{name}-{repeat}")
                 workdir.mkdir()
                 print(f"[{repeat + 1}/{repeats}] {name} ...", file=sys.stderr, flush=True)
-                runs[name].append(run_contender(name, data, epochs, device, workdir, ceiling_steps))
+                result = run_contender(name, data, epochs, device, workdir, ceiling_steps, timeout)
+                runs[name].append(result)
+                if json_path is not None:
+                    json_path.write_text(json.dumps(summarize(runs, **size), indent=2))
+    return summarize(runs, **size)
+
+
+def summarize(
+    runs: dict[str, list[dict]], n_train: int, n_val: int, epochs: int, device: str
+) -> dict:
+    """Medians per contender, ratios to the tutorial and percentages of the matching ceiling."""
     rows = {}
     for name, results in runs.items():
-        wall = statistics.median(r["wall_s"] for r in results)
+        good = [r for r in results if "error" not in r]
+        row = {"what": CONTENDERS[name].what, "runs": len(good)}
+        if not good:
+            row["error"] = results[-1]["error"] if results else "not run"
+            rows[name] = row
+            continue
         if name.startswith("ceiling"):
-            per_s = statistics.median(r["images_per_s"] for r in results)
+            row["train_images_per_s"] = statistics.median(r["images_per_s"] for r in good)
         else:
-            per_s = epochs * n_train / wall
-        rows[name] = {
-            "what": CONTENDERS[name][0],
-            "images_per_s": per_s,
-            "wall_s": wall,
-            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in results),
-            "val_acc": statistics.median(r["val_acc"] for r in results)
-            if all(r.get("val_acc") is not None for r in results)
-            else None,
-        }
+            wall = statistics.median(r["wall_s"] for r in good)
+            row["wall_s"] = wall
+            row["images_per_s"] = epochs * n_train / wall
+            row["train_images_per_s"] = statistics.median(
+                _steady(r["train_seconds"], n_train) for r in good
+            )
+            accs = [r["val_acc"] for r in good if r.get("val_acc") is not None]
+            row["val_acc"] = statistics.median(accs) if accs else None
+        row["peak_rss_gb"] = statistics.median(r["peak_rss_gb"] for r in good)
+        rows[name] = row
+    baseline = rows.get("tutorial", {})
     for name, row in rows.items():
-        ceiling = CONTENDERS[name][1]
-        if "tutorial" in rows:
-            row["ratio_to_tutorial"] = row["images_per_s"] / rows["tutorial"]["images_per_s"]
-        if ceiling in rows:
-            row["percent_of_ceiling"] = 100 * row["images_per_s"] / rows[ceiling]["images_per_s"]
+        for key, ratio in (
+            ("images_per_s", "ratio_to_tutorial"),
+            ("train_images_per_s", "train_ratio_to_tutorial"),
+        ):
+            if key in row and key in baseline and not name.startswith("ceiling"):
+                row[ratio] = row[key] / baseline[key]
+        ceiling = rows.get(CONTENDERS[name].ceiling or "", {})
+        if "train_images_per_s" in row and "train_images_per_s" in ceiling:
+            row["percent_of_ceiling"] = (
+                100 * row["train_images_per_s"] / ceiling["train_images_per_s"]
+            )
     return {
-        "device": device,
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cpus": len(os.sched_getaffinity(0)),
         "train_images": n_train,
         "val_images": n_val,
         "epochs": epochs,
-        "repeats": repeats,
         "rows": rows,
     }
+
+
+def _steady(train_seconds: list[float], n_train: int) -> float:
+    """Training images/s over the epochs after the first (all of them if there is only one)."""
+    later = train_seconds[1:] or train_seconds
+    return n_train * len(later) / sum(later)
 
 
 def format_table(result: dict) -> str:
     """The result as a Markdown table."""
     lines = [
         f"{result['epochs']} epochs of {result['train_images']} train + {result['val_images']} "
-        f"val JPEGs, median of {result['repeats']}, device {result['device']}, "
-        f"{result['cpus']} CPUs, torch {result['torch']}",
+        f"val JPEGs, medians, device {result['device']}, {result['cpus']} CPUs, "
+        f"torch {result['torch']}",
         "",
-        "| run | images/s | x tutorial | % of ceiling | wall s | peak RSS GB | val/acc |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | runs | whole run img/s | x tutorial | training img/s | x tutorial | % of ceiling "
+        "| wall s | peak RSS GB | val/acc |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
+        value = row.get(key)
+        return "" if value is None else f"{value:{spec}}{suffix}"
+
     for row in result["rows"].values():
-        ratio = row.get("ratio_to_tutorial")
-        ceiling = row.get("percent_of_ceiling")
-        acc = row["val_acc"]
+        if "error" in row:
+            lines.append(f"| {row['what']} | 0 | failed: {row['error']} |  |  |  |  |  |  |  |")
+            continue
         lines.append(
-            f"| {row['what']} | {row['images_per_s']:.1f} | "
-            f"{'' if ratio is None else f'{ratio:.2f}'} | "
-            f"{'' if ceiling is None else f'{ceiling:.0f}%'} | {row['wall_s']:.1f} | "
-            f"{row['peak_rss_gb']:.2f} | {'' if acc is None else f'{acc:.3f}'} |"
+            f"| {row['what']} | {row['runs']} | {cell(row, 'images_per_s', '.1f')} | "
+            f"{cell(row, 'ratio_to_tutorial', '.2f')} | {cell(row, 'train_images_per_s', '.1f')} | "
+            f"{cell(row, 'train_ratio_to_tutorial', '.2f')} | "
+            f"{cell(row, 'percent_of_ceiling', '.0f', '%')} | {cell(row, 'wall_s', '.1f')} | "
+            f"{cell(row, 'peak_rss_gb', '.2f')} | {cell(row, 'val_acc', '.3f')} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer images, 2 epochs, 1 repeat (< 3 min)"
-    )
+    parser.add_argument("--quick", action="store_true", help="fewer images and epochs, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, help="runs per contender (default 3, quick 1)")
+    parser.add_argument("--repeats", type=int, help="runs per contender (default: by size)")
     parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run only these")
+    parser.add_argument(
+        "--time-budget", type=float, help="seconds; start no round that would end past it"
+    )
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
@@ -289,13 +464,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; run on a GPU machine or use cpu.")
-    # quick: half the images, 2 epochs, one repeat, a shorter ceiling (< 3 min on 2 CPU cores)
-    size = {"n_train": 160, "n_val": 40, "epochs": 2, "repeats": 1, "ceiling_steps": 6}
-    if not args.quick:
-        size = {"n_train": 320, "n_val": 80, "epochs": 3, "repeats": 3, "ceiling_steps": 12}
+    size = dict(SIZES[args.device, args.quick])
     if args.repeats:
         size["repeats"] = args.repeats
-    result = benchmark(**size, device=args.device, only=args.only)
+    timeout = 1800.0 if args.device == "cpu" else 240.0
+    result = benchmark(
+        **size,
+        device=args.device,
+        only=args.only,
+        timeout=timeout,
+        time_budget=args.time_budget,
+        json_path=args.json,
+    )
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -4,13 +4,36 @@ import json
 
 import pytest
 
-from alexnet_lit.benchmark import benchmark, format_table, main, make_photo_folder
+from alexnet_lit.benchmark import benchmark, format_table, main, make_photo_folder, summarize
 
 
 def test_photo_folder_is_a_jpeg_image_folder(tmp_path):
-    make_photo_folder(tmp_path, n_train=4, n_val=2)
-    assert len(list(tmp_path.glob("train/class_*/*.jpg"))) == 4
-    assert len(list(tmp_path.glob("val/class_*/*.jpg"))) == 2
+    make_photo_folder(tmp_path / "one", n_train=4, n_val=2)
+    assert len(list(tmp_path.glob("one/train/class_*/*.jpg"))) == 4
+    assert len(list(tmp_path.glob("one/val/class_*/*.jpg"))) == 2
+    # Written by 2 processes, the folder is the same, byte for byte.
+    make_photo_folder(tmp_path / "two", n_train=4, n_val=2, workers=2)
+    one = sorted((tmp_path / "one").rglob("*.jpg"))
+    two = sorted((tmp_path / "two").rglob("*.jpg"))
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
+
+
+def test_a_failed_contender_is_reported_and_the_others_still_compared():
+    runs = {
+        "tutorial": [{"wall_s": 10.0, "peak_rss_gb": 1.0, "train_seconds": [5.0, 4.0]}],
+        "default": [{"wall_s": 8.0, "peak_rss_gb": 1.0, "train_seconds": [4.0, 2.0]}],
+        "fast": [{"error": "exit status 1: boom"}],
+        "ceiling_fp32": [{"images_per_s": 50.0, "peak_rss_gb": 1.0}],
+    }
+    result = summarize(runs, n_train=100, n_val=10, epochs=2, device="cpu")
+    rows = result["rows"]
+    # Whole run: 200 images in 8 s against 10 s. Training: the second epoch only, 2 s against 4.
+    assert rows["default"]["images_per_s"] == 25.0 and rows["default"]["ratio_to_tutorial"] == 1.25
+    assert rows["default"]["train_images_per_s"] == 50.0
+    assert rows["default"]["train_ratio_to_tutorial"] == 2.0
+    assert rows["default"]["percent_of_ceiling"] == 100.0
+    assert rows["fast"] == {"what": rows["fast"]["what"], "runs": 0, "error": "exit status 1: boom"}
+    assert "failed: exit status 1: boom" in format_table(result)
 
 
 @pytest.mark.slow
@@ -20,6 +43,7 @@ def test_every_contender_runs_and_is_compared(tmp_path):
     assert set(rows) == {"tutorial", "default", "plain", "fast", "ceiling_fp32", "ceiling_bf16"}
     for name in ("default", "plain", "fast"):
         assert rows[name]["images_per_s"] > 0 and rows[name]["peak_rss_gb"] > 0.1
+        assert rows[name]["train_images_per_s"] > rows[name]["images_per_s"]  # no start-up
         assert rows[name]["percent_of_ceiling"] > 0
         assert 0.0 <= rows[name]["val_acc"] <= 1.0
     table = format_table(result)
