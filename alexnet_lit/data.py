@@ -131,8 +131,8 @@ class EncodedImageDataset(ImageListDataset):
     """The worker side of ``decode_on_device``: ``(uint8 tensor, class_index, path)`` samples.
 
     The tensor is a plain JPEG's encoded bytes, or any other image decoded by ``load_image``
-    (see :func:`~alexnet_lit.device_decode.read_for_device`); ``transform`` is not applied
-    here but names the preset the main process applies on the device.
+    (see :func:`~alexnet_lit.device_decode.read_for_device`). ``transform`` is not applied
+    here: the main process applies the same preset on the device.
     """
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str] | BadImage:
@@ -595,11 +595,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                     "processes; add images or lower trainer.devices / trainer.num_nodes."
                 )
             sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
-        shape = (self.hparams.in_channels, self.image_size, self.image_size)
         if isinstance(dataset, EncodedImageDataset):
             collate = EncodedCollate(train)
         else:
-            collate = SkippingCollate(shape)
+            collate = SkippingCollate((self.hparams.in_channels, self.image_size, self.image_size))
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -622,10 +621,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         for bad in batch.skipped:
             self._record_bad(bad.path, bad.reason, "load")  # raises with on_bad_image: error
         if isinstance(batch, EncodedBatch):
-            return self._decode_on_device(batch)
+            return self._decode_and_augment(batch)
         return batch.images, batch.targets
 
-    def _decode_on_device(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_and_augment(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device("cpu") if self.trainer is None else self.trainer.strategy.root_device
         images, failures = decode_batch(batch.images, batch.paths, device)
         for path, err in failures:

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from alexnet_lit.cli import cli_main
 from alexnet_lit.data import DataConfigError, EncodedCollate, ImageFolderDataModule
+from alexnet_lit.device_decode import crop_box
 from alexnet_lit.images import load_image
 from tests.conftest import make_image_folder
 
@@ -79,6 +81,9 @@ def test_workers_send_plain_jpeg_bytes_and_decode_the_rest(odd_data):
         image, _, path = sample(dm, "val", name)
         assert torch.equal(image, pil_to_tensor(load_image(path)))  # uint8 [C,H,W]
     assert sample(dm, "val", "bee/x_rotated.jpg")[0].shape == (3, 40, 20)  # EXIF applied
+    dm.setup("predict")  # predict keeps the normal path: whole decoded, transformed batches
+    images, _ = dm.on_before_batch_transfer(next(iter(dm.predict_dataloader())), 0)
+    assert images.shape == (4, 3, SIZE, SIZE)
     gray = data_module(odd_data, decode_on_device=True, in_channels=1)
     gray.setup("validate")
     assert sample(gray, "val", "ant/img_0.jpg")[0].shape[0] == 1  # grayscale: decoded by workers
@@ -125,9 +130,8 @@ def test_training_batches_are_augmented_and_seeded(odd_data, augment):
     targets = torch.cat([targets for _, targets in first])
     assert images.shape == (len(dm.datasets["train"]) - 1, 3, SIZE, SIZE)  # less the broken one
     assert images.dtype == torch.float32 and targets.dtype == torch.long
-    assert torch.isfinite(images).all()
-    if augment == "tutorial":  # RandomErasing fills with normal noise, outside [-1, 1]
-        assert images.min() >= -1.0 and images.max() <= 1.0
+    assert images.min() >= -1.0 and images.max() <= 1.0  # RandomErasing writes zeros
+    assert images.std() > 0.1  # not all erased or blank
     torch.manual_seed(0)
     again = batches(dm, dm.train_dataloader())
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
@@ -137,6 +141,39 @@ def test_training_batches_are_augmented_and_seeded(odd_data, augment):
     cropped, _ = dm.on_before_batch_transfer(EncodedCollate(train=True)(samples), 0)
     centered, _ = dm.on_before_batch_transfer(EncodedCollate(train=False)(samples), 0)
     assert (cropped - centered).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("size", [(30, 40), (10, 200)])  # (10, 200) often needs the fallback
+def test_crop_box_samples_like_torchvision(size):
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    torch.manual_seed(0)
+    ours = torch.tensor([crop_box(size, scale, ratio) for _ in range(3000)], dtype=torch.float)
+    image = torch.zeros(1, *size)
+    theirs = torch.tensor(
+        [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(3000)],
+        dtype=torch.float,
+    )
+    top, left, height, width = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (height >= 1).all() and (width >= 1).all()
+    assert (top + height <= size[0]).all() and (left + width <= size[1]).all()
+    # Same distribution: means of top, left, height and width within 4% of the image side.
+    sides = torch.tensor([size[0], size[1], size[0], size[1]], dtype=torch.float)
+    assert ((ours.mean(0) - theirs.mean(0)).abs() / sides < 0.04).all()
+
+
+def test_encoded_batch_survives_pin_memory(odd_data, monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    # On CUDA the loader pins each batch; pinning needs CUDA, the rebuilt structure is checked.
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self)
+    dm = data_module(odd_data, decode_on_device=True)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    pinned = pin_memory(batch)
+    assert type(pinned) is type(batch) and pinned.paths == batch.paths and pinned.train is False
+    assert all(torch.equal(a, b) for a, b in zip(pinned.images, batch.images, strict=True))
+    images, _ = dm.on_before_batch_transfer(pinned, 0)
+    assert images.shape == (4, 3, SIZE, SIZE)
 
 
 def test_broken_jpeg_with_on_bad_image_error_names_the_file(odd_data):
