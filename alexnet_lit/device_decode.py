@@ -7,6 +7,7 @@ A worker returns a plain JPEG's encoded bytes, or any other image decoded on the
 (:mod:`alexnet_lit.transforms`) there, image by image, then normalizes the stacked batch once.
 """
 
+import functools
 import io
 import math
 import warnings
@@ -53,6 +54,29 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torc
     call per image if that raises; None for each image that cannot be decoded."""
     if not encoded:
         return []
+    if device.type != "cuda":
+        return _decode_jpegs(encoded, device)
+    # torchvision's GPU decoder allocates its outputs on the current stream but writes them from
+    # a stream of its own that does not wait for the current one, so it can be handed, and
+    # overwrite, memory that queued kernels of the previous training step still read (see
+    # pytorch/vision PR 9606). Allocating on a stream used only for decoding keeps it to blocks
+    # it had itself; record_stream keeps each output from reuse until the training stream is done.
+    main = torch.cuda.current_stream(device)
+    with torch.cuda.stream(_decode_stream(device)):
+        decoded = _decode_jpegs(encoded, device)
+    main.wait_stream(_decode_stream(device))
+    for image in decoded:
+        if image is not None:
+            image.record_stream(main)
+    return decoded
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     with warnings.catch_warnings():
         # torchvision >= 0.28 deprecates its image decoders in favour of TorchCodec; this
         # one is still there and the batched GPU decode is what this path is for.
