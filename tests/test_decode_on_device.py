@@ -12,8 +12,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from alexnet_lit.cli import cli_main
 from alexnet_lit.data import DataConfigError, EncodedCollate, ImageFolderDataModule
-from alexnet_lit.device_decode import crop_box
+from alexnet_lit.device_decode import DeviceAugment, crop_box, decode_batch, decode_jpegs
 from alexnet_lit.images import load_image
+from alexnet_lit.transforms import eval_transform
 from tests.conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,4 +194,69 @@ def test_cli_fit_decodes_on_device(odd_data, tmp_path, monkeypatch):
     )  # fmt: skip
     assert cli.datamodule.hparams.decode_on_device is True
     assert type(cli.datamodule.datasets["train"]).__name__ == "EncodedImageDataset"
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+
+
+# On a GPU machine (skipped here): the nvJPEG path itself. ------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def smooth_jpegs(folder: Path, count: int, size: int = 256) -> list[Path]:
+    """Photo-like JPEGs (smooth gradients): decoders then differ by rounding, not by how they
+    upsample the chroma of noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(count):
+        pixels = np.stack([x, y, (x + y + i / count) % 1.0], axis=-1) * 255
+        paths.append(folder / f"smooth_{i}.jpg")
+        Image.fromarray(pixels.astype(np.uint8)).save(paths[-1], quality=95)
+    return paths
+
+
+@cuda_only
+def test_gpu_decode_matches_the_cpu_decode(tmp_path):
+    paths = [str(p) for p in smooth_jpegs(tmp_path, 6)]
+    encoded = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    augment = DeviceAugment(eval_transform(SIZE))
+    cpu, _ = decode_batch(encoded, paths, torch.device("cpu"))
+    gpu, failures = decode_batch(encoded, paths, torch.device("cuda"))
+    assert not failures and all(image.is_cuda for image in gpu)
+    difference = (augment(gpu).cpu() - augment(cpu)).abs().mean()
+    assert difference < MEAN_ABS_TOLERANCE
+
+
+@cuda_only
+def test_gpu_decode_never_writes_memory_queued_kernels_still_read(tmp_path):
+    """torchvision's decoder writes from its own stream; it must never be handed a block that
+    kernels queued on the training stream still read (pytorch/vision PR 9606)."""
+    device = torch.device("cuda")
+    paths = smooth_jpegs(tmp_path, 8)
+    encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    for _ in range(10):
+        # Blocks of exactly the decoded size, filled, then read by kernels queued behind a
+        # ~0.1 s spin, and freed before those kernels run.
+        blocks = [torch.full((3, 256, 256), 7, dtype=torch.uint8, device=device) for _ in paths]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)
+        sums = [block.sum(dtype=torch.int64) for block in blocks]
+        del blocks
+        decoded = decode_jpegs(encoded, device)
+        torch.cuda.synchronize()
+        assert all(image is not None for image in decoded)
+        assert torch.stack(sums).eq(7 * 3 * 256 * 256).all()
+
+
+@cuda_only
+def test_cli_fit_on_gpu_decodes_on_device(odd_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        ["fit", "--config", DEFAULT_CONFIG, "--config", str(ROOT / "configs" / "fast.yaml"),
+         "--config", str(ROOT / "configs" / "decode_on_device.yaml"),
+         f"--data.data_dir={odd_data}", "--data.image_size=96", "--data.batch_size=4",
+         "--data.num_workers=1", "--trainer.accelerator=gpu", "--trainer.devices=1",
+         "--trainer.fast_dev_run=2"]
+    )  # fmt: skip
+    assert cli.trainer.strategy.root_device.type == "cuda"
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
