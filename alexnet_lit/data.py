@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from alexnet_lit import transforms
+from alexnet_lit.device_decode import DeviceAugment, decode_batch, read_for_device
 from alexnet_lit.distributed import UnpaddedDistributedSampler
 from alexnet_lit.images import is_hidden, load_image
 from alexnet_lit.scan import (
@@ -59,12 +60,30 @@ class BadImage(NamedTuple):
     reason: str
 
 
+def bad_image(path: str | Path, err: Exception) -> BadImage:
+    """The record of an image that raised ``err`` while loading."""
+    lines = str(err).strip().splitlines()
+    return BadImage(str(path), f"{type(err).__name__}: {lines[0] if lines else ''}")
+
+
 class LoadedBatch(NamedTuple):
     """A collated batch before the DataModule records and drops ``skipped`` (main process)."""
 
     images: torch.Tensor
     targets: torch.Tensor
     skipped: list[BadImage]
+
+
+class EncodedBatch(NamedTuple):
+    """A ``decode_on_device`` batch from the workers: per-image uint8 tensors of any size, each
+    a plain JPEG's bytes (1-D) or a CPU-decoded image (``[C,H,W]``), decoded and augmented by
+    :meth:`ImageFolderDataModule.on_before_batch_transfer`."""
+
+    images: list[torch.Tensor]
+    targets: torch.Tensor
+    paths: list[str]
+    skipped: list[BadImage]
+    train: bool  # the train preset (random crop, flip) or the eval one
 
 
 class ImageListDataset(Dataset):
@@ -100,13 +119,45 @@ class ImageListDataset(Dataset):
         except Exception as err:  # a broken file raises anything from OSError to SyntaxError
             if not self.skip_bad:
                 raise
-            lines = str(err).strip().splitlines()
-            return BadImage(str(path), f"{type(err).__name__}: {lines[0] if lines else ''}")
+            return bad_image(path, err)
         return self.transform(image), target
 
     @property
     def targets(self) -> list[int]:
         return [target for _, target in self.samples]
+
+
+class EncodedImageDataset(ImageListDataset):
+    """The worker side of ``decode_on_device``: ``(uint8 tensor, class_index, path)`` samples.
+
+    The tensor is a plain JPEG's encoded bytes, or any other image decoded by ``load_image``
+    (see :func:`~alexnet_lit.device_decode.read_for_device`). ``transform`` is not applied
+    here: the main process applies the same preset on the device.
+    """
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str] | BadImage:
+        path, target = self.samples[index]
+        try:
+            image = read_for_device(path, self.in_channels)
+        except Exception as err:
+            if not self.skip_bad:
+                raise
+            return bad_image(path, err)
+        return image, target, str(path)
+
+
+class EncodedCollate:
+    """Collates :class:`EncodedImageDataset` samples into an :class:`EncodedBatch` (workers)."""
+
+    def __init__(self, train: bool):
+        self.train = train
+
+    def __call__(self, batch: list) -> EncodedBatch:
+        skipped = [item for item in batch if isinstance(item, BadImage)]
+        good = [item for item in batch if not isinstance(item, BadImage)]
+        targets = torch.tensor([target for _, target, _ in good], dtype=torch.long)
+        images = [image for image, _, _ in good]
+        return EncodedBatch(images, targets, [path for _, _, path in good], skipped, self.train)
 
 
 class SkippingCollate:
@@ -237,6 +288,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             (with replacement; works under DDP).
         augment: Training augmentation preset: ``"tutorial"`` (crop + flip) or ``"strong"``
             (adds TrivialAugmentWide and RandomErasing). MixUp/CutMix are model options.
+        decode_on_device: For GPUs whose loader workers cannot keep up: workers only read the
+            train/val/test JPEGs, and the main process decodes each batch in one
+            ``decode_jpeg`` call on the training device and augments it there (same presets;
+            random parameters from torch's global RNG, seeded by ``seed_everything``). Other
+            files (PNG, CMYK, EXIF-rotated, grayscale training) are still decoded by the
+            workers. Predict keeps the normal path.
     """
 
     def __init__(
@@ -254,6 +311,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_bad_image: Literal["skip", "error"] = "skip",
         balance: Literal["none", "loss", "sampler"] = "none",
         augment: Literal["tutorial", "strong"] = "tutorial",
+        decode_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -285,6 +343,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._samples: dict[str, list[tuple[Path, int]]] = {}
         self._written: set[str] = set()
         self._split_lists: dict[str, dict[str, list[Path]]] = {}
+        self._device_augment: dict[bool, DeviceAugment] = {}  # train? -> preset
 
     @property
     def num_classes(self) -> int:
@@ -358,8 +417,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self):
         return transforms.eval_transform(**self.preprocessing)
 
-    def _dataset(self, split: str, transform) -> ImageListDataset:
-        return ImageListDataset(
+    def _dataset(self, split: str, transform, on_device: bool = True) -> ImageListDataset:
+        on_device = on_device and self.hparams.decode_on_device
+        dataset_class = EncodedImageDataset if on_device else ImageListDataset
+        return dataset_class(
             self._labelled(split), transform, self.hparams.in_channels, skip_bad=True
         )
 
@@ -484,7 +545,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _predict_dataset(self) -> ImageListDataset:
         if self.predict_dir is None:
-            return self._dataset("val", self.eval_transform())
+            return self._dataset("val", self.eval_transform(), on_device=False)
         if not self.predict_dir.exists():
             raise DataConfigError(
                 f"data.predict_dir: '{self.predict_dir}' does not exist; pass an image folder."
@@ -500,7 +561,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
         if self.hparams.balance != "sampler":
-            return self._loader(dataset, shuffle=True)
+            return self._loader(dataset, shuffle=True, train=True)
         trainer = self.trainer
         sampler = BalancedSampler(
             dataset.targets,
@@ -508,7 +569,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             rank=0 if trainer is None else trainer.global_rank,
             seed=self.hparams.seed,
         )
-        return self._loader(dataset, sampler=sampler)
+        return self._loader(dataset, sampler=sampler, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])
@@ -519,7 +580,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["predict"])
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, shuffle: bool = False, sampler=None, train: bool = False
+    ) -> DataLoader:
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         distributed = self.trainer is not None and self.trainer.world_size > 1
         if sampler is None and not shuffle and distributed:
@@ -532,6 +595,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                     "processes; add images or lower trainer.devices / trainer.num_nodes."
                 )
             sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
+        if isinstance(dataset, EncodedImageDataset):
+            collate = EncodedCollate(train)
+        else:
+            collate = SkippingCollate((self.hparams.in_channels, self.image_size, self.image_size))
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -540,18 +607,38 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_cuda,
-            collate_fn=SkippingCollate(
-                (self.hparams.in_channels, self.image_size, self.image_size)
-            ),
+            collate_fn=collate,
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Record the images the workers could not load, then hand on ``(images, targets)``."""
-        if not isinstance(batch, LoadedBatch):
+        """Record the images the workers could not load, then hand on ``(images, targets)``.
+
+        With ``decode_on_device`` this is where a batch is decoded and augmented on the device:
+        here, before the transfer, because ``decode_jpeg`` takes its input on the CPU.
+        """
+        if not isinstance(batch, LoadedBatch | EncodedBatch):
             return batch
         for bad in batch.skipped:
             self._record_bad(bad.path, bad.reason, "load")  # raises with on_bad_image: error
+        if isinstance(batch, EncodedBatch):
+            return self._decode_and_augment(batch)
         return batch.images, batch.targets
+
+    def _decode_and_augment(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device("cpu") if self.trainer is None else self.trainer.strategy.root_device
+        images, failures = decode_batch(batch.images, batch.paths, device)
+        for path, err in failures:
+            bad = bad_image(path, err)
+            self._record_bad(bad.path, bad.reason, "load")
+        keep = [i for i, image in enumerate(images) if image is not None]
+        if not keep:  # the same empty batch as SkippingCollate's
+            shape = (0, self.hparams.in_channels, self.image_size, self.image_size)
+            return torch.empty(shape), torch.empty(0, dtype=torch.long)
+        if batch.train not in self._device_augment:
+            preset = self.train_transform() if batch.train else self.eval_transform()
+            self._device_augment[batch.train] = DeviceAugment(preset)
+        images = self._device_augment[batch.train]([images[i] for i in keep])
+        return images, batch.targets[keep]
 
     def _record_name(self) -> str:
         return str(self.run_dir / SKIPPED_FILE) if self.run_dir else "dm.skipped"
