@@ -125,7 +125,7 @@ class LastCheckpoint(ModelCheckpoint):
     def _saves_of_others(self, trainer: L.Trainer) -> dict[int, tuple[int, str]]:
         """(global step, file) of the latest save of every other ModelCheckpoint, by callback."""
         return {
-            id(callback): (callback._last_global_step_saved, callback._last_checkpoint_saved)
+            id(callback): _latest_save(callback)
             for callback in trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and callback is not self
         }
@@ -137,7 +137,7 @@ class LastCheckpoint(ModelCheckpoint):
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or callback is self:
                 continue
-            saved = (callback._last_global_step_saved, callback._last_checkpoint_saved)
+            saved = _latest_save(callback)
             if (
                 saved != self._seen.get(id(callback))  # saved since this callback's last hook
                 and saved[0] == trainer.global_step
@@ -148,6 +148,15 @@ class LastCheckpoint(ModelCheckpoint):
             ):
                 return saved[1]
         return None
+
+
+def _latest_save(callback: ModelCheckpoint) -> tuple[int, str]:
+    """(global step, file) of a ModelCheckpoint's latest save: private attributes of Lightning
+    2.x, read defensively (a version without them just never links)."""
+    return (
+        getattr(callback, "_last_global_step_saved", -1),
+        getattr(callback, "_last_checkpoint_saved", ""),
+    )
 
 
 def _link_or_copy(source: str | Path, target: str | Path) -> None:
