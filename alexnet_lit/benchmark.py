@@ -38,6 +38,7 @@ class Contender:
     what: str
     ceiling: str | None = None  # the ceiling row it is compared with
     cuda_only: bool = False  # left out of CPU runs unless named with --only
+    reference: bool = False  # a ceiling: measures one part, compared with nothing
 
 
 CONTENDERS = {
@@ -48,13 +49,21 @@ CONTENDERS = {
     "fast_decode": Contender(
         "train.py fit, fast.yaml + decode_on_device.yaml", "ceiling_bf16", cuda_only=True
     ),
-    "ceiling_fp32": Contender("compute ceiling: in-memory tensors, fp32"),
-    "ceiling_bf16": Contender("compute ceiling: in-memory tensors, bf16 + channels_last"),
+    "data_ceiling": Contender(
+        "data ceiling: the training loader alone, to the device", reference=True
+    ),
+    "data_ceiling_decode": Contender(
+        "data ceiling with decode_on_device", cuda_only=True, reference=True
+    ),
+    "ceiling_fp32": Contender("compute ceiling: in-memory tensors, fp32", reference=True),
+    "ceiling_bf16": Contender(
+        "compute ceiling: in-memory tensors, bf16 + channels_last", reference=True
+    ),
     "ceiling_bf16_nchw": Contender(
-        "compute ceiling: in-memory tensors, bf16, default layout", cuda_only=True
+        "compute ceiling: in-memory tensors, bf16, default layout", cuda_only=True, reference=True
     ),
     "ceiling_compiled": Contender(
-        "compute ceiling: bf16 + channels_last + torch.compile", cuda_only=True
+        "compute ceiling: bf16 + channels_last + torch.compile", cuda_only=True, reference=True
     ),
 }
 FITS = {
@@ -259,6 +268,32 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     return {"val_acc": best, "train_seconds": train_seconds}
 
 
+def _data_ceiling(data: Path, epochs: int, device: str, decode_on_device: bool = False) -> dict:
+    """The project's training loader alone, batches handed to the device, no model: how many
+    images/s the data pipeline can deliver (same workers, presets and hooks as a fit)."""
+    import lightning as L
+
+    from alexnet_lit import ImageFolderDataModule
+
+    workers = GPU_WORKERS if device == "cuda" else None
+    dm = ImageFolderDataModule(data, num_workers=workers, decode_on_device=decode_on_device)
+    # A trainer only to tell the DataModule its device (pinning, where to decode).
+    dm.trainer = L.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    dm.setup("fit")
+    loader, train_seconds = dm.train_dataloader(), []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for batch in loader:
+            images, _targets = dm.on_before_batch_transfer(batch, 0)
+            images.to(device, non_blocking=True)
+        _synchronize(device)
+        train_seconds.append(time.perf_counter() - start)
+    return {"train_seconds": train_seconds}
+
+
 def _ceiling(
     device: str,
     bf16: bool,
@@ -301,6 +336,10 @@ def _synchronize(device: str) -> None:
 WORKERS = {
     "tutorial": _worker_tutorial,
     "plain": _worker_plain,
+    "data_ceiling": lambda data, epochs, device, steps: _data_ceiling(data, epochs, device),
+    "data_ceiling_decode": lambda data, epochs, device, steps: _data_ceiling(
+        data, epochs, device, decode_on_device=True
+    ),
     "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, False, steps, False),
     "ceiling_bf16": lambda data, epochs, device, steps: _ceiling(device, True, steps),
     "ceiling_bf16_nchw": lambda data, epochs, device, steps: _ceiling(device, True, steps, False),
@@ -368,8 +407,12 @@ def summarize(
             row["error"] = results[-1]["error"] if results else "not run"
             rows[name] = row
             continue
-        if name.startswith("ceiling"):
+        if "images_per_s" in good[0]:  # a compute ceiling reports its own speed
             row["train_images_per_s"] = statistics.median(r["images_per_s"] for r in good)
+        elif CONTENDERS[name].reference:  # the data ceiling: its loop is all that counts
+            row["train_images_per_s"] = statistics.median(
+                _steady(r["train_seconds"], n_train) for r in good
+            )
         else:
             wall = statistics.median(r["wall_s"] for r in good)
             row["wall_s"] = wall
@@ -387,7 +430,7 @@ def summarize(
             ("images_per_s", "ratio_to_tutorial"),
             ("train_images_per_s", "train_ratio_to_tutorial"),
         ):
-            if key in row and key in baseline and not name.startswith("ceiling"):
+            if key in row and key in baseline and not CONTENDERS[name].reference:
                 row[ratio] = row[key] / baseline[key]
         ceiling = rows.get(CONTENDERS[name].ceiling or "", {})
         if "train_images_per_s" in row and "train_images_per_s" in ceiling:

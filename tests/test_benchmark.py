@@ -40,14 +40,18 @@ def test_a_failed_contender_is_reported_and_the_others_still_compared():
 def test_every_contender_runs_and_is_compared(tmp_path):
     result = benchmark(n_train=8, n_val=4, epochs=1, repeats=1, ceiling_steps=1)
     rows = result["rows"]
-    assert set(rows) == {"tutorial", "default", "plain", "fast", "ceiling_fp32", "ceiling_bf16"}
+    assert set(rows) == {
+        "tutorial", "default", "plain", "fast", "data_ceiling", "ceiling_fp32", "ceiling_bf16"
+    }  # fmt: skip
     for name in ("default", "plain", "fast"):
         assert rows[name]["images_per_s"] > 0 and rows[name]["peak_rss_gb"] > 0.1
         assert rows[name]["train_images_per_s"] > rows[name]["images_per_s"]  # no start-up
         assert rows[name]["percent_of_ceiling"] > 0
         assert 0.0 <= rows[name]["val_acc"] <= 1.0
     table = format_table(result)
-    assert table.count("\n| ") == 8  # header, separator and 6 rows
+    assert table.count("\n| ") == 9  # header, separator and 7 rows
+    assert rows["data_ceiling"]["train_images_per_s"] > 0
+    assert "ratio_to_tutorial" not in rows["data_ceiling"]  # a ceiling is compared with nothing
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
     assert json.loads(path.read_text())["rows"]["default"]["wall_s"] > 0
