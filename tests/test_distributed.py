@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.data import ImageFolderDataModule
+from alexnet_lit.data import ImageFolderDataModule, default_num_workers
 from alexnet_lit.distributed import UnpaddedDistributedSampler
 from tests.conftest import CLASSES, make_image_folder
 
@@ -48,6 +48,15 @@ def validate_in_subprocess(data: Path, ckpt: Path, out: Path, devices: int) -> d
     (metrics_file,) = out.glob("**/metrics.csv")
     (row,) = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/acc")]
     return {key: float(row[key]) for key in ("val/acc", "val/loss")}
+
+
+def test_loader_workers_share_the_usable_cpus_among_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # 16 usable CPUs
+    assert default_num_workers() == 15  # one CPU kept for the training process
+    assert default_num_workers(processes=4) == 3  # 4 CPUs each, one for each process
+    assert default_num_workers(processes=32) == 0  # fewer CPUs than processes: load in-process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)))
+    assert default_num_workers() == 16  # capped: more workers only cost memory
 
 
 @pytest.mark.slow
