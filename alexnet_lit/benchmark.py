@@ -55,7 +55,9 @@ CONTENDERS = {
     "data_ceiling_decode": Contender(
         "data ceiling with decode_on_device", cuda_only=True, reference=True
     ),
-    "ceiling_fp32": Contender("compute ceiling: in-memory tensors, fp32", reference=True),
+    "ceiling_fp32": Contender(
+        "compute ceiling: in-memory tensors, fp32 + channels_last", reference=True
+    ),
     "ceiling_bf16": Contender(
         "compute ceiling: in-memory tensors, bf16 + channels_last", reference=True
     ),
@@ -234,25 +236,27 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     workers = GPU_WORKERS if device == "cuda" else None
     dm = ImageFolderDataModule(data_dir=data, num_workers=workers)
     dm.setup("fit")
-    module = LitAlexNet(num_classes=dm.num_classes, class_names=dm.class_names).to(device)
-    model, optimizer = module.model, module.optimizer(module.parameters())
+    module = LitAlexNet(
+        num_classes=dm.num_classes, class_names=dm.class_names, channels_last=True
+    ).to(device)  # as configs/default.yaml
+    optimizer = module.optimizer(module.parameters())
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best, train_seconds = -1.0, []
     for epoch in range(epochs):
-        model.train()
+        module.train()
         start = time.perf_counter()
         for batch in train_loader:  # a LoadedBatch: images, targets, skipped files
-            loss = module.loss_fn(model(batch.images.to(device)), batch.targets.to(device))
+            loss = module.loss_fn(module(batch.images.to(device)), batch.targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         _synchronize(device)
         train_seconds.append(time.perf_counter() - start)
-        model.eval()
+        module.eval()
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.inference_mode():
             for batch in val_loader:
-                predicted = model(batch.images.to(device)).argmax(1)
+                predicted = module(batch.images.to(device)).argmax(1)
                 correct += (predicted == batch.targets.to(device)).sum()
         acc = correct.item() / len(dm.datasets["val"])
         # As configs/default.yaml: the best file when val/acc improves, and last.ckpt every
@@ -340,7 +344,7 @@ WORKERS = {
     "data_ceiling_decode": lambda data, epochs, device, steps: _data_ceiling(
         data, epochs, device, decode_on_device=True
     ),
-    "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, False, steps, False),
+    "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, False, steps),
     "ceiling_bf16": lambda data, epochs, device, steps: _ceiling(device, True, steps),
     "ceiling_bf16_nchw": lambda data, epochs, device, steps: _ceiling(device, True, steps, False),
     "ceiling_compiled": lambda data, epochs, device, steps: _ceiling(
