@@ -231,6 +231,7 @@ def _worker_tutorial(data: Path, epochs: int, device: str, steps: int) -> dict:
 def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     """The project's model, DataModule loaders and checkpoints in a hand-written loop."""
     from alexnet_lit import ImageFolderDataModule, LitAlexNet
+    from alexnet_lit.fault_tolerance import AtomicCheckpointIO
 
     torch.manual_seed(0)
     workers = GPU_WORKERS if device == "cuda" else None
@@ -239,7 +240,7 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     module = LitAlexNet(
         num_classes=dm.num_classes, class_names=dm.class_names, channels_last=True
     ).to(device)  # as configs/default.yaml
-    optimizer = module.optimizer(module.parameters())
+    optimizer, writer = module.optimizer(module.parameters()), AtomicCheckpointIO()
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best, train_seconds = -1.0, []
     for epoch in range(epochs):
@@ -259,16 +260,18 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
                 predicted = module(batch.images.to(device)).argmax(1)
                 correct += (predicted == batch.targets.to(device)).sum()
         acc = correct.item() / len(dm.datasets["val"])
-        # As configs/default.yaml: the best file when val/acc improves, and last.ckpt every
-        # epoch, a hard link to the best file when that was just written (LastCheckpoint).
+        # As configs/default.yaml, with the project's own writer (temporary file, fsync,
+        # rename): the best file when val/acc improves, and last.ckpt every epoch, a hard link
+        # to the best file when that was just written (LastCheckpoint).
         state = {"state_dict": module.state_dict(), "optimizer": optimizer.state_dict()}
-        Path("last.ckpt").unlink(missing_ok=True)
+        state["epoch"] = epoch
         if acc > best:
             best = acc
-            torch.save({**state, "epoch": epoch}, "best.ckpt")
+            writer.save_checkpoint(state, "best.ckpt")
+            Path("last.ckpt").unlink(missing_ok=True)
             os.link("best.ckpt", "last.ckpt")
         else:
-            torch.save({**state, "epoch": epoch}, "last.ckpt")
+            writer.save_checkpoint(state, "last.ckpt")
     return {"val_acc": best, "train_seconds": train_seconds}
 
 
