@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -397,6 +398,10 @@ def benchmark(
                 print(f"[{repeat + 1}/{repeats}] {name} ...", file=sys.stderr, flush=True)
                 result = run_contender(name, data, epochs, device, workdir, ceiling_steps, timeout)
                 runs[name].append(result)
+                if "error" not in result:
+                    # Its checkpoints (~1 GB) would otherwise fill the page cache and the disk
+                    # and slow the runs after it.
+                    shutil.rmtree(workdir)
                 if json_path is not None:
                     json_path.write_text(json.dumps(summarize(runs, **size), indent=2))
     return summarize(runs, **size)
