@@ -283,3 +283,31 @@ def test_grayscale_inputs_become_rgb_pictures():
     assert (pixels[..., 0] == pixels[..., 2]).all()
     grid = image_grid(pixels, ["a", "b"], tile=64)
     assert grid.size[0] == 2 * (64 + 4) + 4
+
+
+def test_epoch_time_counts_training_batches_not_what_follows_validation(monkeypatch):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from alexnet_lit import callbacks
+
+    clock = [0.0]
+
+    def perf_counter() -> float:  # a clock that moves 1 ms per reading, or when told to
+        clock[0] += 0.001
+        return clock[0]
+
+    class SlowAfterValidation(L.Callback):  # stands for a checkpoint write after validation
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                clock[0] += 100.0
+
+    monkeypatch.setattr(callbacks.time, "perf_counter", perf_counter)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=4, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callbacks.EpochTimer(), SlowAfterValidation()], accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    assert trainer.callback_metrics["train/epoch_time_s"] < 1.0  # not the 100 s after validation
+    assert trainer.callback_metrics["val/epoch_time_s"] < 1.0
