@@ -5,6 +5,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -51,15 +52,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
+
+        def write(temporary: Path) -> None:
             with open(temporary, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+
+        _replace_atomically(path, write)
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
@@ -161,14 +161,23 @@ def _latest_save(callback: ModelCheckpoint) -> tuple[int, str]:
 
 def _link_or_copy(source: str | Path, target: str | Path) -> None:
     """Make ``target`` a hard link to ``source`` (a copy across filesystems), atomically."""
-    target = Path(target)
-    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    temporary.unlink(missing_ok=True)
-    try:
+
+    def link(temporary: Path) -> None:
         try:
             os.link(source, temporary)
         except OSError:  # another filesystem, or one without hard links
             shutil.copyfile(source, temporary)
+
+    _replace_atomically(Path(target), link)
+
+
+def _replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill ``<target>.tmp-<pid>`` in the same folder, then rename it over
+    ``target`` (atomic on one filesystem): a crash or SIGKILL meanwhile leaves the old file."""
+    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    temporary.unlink(missing_ok=True)  # left by an earlier crash of a process with this pid
+    try:
+        write(temporary)
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
