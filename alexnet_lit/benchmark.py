@@ -194,25 +194,29 @@ def run_contender(
     result["wall_s"] = wall
     result["peak_rss_gb"] = usage.ru_maxrss / 2**20  # KiB on Linux; the largest process
     if name in FITS:
-        result["val_acc"] = _best_val_acc(workdir)
-        result["train_seconds"] = _epoch_times(workdir)
+        run = _newest_run(workdir)
+        result["val_acc"] = _best_val_acc(run)
+        result["train_seconds"] = _epoch_times(run)
     return result
 
 
-def _best_val_acc(log_root: Path) -> float | None:
-    """Best val/acc of the newest run under ``log_root``, read from its best checkpoint's name."""
-    runs = sorted(log_root.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime)
-    names = [p.name for p in runs[-1].glob("checkpoints/best-*.ckpt")] if runs else []
+def _newest_run(log_root: Path) -> Path:
+    """The newest ``lightning_logs/version_*`` folder of a fit under ``log_root``."""
+    return max(log_root.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime)
+
+
+def _best_val_acc(run: Path) -> float | None:
+    """A run's best val/acc, read from its best checkpoint's name."""
+    names = [p.name for p in run.glob("checkpoints/best-*.ckpt")]
     found = [float(m.group(1)) for n in names if (m := re.search(r"val_acc=([\d.]+)\.ckpt", n))]
     return max(found) if found else None
 
 
-def _epoch_times(log_root: Path) -> list[float]:
-    """The fit's ``train/epoch_time_s`` per epoch (EpochTimer), read from its TensorBoard log."""
+def _epoch_times(run: Path) -> list[float]:
+    """A fit's ``train/epoch_time_s`` per epoch (EpochTimer), read from its TensorBoard log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = sorted(log_root.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime)
-    events = EventAccumulator(str(runs[-1])).Reload()
+    events = EventAccumulator(str(run)).Reload()
     return [event.value for event in events.Scalars("train/epoch_time_s")]
 
 
