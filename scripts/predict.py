@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--num-workers", type=int, default=default_num_workers(),
-        help="image loading processes (default: the CPUs minus one, at most 8)",
+        help="image loading processes (default: the usable CPUs minus one, at most 16)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     try:
