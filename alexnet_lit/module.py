@@ -194,6 +194,20 @@ class LitAlexNet(L.LightningModule):
         confidence, predicted = probs.max(dim=1)
         return {"probs": probs, "predicted": predicted, "confidence": confidence}
 
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients as soon as they are applied. Lightning zeroes them after the next
+        # step's forward pass, so that pass would run beside 187 MB of stale gradients: ~50 MB
+        # more peak memory on CPU (README, Speed). With gradient accumulation this runs only on
+        # the steps that update the weights, so accumulated gradients are kept.
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self._param_groups())
         if self.lr_scheduler is None:

@@ -1,0 +1,104 @@
+"""keep_freed_memory: freed memory stays with the process, and fast.yaml turns it on."""
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from alexnet_lit import ImageFolderDataModule, LitAlexNet, cli, module
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Allocates and frees 256 MB, then prints how much of it is still resident (MB).
+_PROBE = """
+import sys
+from alexnet_lit.memory import keep_freed_memory
+def rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = rss_mb()
+buffer = b"x" * (256 << 20)  # written, so every page is resident
+del buffer
+print(rss_mb() - before)
+"""
+
+
+def _resident_after_free(mode: str) -> float:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True
+    )
+    return float(result.stdout)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="a glibc malloc setting",
+)
+def test_freed_memory_stays_resident_only_when_kept():
+    assert _resident_after_free("default") < 64  # glibc gave the 256 MB back to the kernel
+    assert _resident_after_free("keep") > 192  # kept for the next allocation
+
+
+@pytest.mark.parametrize(
+    ("configs", "applied"),
+    [(["default.yaml"], False), (["default.yaml", "fast.yaml"], True)],
+)
+def test_fast_yaml_keeps_freed_memory_before_building_the_model(
+    configs, applied, image_folder, monkeypatch
+):
+    calls = []
+
+    def record() -> bool:
+        calls.append(True)
+        return True
+
+    monkeypatch.setattr(cli, "keep_freed_memory", record)
+    built = []  # how many settings were made when the model was built
+    network = module.AlexNet
+
+    def build(*args, **kwargs):
+        built.append(len(calls))
+        return network(*args, **kwargs)
+
+    monkeypatch.setattr(module, "AlexNet", build)
+    args = [arg for name in configs for arg in ("--config", str(CONFIGS / name))]
+    cli.AlexNetCLI(
+        LitAlexNet,
+        ImageFolderDataModule,
+        args=[*args, f"--data.data_dir={image_folder}"],
+        run=False,
+        auto_configure_optimizers=False,
+    )
+    assert len(calls) == (1 if applied else 0)
+    assert built == [len(calls)]  # the model was built once, after the setting (if any)
+
+
+class _GradientsAfterEachBatch(L.Callback):
+    def __init__(self) -> None:
+        self.present: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.present.append(any(p.grad is not None for p in pl_module.parameters()))
+
+
+@pytest.mark.parametrize(("accumulate", "expected"), [(1, [False, False]), (2, [True, False])])
+def test_gradients_are_freed_once_applied_and_kept_while_accumulating(accumulate, expected):
+    images, targets = torch.randn(4, 3, 72, 72), torch.tensor([0, 1, 0, 1])
+    loader = DataLoader(TensorDataset(images, targets), batch_size=2)
+    probe = _GradientsAfterEachBatch()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, accumulate_grad_batches=accumulate, callbacks=[probe],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LitAlexNet(num_classes=2), loader)
+    # Lightning alone zeroes them only after the next forward pass: [True, True] here.
+    assert probe.present == expected
