@@ -17,7 +17,7 @@ def keep_freed_memory() -> bool:
     buffer over 32 MB to the kernel as soon as it is freed (mmap and munmap) and trims the heap,
     so every step faults the same memory back in, page by page. Serving all allocations from the
     heap and never trimming it keeps those pages. On the 2-core benchmark machine the compute
-    ceiling rose ~10% in fp32 and ~20% under bf16 autocast, for ~0.1-0.2 GB more peak memory:
+    ceiling rose ~10% in fp32 and 10-20% under bf16 autocast, for ~0.1-0.2 GB more peak memory:
     what is freed stays with the process (README, Speed). Applies to this process from now on,
     and to the processes it forks afterwards, such as loader workers.
 
