@@ -22,7 +22,8 @@ def keep_freed_memory() -> bool:
     and to the processes it forks afterwards, such as loader workers.
 
     Returns:
-        Whether the setting took effect: False where the C library is not glibc.
+        Whether glibc took the setting: False where the C library is not glibc. A malloc
+        preloaded in its place (jemalloc, tcmalloc) does not see it, and has its own caching.
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

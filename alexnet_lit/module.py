@@ -204,9 +204,12 @@ class LitAlexNet(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Free the gradients as soon as they are applied. Lightning zeroes them after the next
         # step's forward pass, so that pass would run beside 187 MB of stale gradients: ~50 MB
-        # more peak memory on CPU (README, Speed). With gradient accumulation this runs only on
-        # the steps that update the weights, so accumulated gradients are kept.
-        optimizer.zero_grad(set_to_none=True)
+        # more peak memory on CPU (README, Speed). With gradient accumulation Lightning calls
+        # this hook only on the steps that update the weights, so accumulated gradients are
+        # kept, except under a strategy that accumulates itself (DeepSpeed): it is called on
+        # every batch there, so the gradients are left to Lightning.
+        if not self.trainer.strategy.handles_gradient_accumulation:
+            self.optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self._param_groups())

@@ -10,20 +10,23 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from alexnet_lit import ImageFolderDataModule, LitAlexNet, cli, module
+from alexnet_lit import LitAlexNet, cli, module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
-# Allocates and frees 256 MB, then prints how much of it is still resident (MB).
+# Allocates and frees 256 MB, then prints how much of it is still resident (MB). It loads
+# memory.py by its path: the package's __init__ would import torch and Lightning, for nothing.
 _PROBE = """
-import sys
-from alexnet_lit.memory import keep_freed_memory
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("memory", sys.argv[2])
+memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory)
 def rss_mb():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+    assert memory.keep_freed_memory()
 before = rss_mb()
 buffer = b"x" * (256 << 20)  # written, so every page is resident
 del buffer
@@ -32,10 +35,8 @@ print(rss_mb() - before)
 
 
 def _resident_after_free(mode: str) -> float:
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True
-    )
-    return float(result.stdout)
+    command = [sys.executable, "-c", _PROBE, mode, str(ROOT / "alexnet_lit" / "memory.py")]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
 @pytest.mark.skipif(
@@ -52,16 +53,11 @@ def test_freed_memory_stays_resident_only_when_kept():
     [(["default.yaml"], False), (["default.yaml", "fast.yaml"], True)],
 )
 def test_fast_yaml_keeps_freed_memory_before_building_the_model(
-    configs, applied, image_folder, monkeypatch
+    configs, applied, image_folder, tmp_path, monkeypatch
 ):
-    calls = []
-
-    def record() -> bool:
-        calls.append(True)
-        return True
-
-    monkeypatch.setattr(cli, "keep_freed_memory", record)
-    built = []  # how many settings were made when the model was built
+    calls = []  # the setting is process-wide and for good: record it instead of making it
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True) or True)
+    built = []  # how many settings had been made when the network was built
     network = module.AlexNet
 
     def build(*args, **kwargs):
@@ -69,16 +65,14 @@ def test_fast_yaml_keeps_freed_memory_before_building_the_model(
         return network(*args, **kwargs)
 
     monkeypatch.setattr(module, "AlexNet", build)
-    args = [arg for name in configs for arg in ("--config", str(CONFIGS / name))]
-    cli.AlexNetCLI(
-        LitAlexNet,
-        ImageFolderDataModule,
-        args=[*args, f"--data.data_dir={image_folder}"],
-        run=False,
-        auto_configure_optimizers=False,
-    )
-    assert len(calls) == (1 if applied else 0)
-    assert built == [len(calls)]  # the model was built once, after the setting (if any)
+    monkeypatch.chdir(tmp_path)
+    configs = [arg for name in configs for arg in ("--config", str(CONFIGS / name))]
+    cli.cli_main(
+        ["fit", *configs, f"--data.data_dir={image_folder}", "--data.image_size=96",
+         "--data.batch_size=4", "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]
+    )  # fmt: skip
+    assert calls == ([True] if applied else [])
+    assert built == [len(calls)]  # built once, after the setting (if any)
 
 
 class _GradientsAfterEachBatch(L.Callback):
