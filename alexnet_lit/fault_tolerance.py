@@ -52,6 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _release_cached_checkpoints(path.parent)
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as file:
@@ -169,6 +170,29 @@ def _link_or_copy(source: str | Path, target: str | Path) -> None:
             shutil.copyfile(source, temporary)
 
     _replace_atomically(Path(target), link)
+
+
+def _release_cached_checkpoints(folder: Path) -> None:
+    """Drop the page-cache copies of the checkpoints already in ``folder``, before a new save.
+
+    Each save writes ~560 MB, and the kernel caches every byte of it. Files saved earlier are not
+    read during training, so their cached pages are the memory the next save can reuse: handed
+    back just before the write, they are taken again at once. On the 2-core benchmark machine
+    that made saves after the first 0.55-0.66 s instead of 1.4-1.7 s (README, Speed). The files
+    were synced when saved, so this drops clean copies only; a later load reads them from disk.
+    A no-op where ``posix_fadvise`` is missing.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in folder.glob("*.ckpt"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # removed meanwhile, or not ours to read
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _replace_atomically(target: Path, write: Callable[[Path], None]) -> None:

@@ -64,6 +64,26 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_save_first_releases_the_cached_pages_of_earlier_checkpoints(tmp_path, monkeypatch):
+    io, earlier = AtomicCheckpointIO(), [tmp_path / "best-epoch=00.ckpt", tmp_path / "last.ckpt"]
+    for path in earlier:
+        io.save_checkpoint({"step": torch.tensor(0)}, path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    inodes = {path.stat().st_ino for path in earlier}
+    released = []
+
+    def record(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_DONTNEED and (offset, length) == (0, 0)  # whole file
+        released.append((os.fstat(fd).st_ino, sorted(p.name for p in tmp_path.iterdir())))
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    io.save_checkpoint({"step": torch.tensor(1)}, tmp_path / "last.ckpt")
+    assert sorted(inode for inode, _ in released) == sorted(inodes)  # those two, not notes.txt
+    # Both before the new file was begun: no temporary file was in the folder yet.
+    assert all(not any(".tmp-" in name for name in names) for _, names in released)
+
+
 @pytest.mark.slow
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
