@@ -178,7 +178,7 @@ def _release_cached_checkpoints(folder: Path) -> None:
     Each save writes ~560 MB, and the kernel caches every byte of it. Files saved earlier are not
     read during training, so their cached pages are the memory the next save can reuse: handed
     back just before the write, they are taken again at once. On the 2-core benchmark machine
-    that made saves after the first 0.55-0.66 s instead of 1.4-1.7 s (README, Speed). The files
+    that made saves after the first 0.54-0.66 s instead of 1.37-1.71 s (README, Speed). The files
     were synced when saved, so this drops clean copies only; a later load reads them from disk.
     A no-op where ``posix_fadvise`` is missing.
     """
