@@ -1,5 +1,8 @@
 """Resume, determinism, SIGKILL and SIGTERM, NaN stops, atomic and data-only checkpoints."""
 
+import errno
+import fcntl
+import io
 import os
 import signal
 import subprocess
@@ -64,24 +67,58 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
-def test_save_first_releases_the_cached_pages_of_earlier_checkpoints(tmp_path, monkeypatch):
-    io, earlier = AtomicCheckpointIO(), [tmp_path / "best-epoch=00.ckpt", tmp_path / "last.ckpt"]
-    for path in earlier:
-        io.save_checkpoint({"step": torch.tensor(0)}, path)
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    inodes = {path.stat().st_ino for path in earlier}
-    released = []
+# A state that fills the 8 MB buffer more than once and ends mid-block.
+LARGE = {"weights": torch.arange(2_500_003, dtype=torch.float32), "step": torch.tensor(7)}
 
-    def record(fd, offset, length, advice):
-        assert advice == os.POSIX_FADV_DONTNEED and (offset, length) == (0, 0)  # whole file
-        released.append((os.fstat(fd).st_ino, sorted(p.name for p in tmp_path.iterdir())))
 
-    monkeypatch.setattr(os, "posix_fadvise", record)
-    io.save_checkpoint({"step": torch.tensor(1)}, tmp_path / "last.ckpt")
-    assert sorted(inode for inode, _ in released) == sorted(inodes)  # those two, not notes.txt
-    # Both before the new file was begun: no temporary file was in the folder yet.
-    assert all(not any(".tmp-" in name for name in names) for _, names in released)
+def torch_save_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this OS")
+def test_save_writes_past_the_page_cache_the_same_bytes(tmp_path, monkeypatch):
+    opened, real_open = [], os.open
+
+    def record(path, flags, *args, **kwargs):
+        opened.append((Path(path).name, flags))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", record)
+    AtomicCheckpointIO().save_checkpoint(LARGE, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    temporary = [flags for name, flags in opened if name.startswith("last.ckpt.tmp-")]
+    assert temporary and all(flags & os.O_DIRECT for flags in temporary)
+    # Whole blocks went out, yet the file ends where torch.save's stream ends.
+    assert (tmp_path / "last.ckpt").read_bytes() == torch_save_bytes(LARGE)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this OS")
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_save_falls_back_to_the_page_cache_where_o_direct_is_refused(
+    refused_at, tmp_path, monkeypatch
+):
+    real_open, real_write, refusals = os.open, os.write, []
+
+    def open_without_direct(path, flags, *args, **kwargs):
+        if refused_at == "open" and flags & os.O_DIRECT:
+            refusals.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    def write_without_direct(fd, data):
+        if refused_at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refusals.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", open_without_direct)
+    monkeypatch.setattr(os, "write", write_without_direct)
+    AtomicCheckpointIO().save_checkpoint(LARGE, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert len(refusals) == 1  # refused once, then buffered for the rest of the file
+    assert (tmp_path / "last.ckpt").read_bytes() == torch_save_bytes(LARGE)
 
 
 @pytest.mark.slow
