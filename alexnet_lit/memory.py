@@ -1,6 +1,7 @@
-"""A process-wide memory setting that makes CPU training steps faster: keep freed memory."""
+"""Process-wide memory settings that make runs faster: keep freed memory, freeze the imports."""
 
 import ctypes
+import gc
 import platform
 import sys
 
@@ -31,3 +32,19 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # mallopt returns 1 on success. A trim threshold of -1 turns trimming off (mallopt(3)).
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+
+
+def freeze_imported_objects() -> None:
+    """Collect once, then put every object alive now out of the garbage collector's reach.
+
+    For entry scripts that call ``gc.disable()`` before importing the package (see
+    ``scripts/train.py``). Importing Lightning, torchvision and what they import leaves ~780,000
+    objects that live until the process exits. With collection on, the collector scans them over
+    and over while the imports run (~0.9 s on the 2-core benchmark machine), and all of them once
+    more at exit (~1.1 s). Instead, one collection here (~0.4 s) frees what the imports left as
+    garbage, ``gc.freeze`` moves the survivors to the permanent generation, which no collection
+    scans, and collection is turned back on: objects made from now on are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.enable()

@@ -1,5 +1,8 @@
-"""keep_freed_memory: freed memory stays with the process, and fast.yaml turns it on."""
+"""keep_freed_memory (freed memory stays with the process; fast.yaml turns it on), and the entry
+scripts' garbage-collector start-up (freeze_imported_objects)."""
 
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -96,3 +99,46 @@ def test_gradients_are_freed_once_applied_and_kept_while_accumulating(accumulate
     trainer.fit(LitAlexNet(num_classes=2), loader)
     # Lightning alone zeroes them only after the next forward pass: [True, True] here.
     assert probe.present == expected
+
+
+# --- freeze_imported_objects --------------------------------------------------------------------
+
+_FREEZE_PROBE = """
+import gc, json, weakref
+gc.disable()
+class Node: pass
+node = Node(); node.itself = node; garbage = weakref.ref(node); del node  # a cycle: garbage
+from alexnet_lit.memory import freeze_imported_objects
+freeze_imported_objects()
+print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                  "garbage_freed": garbage() is None}))
+"""
+
+# Runs scripts/train.py as python would, with cli_main replaced by a probe of the collector.
+_TRAIN_PROBE = """
+import gc, json, runpy, sys
+import alexnet_lit.cli
+seen = {}
+alexnet_lit.cli.cli_main = lambda: seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+runpy.run_path(sys.argv[1], run_name="__main__")
+print(json.dumps(seen))
+"""
+
+
+def _probe(script: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", script, *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(result.stdout)
+
+
+def test_freeze_imported_objects_collects_once_then_freezes_the_survivors():
+    seen = _probe(_FREEZE_PROBE)
+    assert seen["garbage_freed"]  # the garbage made while collection was off is gone
+    assert seen["frozen"] > 100_000  # the imports' objects: out of every later collection
+    assert seen["enabled"]  # and collection is back on for everything made from now on
+
+
+def test_train_script_runs_the_cli_with_the_imports_frozen():
+    seen = _probe(_TRAIN_PROBE, str(ROOT / "scripts" / "train.py"))
+    assert seen["enabled"] and seen["frozen"] > 100_000
