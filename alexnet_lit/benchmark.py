@@ -32,6 +32,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+BENCHMARK_SCRIPT = REPO / "scripts" / "benchmark.py"
+# Run as a file, the baseline imports only torch and torchvision, as the tutorial's script does.
+TUTORIAL_SCRIPT = REPO / "alexnet_lit" / "tutorial_loop.py"
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,36 @@ def _write_photo(path: Path, key: tuple[int, ...], c: int) -> None:
 # --- one contender, as its own process ---------------------------------------------------------
 
 
+def contender_command(
+    name: str, data: Path, epochs: int, device: str, workdir: Path, ceiling_steps: int
+) -> list[str]:
+    """The command line that runs one contender; the others write ``workdir/<name>.json``."""
+    report = workdir / f"{name}.json"
+    if name in FITS:
+        command = [sys.executable, str(TRAIN_SCRIPT), "fit"]
+        for config in FITS[name]:
+            command += ["--config", config]
+        command += [
+            f"--data.data_dir={data}",
+            f"--trainer.max_epochs={epochs}",
+            f"--trainer.logger.init_args.save_dir={workdir}",
+        ]
+        if device == "cuda":
+            command += ["--trainer.accelerator=gpu", f"--data.num_workers={GPU_WORKERS}"]
+        return command
+    if name == "tutorial":
+        return [
+            sys.executable, str(TUTORIAL_SCRIPT), f"--data={data}", f"--epochs={epochs}",
+            f"--report={report}",
+        ]  # fmt: skip
+    # Through scripts/benchmark.py, which starts up as scripts/train.py does.
+    return [
+        sys.executable, str(BENCHMARK_SCRIPT), "--worker", name, f"--data={data}",
+        f"--epochs={epochs}", f"--device={device}", f"--steps={ceiling_steps}",
+        f"--report={report}",
+    ]  # fmt: skip
+
+
 def run_contender(
     name: str,
     data: Path,
@@ -141,23 +174,8 @@ def run_contender(
     so that one broken run does not cost the others.
     """
     report = workdir / f"{name}.json"
-    if name in FITS:
-        command = [sys.executable, str(TRAIN_SCRIPT), "fit"]
-        for config in FITS[name]:
-            command += ["--config", config]
-        command += [
-            f"--data.data_dir={data}",
-            f"--trainer.max_epochs={epochs}",
-            f"--trainer.logger.init_args.save_dir={workdir}",
-        ]
-        if device == "cuda":
-            command += ["--trainer.accelerator=gpu", f"--data.num_workers={GPU_WORKERS}"]
-        cwd = REPO
-    else:
-        command = [sys.executable, "-m", "alexnet_lit.benchmark", "--worker", name]
-        command += [f"--data={data}", f"--epochs={epochs}", f"--device={device}"]
-        command += [f"--steps={ceiling_steps}", f"--report={report}"]
-        cwd = workdir
+    command = contender_command(name, data, epochs, device, workdir, ceiling_steps)
+    cwd = REPO if name in FITS else workdir
     # The checkout under test, not whatever copy of the package is installed.
     env = {
         **os.environ,
@@ -220,17 +238,7 @@ def _epoch_times(run: Path) -> list[float]:
     return [event.value for event in events.Scalars("train/epoch_time_s")]
 
 
-# --- the contenders that are not scripts/train.py, run as ``--worker NAME`` ---------------------
-
-
-def _worker_tutorial(data: Path, epochs: int, device: str, steps: int) -> dict:
-    from alexnet_lit.tutorial_loop import run_tutorial
-
-    train_seconds: list[float] = []
-    return {
-        "val_acc": run_tutorial(data, epochs, train_seconds=train_seconds),
-        "train_seconds": train_seconds,
-    }
+# --- the contenders run as ``scripts/benchmark.py --worker NAME`` -----------------------------
 
 
 def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
@@ -354,7 +362,6 @@ def _synchronize(device: str) -> None:
 
 
 WORKERS = {
-    "tutorial": _worker_tutorial,
     "plain": _worker_plain,
     "data_ceiling": lambda data, epochs, device, steps: _data_ceiling(data, epochs, device),
     "data_ceiling_decode": lambda data, epochs, device, steps: _data_ceiling(

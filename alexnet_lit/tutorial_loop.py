@@ -5,6 +5,8 @@ loader workers whatever the machine, validation batches of 5, and a ``loss.item(
 every step. Do not use it to train; use ``scripts/train.py``.
 """
 
+import argparse
+import json
 import time
 from pathlib import Path
 
@@ -105,3 +107,24 @@ def run_tutorial(
             best_acc = acc
             torch.save(model.state_dict(), out)
     return best_acc
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The benchmark's baseline process: run the loop, write its report as JSON.
+
+    Run as a file (``python alexnet_lit/tutorial_loop.py``), not as a module of the package, so
+    that the process imports what the tutorial's script imports (torch and torchvision) and not
+    Lightning and the rest, whose import time, exit time and memory are not the tutorial's.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="an ImageFolder root")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--report", type=Path, required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    train_seconds: list[float] = []
+    val_acc = run_tutorial(args.data, args.epochs, train_seconds=train_seconds)
+    args.report.write_text(json.dumps({"val_acc": val_acc, "train_seconds": train_seconds}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,20 @@
 """The benchmark's CPU paths, on a few images: every contender runs and the table adds up."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from alexnet_lit.benchmark import benchmark, format_table, main, make_photo_folder, summarize
+from alexnet_lit.benchmark import (
+    TUTORIAL_SCRIPT,
+    benchmark,
+    contender_command,
+    format_table,
+    main,
+    make_photo_folder,
+    summarize,
+)
 
 
 def test_photo_folder_is_a_jpeg_image_folder(tmp_path):
@@ -62,3 +72,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
         main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_the_baseline_process_imports_only_what_the_tutorial_imports(tmp_path):
+    command = contender_command("tutorial", tmp_path, 1, "cpu", tmp_path, 1)
+    assert command[:2] == [sys.executable, str(TUTORIAL_SCRIPT)]  # a file, not the package
+    # -X importtime lists every module the process imports, on stderr.
+    command = [sys.executable, "-X", "importtime", str(TUTORIAL_SCRIPT), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert {"torch", "torchvision"} <= imported
+    assert not {"lightning", "torchmetrics", "alexnet_lit"} & imported
