@@ -1,7 +1,9 @@
-"""keep_freed_memory (freed memory stays with the process; fast.yaml turns it on), and the entry
-scripts' garbage-collector start-up (freeze_imported_objects)."""
+"""keep_freed_memory (freed memory stays with the process; fast.yaml turns it on), gradients freed
+early (after the step, or in backward with optimizer_in_backward), and the entry scripts'
+garbage-collector start-up (freeze_imported_objects)."""
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from alexnet_lit import LitAlexNet, cli, module
@@ -99,6 +102,55 @@ def test_gradients_are_freed_once_applied_and_kept_while_accumulating(accumulate
     trainer.fit(LitAlexNet(num_classes=2), loader)
     # Lightning alone zeroes them only after the next forward pass: [True, True] here.
     assert probe.present == expected
+
+
+# --- optimizer_in_backward -----------------------------------------------------------------------
+
+
+class _GradientsAfterBackward(L.Callback):
+    def __init__(self) -> None:
+        self.present: list[bool] = []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.present.append(any(p.grad is not None for p in pl_module.parameters()))
+
+
+def _fit_four_steps(in_backward: bool, **trainer_args) -> tuple[list, list[bool]]:
+    """Weights after 4 training steps, and whether gradients were left after each backward."""
+    torch.manual_seed(0)
+    images, targets = torch.randn(8, 3, 72, 72), torch.tensor([0, 1] * 4)
+    model = LitAlexNet(num_classes=2, channels_last=True, optimizer_in_backward=in_backward)
+    probe = _GradientsAfterBackward()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[probe], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        **trainer_args,
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(TensorDataset(images, targets), batch_size=2))
+    assert model._in_backward_hooks == []  # removed when the fit ends
+    return [p.detach().clone() for p in model.parameters()], probe.present
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_optimizer_in_backward_frees_each_gradient_and_trains_the_same(precision):
+    usual, kept = _fit_four_steps(False, precision=precision)
+    weights, left = _fit_four_steps(True, precision=precision)
+    assert kept == [True] * 4 and left == [False] * 4  # applied and freed during backward
+    assert all(torch.equal(a, b) for a, b in zip(usual, weights, strict=True))  # bit-identical
+
+
+def test_optimizer_in_backward_steps_after_backward_where_clipping_needs_every_gradient(caplog):
+    usual, _ = _fit_four_steps(False, gradient_clip_val=0.01)
+    with caplog.at_level(logging.INFO):
+        weights, left = _fit_four_steps(True, gradient_clip_val=0.01)
+    assert left == [True] * 4  # the gradients were there for the clipping
+    assert all(torch.equal(a, b) for a, b in zip(usual, weights, strict=True))
+    assert "stepping after backward, as trainer.gradient_clip_val" in caplog.text
+
+
+def test_default_config_applies_the_optimizer_in_backward():
+    config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert config["model"]["optimizer_in_backward"] is True
 
 
 # --- freeze_imported_objects --------------------------------------------------------------------
