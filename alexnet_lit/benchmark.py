@@ -245,6 +245,7 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     """The project's model, DataModule loaders and checkpoints in a hand-written loop."""
     from alexnet_lit import ImageFolderDataModule, LitAlexNet
     from alexnet_lit.fault_tolerance import AtomicCheckpointIO
+    from alexnet_lit.module import step_in_backward
 
     torch.manual_seed(0)
     workers = GPU_WORKERS if device == "cuda" else None
@@ -254,6 +255,7 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
         num_classes=dm.num_classes, class_names=dm.class_names, channels_last=True
     ).to(device)  # as configs/default.yaml
     optimizer, writer = module.optimizer(module.parameters()), AtomicCheckpointIO()
+    step_in_backward(module.parameters(), optimizer)  # as default.yaml's optimizer_in_backward
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best, train_seconds = -1.0, []
     for epoch in range(epochs):
@@ -261,9 +263,7 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
         start = time.perf_counter()
         for batch in train_loader:  # a LoadedBatch: images, targets, skipped files
             loss = module.loss_fn(module(batch.images.to(device)), batch.targets.to(device))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # freed once applied, as LitAlexNet does
+            loss.backward()  # which applies and frees each gradient
         _synchronize(device)
         train_seconds.append(time.perf_counter() - start)
         module.eval()

@@ -32,6 +32,23 @@ def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-4, fused=True)
 
 
+def step_in_backward(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> list:
+    """Step ``optimizer`` for each parameter as soon as backward has accumulated its gradient,
+    then free that gradient; returns the hook handles (``handle.remove()`` undoes it).
+
+    Backward produces one gradient at a time, so when a hook runs, the only gradient present is
+    its parameter's: ``optimizer.step()`` updates that parameter alone, with the same arithmetic
+    as one step over all of them, and a later ``step()`` finds nothing left to do. Gradients
+    must start each backward as None (``zero_grad(set_to_none=True)``).
+    """
+
+    def step_now(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step_now) for p in params if p.requires_grad]
+
+
 class LitAlexNet(L.LightningModule):
     """AlexNet trained with cross-entropy; a checkpoint records its classes and preprocessing.
 
@@ -234,17 +251,7 @@ class LitAlexNet(L.LightningModule):
         if reason:
             rank_zero_info(f"model.optimizer_in_backward: stepping after backward, {reason}.")
             return
-        optimizer = self.trainer.optimizers[0]
-
-        def step_now(param: torch.Tensor) -> None:
-            optimizer.step()  # the only gradient present is this parameter's
-            param.grad = None
-
-        self._in_backward_hooks = [
-            param.register_post_accumulate_grad_hook(step_now)
-            for param in self.parameters()
-            if param.requires_grad
-        ]
+        self._in_backward_hooks = step_in_backward(self.parameters(), self.trainer.optimizers[0])
 
     def teardown(self, stage: str) -> None:
         self._remove_in_backward_steps()
