@@ -32,18 +32,39 @@ def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-4, fused=True)
 
 
-def step_in_backward(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> list:
+# Optimizers whose update of a parameter reads that parameter's gradient and state only, so that
+# stepping the parameters one at a time is the same arithmetic as one step over all of them.
+PER_PARAMETER_OPTIMIZERS = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad,
+    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
+)  # fmt: skip
+
+
+def step_in_backward(
+    params: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    active: Callable[[], bool] = lambda: True,
+) -> list:
     """Step ``optimizer`` for each parameter as soon as backward has accumulated its gradient,
     then free that gradient; returns the hook handles (``handle.remove()`` undoes it).
 
-    Backward produces one gradient at a time, so when a hook runs, the only gradient present is
-    its parameter's: ``optimizer.step()`` updates that parameter alone, with the same arithmetic
-    as one step over all of them, and a later ``step()`` finds nothing left to do. Gradients
-    must start each backward as None (``zero_grad(set_to_none=True)``).
+    Each hook steps its own parameter alone: any other gradient present (of a parameter without
+    a hook, say one unfrozen later) is set aside for the step and put back, so the usual step
+    after backward applies it, once. Meant for the optimizers in ``PER_PARAMETER_OPTIMIZERS``,
+    for which this is the same arithmetic as one step over all parameters. While ``active()`` is
+    false the hooks do nothing, and gradients accumulate as usual.
     """
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step_now(param: torch.Tensor) -> None:
+        if not active():
+            return
+        others = [(p, p.grad) for p in in_optimizer if p is not param and p.grad is not None]
+        for other, _ in others:
+            other.grad = None
         optimizer.step()
+        for other, grad in others:
+            other.grad = grad
         param.grad = None
 
     return [p.register_post_accumulate_grad_hook(step_now) for p in params if p.requires_grad]
@@ -82,7 +103,8 @@ class LitAlexNet(L.LightningModule):
             come out bit-identical); ~150 MB lower peak memory in fp32 on the benchmark CPU
             (``configs/default.yaml`` turns it on; README, Speed). Where the whole set of
             gradients is needed after backward (gradient clipping or accumulation, several
-            processes or optimizers, a gradient scaler) training steps after backward as usual,
+            processes or optimizers, a gradient scaler), or for an optimizer not in
+            ``PER_PARAMETER_OPTIMIZERS`` (LBFGS, say), training steps after backward as usual,
             and says so. Callbacks that read gradients in ``on_before_optimizer_step`` or
             ``on_after_backward`` see none while it is on.
     """
@@ -244,14 +266,21 @@ class LitAlexNet(L.LightningModule):
             self.optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def on_fit_start(self) -> None:
-        self._remove_in_backward_steps()  # a fit started again (the LR finder, say)
+        self._remove_in_backward_steps()  # those of an earlier fit of this module
         if not self.hparams.optimizer_in_backward:
             return
         reason = self._needs_gradients_after_backward()
         if reason:
             rank_zero_info(f"model.optimizer_in_backward: stepping after backward, {reason}.")
             return
-        self._in_backward_hooks = step_in_backward(self.parameters(), self.trainer.optimizers[0])
+        # Inactive outside training: a fit that raised never reaches teardown, and a backward
+        # run by hand afterwards must not step the optimizer.
+        self._in_backward_hooks = step_in_backward(
+            self.parameters(), self.trainer.optimizers[0], active=self._in_training
+        )
+
+    def _in_training(self) -> bool:
+        return self._trainer is not None and self.trainer.training
 
     def teardown(self, stage: str) -> None:
         self._remove_in_backward_steps()
@@ -266,6 +295,12 @@ class LitAlexNet(L.LightningModule):
         trainer = self.trainer
         if not self.automatic_optimization or len(trainer.optimizers) != 1:
             return "as it needs automatic optimization with one optimizer"
+        optimizer = trainer.optimizers[0]
+        if type(optimizer) not in PER_PARAMETER_OPTIMIZERS:
+            names = ", ".join(kind.__name__ for kind in PER_PARAMETER_OPTIMIZERS)
+            return f"as it supports only the per-parameter optimizers {names}"
+        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+            return "as the optimizer has step hooks, which expect one step per batch"
         if trainer.accumulate_grad_batches != 1 or any(
             isinstance(callback, GradientAccumulationScheduler) for callback in trainer.callbacks
         ):

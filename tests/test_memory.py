@@ -115,14 +115,17 @@ class _GradientsAfterBackward(L.Callback):
         self.present.append(any(p.grad is not None for p in pl_module.parameters()))
 
 
-def _fit_four_steps(in_backward: bool, **trainer_args) -> tuple[list, list[bool]]:
+def _fit_four_steps(
+    in_backward: bool, callbacks: list | None = None, model_args: dict | None = None, **trainer_args
+) -> tuple[list, list[bool]]:
     """Weights after 4 training steps, and whether gradients were left after each backward."""
     torch.manual_seed(0)
     images, targets = torch.randn(8, 3, 72, 72), torch.tensor([0, 1] * 4)
-    model = LitAlexNet(num_classes=2, channels_last=True, optimizer_in_backward=in_backward)
+    model_args = {"channels_last": True, **(model_args or {})}
+    model = LitAlexNet(num_classes=2, optimizer_in_backward=in_backward, **model_args)
     probe = _GradientsAfterBackward()
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=[probe], logger=False,
+        accelerator="cpu", max_epochs=1, callbacks=[probe, *(callbacks or [])], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         **trainer_args,
     )  # fmt: skip
@@ -131,21 +134,79 @@ def _fit_four_steps(in_backward: bool, **trainer_args) -> tuple[list, list[bool]
     return [p.detach().clone() for p in model.parameters()], probe.present
 
 
+def _same(first: list, second: list) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_optimizer_in_backward_frees_each_gradient_and_trains_the_same(precision):
     usual, kept = _fit_four_steps(False, precision=precision)
     weights, left = _fit_four_steps(True, precision=precision)
     assert kept == [True] * 4 and left == [False] * 4  # applied and freed during backward
-    assert all(torch.equal(a, b) for a, b in zip(usual, weights, strict=True))  # bit-identical
+    assert _same(usual, weights)  # bit-identical
 
 
-def test_optimizer_in_backward_steps_after_backward_where_clipping_needs_every_gradient(caplog):
-    usual, _ = _fit_four_steps(False, gradient_clip_val=0.01)
+def _lbfgs(params):
+    return torch.optim.LBFGS(params, lr=0.1, max_iter=2)
+
+
+# LBFGS's step needs a closure; it flattens the weights with view(), so no channels-last.
+@pytest.mark.parametrize(
+    ("setting", "trainer_args", "model_args"),
+    [
+        ("trainer.gradient_clip_val", {"gradient_clip_val": 0.01}, None),
+        ("trainer.accumulate_grad_batches", {"accumulate_grad_batches": 2}, None),
+        ("per-parameter optimizers", {}, {"optimizer": _lbfgs, "channels_last": False}),
+    ],
+)
+def test_optimizer_in_backward_steps_after_backward_where_it_cannot_apply(
+    setting, trainer_args, model_args, caplog
+):
+    usual, _ = _fit_four_steps(False, model_args=model_args, **trainer_args)
     with caplog.at_level(logging.INFO):
-        weights, left = _fit_four_steps(True, gradient_clip_val=0.01)
-    assert left == [True] * 4  # the gradients were there for the clipping
-    assert all(torch.equal(a, b) for a, b in zip(usual, weights, strict=True))
-    assert "stepping after backward, as trainer.gradient_clip_val" in caplog.text
+        weights, left = _fit_four_steps(True, model_args=model_args, **trainer_args)
+    assert all(left)  # the gradients were there after backward
+    assert _same(usual, weights)
+    assert "model.optimizer_in_backward: stepping after backward" in caplog.text
+    assert setting in caplog.text
+
+
+class _UnfreezeAfterFirstStep(L.Callback):
+    """Freezes the last layer's weight before the fit and unfreezes it after the first step,
+    as fine-tuning callbacks do: a parameter that gets gradients but no hook."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module.model.classifier[-1].weight.requires_grad_(False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.model.classifier[-1].weight.requires_grad_(True)
+
+
+def test_optimizer_in_backward_steps_a_parameter_unfrozen_later_once_per_batch():
+    usual, _ = _fit_four_steps(False, callbacks=[_UnfreezeAfterFirstStep()])
+    weights, _ = _fit_four_steps(True, callbacks=[_UnfreezeAfterFirstStep()])
+    assert _same(usual, weights)
+
+
+class _FailAtSecondStep(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            raise RuntimeError("stop here")
+
+
+def test_optimizer_in_backward_does_nothing_after_a_fit_that_raised():
+    model = LitAlexNet(num_classes=2, optimizer_in_backward=True)
+    images, targets = torch.randn(4, 3, 72, 72), torch.tensor([0, 1, 0, 1])
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[_FailAtSecondStep()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.fit(model, DataLoader(TensorDataset(images, targets), batch_size=2))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(images).sum().backward()  # by hand, in a notebook say
+    assert _same(before, [p.detach() for p in model.parameters()])  # no step was taken
+    assert all(p.grad is not None for p in model.parameters())  # gradients as usual
 
 
 def test_default_config_applies_the_optimizer_in_backward():
@@ -166,12 +227,19 @@ print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
                   "garbage_freed": garbage() is None}))
 """
 
-# Runs scripts/train.py as python would, with cli_main replaced by a probe of the collector.
+# Runs scripts/train.py as python would. A stand-in alexnet_lit.cli records the collector's state
+# when cli_main is called; gc.disable records whether Lightning was imported before it.
 _TRAIN_PROBE = """
-import gc, json, runpy, sys
-import alexnet_lit.cli
+import gc, json, runpy, sys, types
 seen = {}
-alexnet_lit.cli.cli_main = lambda: seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+real_disable = gc.disable
+def disable():
+    seen["lightning_before_disable"] = "lightning" in sys.modules
+    real_disable()
+gc.disable = disable
+cli = types.ModuleType("alexnet_lit.cli")
+cli.cli_main = lambda: seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+sys.modules["alexnet_lit.cli"] = cli
 runpy.run_path(sys.argv[1], run_name="__main__")
 print(json.dumps(seen))
 """
@@ -193,4 +261,5 @@ def test_freeze_imported_objects_collects_once_then_freezes_the_survivors():
 
 def test_train_script_runs_the_cli_with_the_imports_frozen():
     seen = _probe(_TRAIN_PROBE, str(ROOT / "scripts" / "train.py"))
+    assert seen["lightning_before_disable"] is False  # collection was off for the imports
     assert seen["enabled"] and seen["frozen"] > 100_000
