@@ -83,8 +83,9 @@ class DirectWriter:
     0.4-1.5 s buffered (fresh page-cache memory is slow to take there; README, Speed). Bytes are
     gathered in a page-aligned buffer (an anonymous mmap) and written in whole blocks, as
     O_DIRECT requires; ``close`` pads the last block, truncates the file to its true length and
-    syncs it. Where the OS or filesystem refuses O_DIRECT (no such flag, tmpfs, some network and
-    FUSE filesystems) the same writes go through the page cache instead.
+    syncs it. Where the OS or filesystem refuses O_DIRECT (no such flag, tmpfs before Linux 6.6,
+    some network and FUSE filesystems) the same writes go through the page cache instead. Only
+    sequential writes: no ``seek`` (``torch.save`` needs none, except under ``skip_data``).
     """
 
     BLOCK = 4096  # the offset, length and memory alignment O_DIRECT asks for on common disks
@@ -101,7 +102,11 @@ class DirectWriter:
                 raise
             self._fd = os.open(path, flags, 0o666)  # a filesystem without O_DIRECT
             self._direct = False
-        self._buffer = mmap.mmap(-1, self.BUFFER)
+        try:
+            self._buffer = mmap.mmap(-1, self.BUFFER)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._view = memoryview(self._buffer)
         self._filled = 0
         self._length = 0
