@@ -4,10 +4,25 @@ import ctypes
 import gc
 import platform
 import sys
+from typing import Any
 
-# mallopt(3) parameters of glibc's malloc.h.
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+
+# mallopt(3) parameters of glibc's malloc.h, and the defaults mallopt(3) gives for them.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_MAX = 65536
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    return libc
 
 
 def keep_freed_memory() -> bool:
@@ -18,20 +33,91 @@ def keep_freed_memory() -> bool:
     buffer over 32 MB to the kernel as soon as it is freed (mmap and munmap) and trims the heap,
     so every step faults the same memory back in, page by page. Serving all allocations from the
     heap and never trimming it keeps those pages. On the 2-core benchmark machine the compute
-    ceiling rose ~10% in fp32 and 10-20% under bf16 autocast, for ~0.1-0.2 GB more peak memory:
-    what is freed stays with the process (README, Speed). Applies to this process from now on,
-    and to the processes it forks afterwards, such as loader workers.
+    ceiling rose ~10% in fp32 and 10-20% under bf16 autocast (README, Speed). What is freed
+    stays with the process: turn it on once the long-lived memory is allocated, and give it back
+    with ``give_back_freed_memory`` (``KeepFreedMemory`` does both). Applies to this process
+    from now on, and to the processes it forks afterwards.
 
     Returns:
         Whether glibc took the setting: False where the C library is not glibc. A malloc
         preloaded in its place (jemalloc, tcmalloc) does not see it, and has its own caching.
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc = _glibc()
     # mallopt returns 1 on success. A trim threshold of -1 turns trimming off (mallopt(3)).
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    return (
+        libc is not None
+        and libc.mallopt(_M_MMAP_MAX, 0) == 1
+        and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    )
+
+
+def give_back_freed_memory() -> bool:
+    """Undo ``keep_freed_memory``: return the heap's free memory to the kernel, and let glibc
+    map large buffers and trim its heap again (with mallopt(3)'s default limits).
+
+    Returns:
+        Whether glibc took the settings: False where the C library is not glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    settings = (
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
+        and libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1
+    )
+    libc.malloc_trim(0)  # returns 1 if it released memory, 0 if there was none to release
+    return settings
+
+
+class KeepFreedMemory(L.Callback):
+    """Keep freed memory (``keep_freed_memory``) while a trainer runs its steps; give it back
+    when it is done. ``configs/fast.yaml`` adds it through ``keep_freed_memory: true``.
+
+    A fit turns it on after its first optimizer step, once the weights and the optimizer state
+    exist: allocated before, each of their large tensors has a mapping of its own. Turned on
+    earlier, the 374 MB of Adam state, which the first step allocates, landed in the heap among
+    that step's buffers, leaving holes that later buffers did not fit, and the heap settled
+    0.1-0.2 GB larger. Validate, test and predict turn it on when they start. At the end, even
+    one that raised, the free heap goes back to the kernel: kept to the exit, it set the
+    process's peak there (README, Speed).
+    """
+
+    def __init__(self) -> None:
+        self._kept = False
+
+    def _keep(self) -> None:
+        if not self._kept:
+            self._kept = keep_freed_memory()
+
+    def _give_back(self) -> None:
+        if self._kept:
+            give_back_freed_memory()
+            self._kept = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.global_step > 0:  # the optimizer has stepped (not yet while accumulating)
+            self._keep()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not a fit's validation
+            self._keep()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._keep()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._keep()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._give_back()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._give_back()
 
 
 def freeze_imported_objects() -> None:

@@ -251,8 +251,6 @@ def test_gpu_decode_never_writes_memory_queued_kernels_still_read(tmp_path):
 @cuda_only
 def test_cli_fit_on_gpu_decodes_on_device(odd_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # fast.yaml's keep_freed_memory would hold for the rest of the test session: leave it out.
-    monkeypatch.setattr("alexnet_lit.cli.keep_freed_memory", lambda: False)
     cli = cli_main(
         ["fit", "--config", DEFAULT_CONFIG, "--config", str(ROOT / "configs" / "fast.yaml"),
          "--config", str(ROOT / "configs" / "decode_on_device.yaml"),

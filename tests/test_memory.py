@@ -1,6 +1,6 @@
-"""keep_freed_memory (freed memory stays with the process; fast.yaml turns it on), gradients freed
-early (after the step, or in backward with optimizer_in_backward), and the entry scripts'
-garbage-collector start-up (freeze_imported_objects)."""
+"""keep_freed_memory (freed memory stays with the process while fast.yaml's runs step),
+gradients freed early (after the step, or in backward with optimizer_in_backward), and the entry
+scripts' garbage-collector start-up (freeze_imported_objects)."""
 
 import json
 import logging
@@ -16,32 +16,31 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from alexnet_lit import LitAlexNet, cli, module
+from alexnet_lit import LitAlexNet, cli, memory
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
-# Allocates and frees 256 MB, then prints how much of it is still resident (MB). It loads
-# memory.py by its path: the package's __init__ would import torch and Lightning, for nothing.
+# Allocates and frees 256 MB, then prints how much of it is still resident (MB).
 _PROBE = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("memory", sys.argv[2])
-memory = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(memory)
+import sys
+from alexnet_lit import memory
 def rss_mb():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
-if sys.argv[1] == "keep":
+if sys.argv[1] != "default":
     assert memory.keep_freed_memory()
 before = rss_mb()
 buffer = b"x" * (256 << 20)  # written, so every page is resident
 del buffer
+if sys.argv[1] == "given back":
+    assert memory.give_back_freed_memory()
 print(rss_mb() - before)
 """
 
 
 def _resident_after_free(mode: str) -> float:
-    command = [sys.executable, "-c", _PROBE, mode, str(ROOT / "alexnet_lit" / "memory.py")]
+    command = [sys.executable, "-c", _PROBE, mode]
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
@@ -49,36 +48,80 @@ def _resident_after_free(mode: str) -> float:
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="a glibc malloc setting",
 )
-def test_freed_memory_stays_resident_only_when_kept():
+def test_freed_memory_stays_resident_only_while_kept():
     assert _resident_after_free("default") < 64  # glibc gave the 256 MB back to the kernel
-    assert _resident_after_free("keep") > 192  # kept for the next allocation
+    assert _resident_after_free("kept") > 192  # kept for the next allocation
+    assert _resident_after_free("given back") < 64
+
+
+@pytest.fixture
+def malloc_calls(monkeypatch) -> list[str]:
+    """Records the settings KeepFreedMemory makes instead of making them: they are process-wide."""
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(memory, "give_back_freed_memory", lambda: calls.append("give back"))
+    return calls
 
 
 @pytest.mark.parametrize(
-    ("configs", "applied"),
-    [(["default.yaml"], False), (["default.yaml", "fast.yaml"], True)],
+    ("configs", "expected"),
+    [(["default.yaml"], []), (["default.yaml", "fast.yaml"], ["keep", "give back"])],
 )
-def test_fast_yaml_keeps_freed_memory_before_building_the_model(
-    configs, applied, image_folder, tmp_path, monkeypatch
+def test_fast_yaml_keeps_freed_memory_for_the_run(
+    configs, expected, image_folder, tmp_path, monkeypatch, malloc_calls
 ):
-    calls = []  # the setting is process-wide and for good: record it instead of making it
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True) or True)
-    built = []  # how many settings had been made when the network was built
-    network = module.AlexNet
-
-    def build(*args, **kwargs):
-        built.append(len(calls))
-        return network(*args, **kwargs)
-
-    monkeypatch.setattr(module, "AlexNet", build)
     monkeypatch.chdir(tmp_path)
     configs = [arg for name in configs for arg in ("--config", str(CONFIGS / name))]
     cli.cli_main(
         ["fit", *configs, f"--data.data_dir={image_folder}", "--data.image_size=96",
-         "--data.batch_size=4", "--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false"]
+         "--data.batch_size=4", "--trainer.fast_dev_run=2", "--trainer.enable_progress_bar=false"]
     )  # fmt: skip
-    assert calls == ([True] if applied else [])
-    assert built == [len(calls)]  # built once, after the setting (if any)
+    assert malloc_calls == expected
+
+
+def _trainer(**trainer_args) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_args,
+    )  # fmt: skip
+
+
+def _loader() -> DataLoader:
+    images, targets = torch.randn(8, 3, 72, 72), torch.tensor([0, 1] * 4)
+    return DataLoader(TensorDataset(images, targets), batch_size=2)
+
+
+def test_keep_freed_memory_starts_after_the_first_optimizer_step(malloc_calls, monkeypatch):
+    model = LitAlexNet(num_classes=2)
+    seen = []  # the step and optimizer state when the setting was made
+
+    def keep() -> bool:
+        optimizer = model.trainer.optimizers[0]
+        seen.append((model.trainer.global_step, len(optimizer.state)))
+        return True
+
+    monkeypatch.setattr(memory, "keep_freed_memory", keep)
+    trainer = _trainer(accumulate_grad_batches=2, num_sanity_val_steps=1,
+                       callbacks=[memory.KeepFreedMemory()])  # fmt: skip
+    trainer.fit(model, _loader(), _loader())
+    # Not in the sanity check, nor after the first batch: its gradient was only accumulated.
+    assert seen == [(1, len(list(model.parameters())))]
+    assert malloc_calls == ["give back"]
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_keep_freed_memory_holds_for_a_whole_evaluation(stage, malloc_calls):
+    getattr(_trainer(callbacks=[memory.KeepFreedMemory()]), stage)(
+        LitAlexNet(num_classes=2), _loader()
+    )
+    assert malloc_calls == ["keep", "give back"]
+
+
+def test_keep_freed_memory_gives_memory_back_after_a_fit_that_raised(malloc_calls):
+    trainer = _trainer(callbacks=[memory.KeepFreedMemory(), _FailAtSecondStep()])
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.fit(LitAlexNet(num_classes=2), _loader())
+    assert malloc_calls == ["keep", "give back"]
 
 
 class _GradientsAfterEachBatch(L.Callback):
