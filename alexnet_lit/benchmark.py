@@ -327,7 +327,7 @@ def _ceiling(
     The bf16 ceilings keep freed memory after the first step, as ``configs/fast.yaml`` does;
     the fp32 one does not, as ``configs/default.yaml``.
     """
-    from alexnet_lit.memory import keep_freed_memory
+    from alexnet_lit.memory import give_back_freed_memory, keep_freed_memory
     from alexnet_lit.model import AlexNet
     from alexnet_lit.module import tutorial_adam
 
@@ -342,7 +342,7 @@ def _ceiling(
     dtype = torch.bfloat16 if bf16 else torch.float32
     for step in range(warmup + steps):
         if step == 1 and bf16:
-            keep_freed_memory()  # once the weights and Adam's state exist, as KeepFreedMemory
+            keep_freed_memory()  # once the weights and Adam's state exist, as KeepFreedMemory does
         if step == warmup:
             _synchronize(device)
             start = time.perf_counter()
@@ -352,7 +352,10 @@ def _ceiling(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # freed once applied, as LitAlexNet does
     _synchronize(device)
-    return {"images_per_s": steps * batch / (time.perf_counter() - start)}
+    images_per_s = steps * batch / (time.perf_counter() - start)
+    if bf16:
+        give_back_freed_memory()
+    return {"images_per_s": images_per_s}
 
 
 def _synchronize(device: str) -> None:

@@ -9,11 +9,15 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-# mallopt(3) parameters of glibc's malloc.h, and the defaults mallopt(3) gives for them.
+# mallopt(3) parameters of glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024
-_DEFAULT_MMAP_MAX = 65536
+# What give_back_freed_memory sets: glibc's default number of mappings, and the thresholds its
+# dynamic adjustment reaches at most (mallopt(3)), as in a process that has freed large buffers.
+_MMAP_MAX = 65536
+_MMAP_THRESHOLD = 32 << 20
+_TRIM_THRESHOLD = 64 << 20
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -53,7 +57,11 @@ def keep_freed_memory() -> bool:
 
 def give_back_freed_memory() -> bool:
     """Undo ``keep_freed_memory``: return the heap's free memory to the kernel, and let glibc
-    map large buffers and trim its heap again (with mallopt(3)'s default limits).
+    map large buffers and trim its heap again.
+
+    glibc's dynamic thresholds cannot be turned back on once ``mallopt`` has set one, so this
+    sets the values they reach at most: buffers over 32 MB get mappings of their own, and the heap
+    is trimmed when over 64 MB at its top is free.
 
     Returns:
         Whether glibc took the settings: False where the C library is not glibc.
@@ -62,8 +70,9 @@ def give_back_freed_memory() -> bool:
     if libc is None:
         return False
     settings = (
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
-        and libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1
+        libc.mallopt(_M_MMAP_MAX, _MMAP_MAX) == 1
+        and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+        and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     )
     libc.malloc_trim(0)  # returns 1 if it released memory, 0 if there was none to release
     return settings
@@ -71,28 +80,30 @@ def give_back_freed_memory() -> bool:
 
 class KeepFreedMemory(L.Callback):
     """Keep freed memory (``keep_freed_memory``) while a trainer runs its steps; give it back
-    when it is done. ``configs/fast.yaml`` adds it through ``keep_freed_memory: true``.
+    when they are done. ``configs/fast.yaml`` adds it through ``keep_freed_memory: true``.
 
     A fit turns it on after its first optimizer step, once the weights and the optimizer state
     exist: allocated before, each of their large tensors has a mapping of its own. Turned on
     earlier, the 374 MB of Adam state, which the first step allocates, landed in the heap among
-    that step's buffers, leaving holes that later buffers did not fit, and the heap settled
-    0.1-0.2 GB larger. Validate, test and predict turn it on when they start. At the end, even
-    one that raised, the free heap goes back to the kernel: kept to the exit, it set the
-    process's peak there (README, Speed).
+    that step's buffers, leaving holes that later buffers did not fit: ~0.1 GB more at the peak.
+    Validate, test and predict turn it on when they start. When the steps end, or a run raises,
+    the free heap goes back to the kernel: kept to the exit, it set the process's peak there
+    (README, Speed). Loader workers forked before it is on do not keep freed memory.
     """
 
     def __init__(self) -> None:
+        self._asked = False  # once per run, also where the C library is not glibc
         self._kept = False
 
     def _keep(self) -> None:
-        if not self._kept:
+        if not self._asked:
+            self._asked = True
             self._kept = keep_freed_memory()
 
     def _give_back(self) -> None:
         if self._kept:
             give_back_freed_memory()
-            self._kept = False
+        self._asked = self._kept = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -101,15 +112,28 @@ class KeepFreedMemory(L.Callback):
         if trainer.global_step > 0:  # the optimizer has stepped (not yet while accumulating)
             self._keep()
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._give_back()  # before Lightning moves the weights off a GPU into host memory
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # not a fit's validation
             self._keep()
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._give_back()
+
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._keep()
 
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._give_back()
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._keep()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._give_back()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -117,7 +141,7 @@ class KeepFreedMemory(L.Callback):
         self._give_back()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._give_back()
+        self._give_back()  # a run that ended early, as the tuner's trial fits do
 
 
 def freeze_imported_objects() -> None:

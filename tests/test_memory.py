@@ -35,13 +35,17 @@ buffer = b"x" * (256 << 20)  # written, so every page is resident
 del buffer
 if sys.argv[1] == "given back":
     assert memory.give_back_freed_memory()
+    buffer = b"x" * (256 << 20)  # and a buffer freed after that is given back at once
+    del buffer
 print(rss_mb() - before)
 """
 
 
 def _resident_after_free(mode: str) -> float:
     command = [sys.executable, "-c", _PROBE, mode]
-    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return float(run.stdout)
 
 
 @pytest.mark.skipif(
@@ -91,8 +95,13 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(images, targets), batch_size=2)
 
 
-def test_keep_freed_memory_starts_after_the_first_optimizer_step(malloc_calls, monkeypatch):
-    model = LitAlexNet(num_classes=2)
+@pytest.mark.parametrize(
+    ("in_backward", "accumulate"), [(False, 2), (True, 1)], ids=["accumulating", "in backward"]
+)
+def test_keep_freed_memory_starts_after_the_first_optimizer_step(
+    in_backward, accumulate, malloc_calls, monkeypatch
+):
+    model = LitAlexNet(num_classes=2, optimizer_in_backward=in_backward)
     seen = []  # the step and optimizer state when the setting was made
 
     def keep() -> bool:
@@ -101,12 +110,19 @@ def test_keep_freed_memory_starts_after_the_first_optimizer_step(malloc_calls, m
         return True
 
     monkeypatch.setattr(memory, "keep_freed_memory", keep)
-    trainer = _trainer(accumulate_grad_batches=2, num_sanity_val_steps=1,
+    trainer = _trainer(accumulate_grad_batches=accumulate, num_sanity_val_steps=1,
                        callbacks=[memory.KeepFreedMemory()])  # fmt: skip
+    strategy_teardown = trainer.strategy.teardown
+
+    def teardown() -> None:  # where Lightning moves the weights off a GPU, into host memory
+        malloc_calls.append("strategy teardown")
+        strategy_teardown()
+
+    monkeypatch.setattr(trainer.strategy, "teardown", teardown)
     trainer.fit(model, _loader(), _loader())
-    # Not in the sanity check, nor after the first batch: its gradient was only accumulated.
+    # Not in the sanity check, nor while the first gradients were only accumulated.
     assert seen == [(1, len(list(model.parameters())))]
-    assert malloc_calls == ["give back"]
+    assert malloc_calls == ["give back", "strategy teardown"]
 
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
