@@ -153,11 +153,7 @@ def test_gradients_are_freed_once_applied_and_kept_while_accumulating(accumulate
     images, targets = torch.randn(4, 3, 72, 72), torch.tensor([0, 1, 0, 1])
     loader = DataLoader(TensorDataset(images, targets), batch_size=2)
     probe = _GradientsAfterEachBatch()
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, accumulate_grad_batches=accumulate, callbacks=[probe],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
+    trainer = _trainer(accumulate_grad_batches=accumulate, callbacks=[probe])
     trainer.fit(LitAlexNet(num_classes=2), loader)
     # Lightning alone zeroes them only after the next forward pass: [True, True] here.
     assert probe.present == expected
@@ -183,11 +179,7 @@ def _fit_four_steps(
     model_args = {"channels_last": True, **(model_args or {})}
     model = LitAlexNet(num_classes=2, optimizer_in_backward=in_backward, **model_args)
     probe = _GradientsAfterBackward()
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=[probe, *(callbacks or [])], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        **trainer_args,
-    )  # fmt: skip
+    trainer = _trainer(callbacks=[probe, *(callbacks or [])], **trainer_args)
     trainer.fit(model, DataLoader(TensorDataset(images, targets), batch_size=2))
     assert model._in_backward_hooks == []  # removed when the fit ends
     return [p.detach().clone() for p in model.parameters()], probe.present
@@ -256,10 +248,7 @@ class _FailAtSecondStep(L.Callback):
 def test_optimizer_in_backward_does_nothing_after_a_fit_that_raised():
     model = LitAlexNet(num_classes=2, optimizer_in_backward=True)
     images, targets = torch.randn(4, 3, 72, 72), torch.tensor([0, 1, 0, 1])
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=[_FailAtSecondStep()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = _trainer(callbacks=[_FailAtSecondStep()])
     with pytest.raises(RuntimeError, match="stop here"):
         trainer.fit(model, DataLoader(TensorDataset(images, targets), batch_size=2))
     before = [p.detach().clone() for p in model.parameters()]
