@@ -1,6 +1,7 @@
 """Process-wide memory settings that make runs faster: keep freed memory, freeze the imports."""
 
 import ctypes
+import functools
 import gc
 import platform
 import sys
@@ -20,6 +21,7 @@ _MMAP_THRESHOLD = 32 << 20
 _TRIM_THRESHOLD = 64 << 20
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
