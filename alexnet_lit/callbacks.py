@@ -7,6 +7,7 @@ gathered on the device and copied to the host once per validation epoch.
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from alexnet_lit.reports import (
-    image_grid,
-    render_confusion_matrix,
-    short_name,
-    write_report,
-)
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The run folder (``lightning_logs/version_N``), or the root dir without a logger.
-
-    Unlike ``Trainer.log_dir`` this is no collective call: under DDP, ``log_dir`` broadcasts and
-    hangs when only rank 0 asks, as it does before writing a file. Other ranks may get another
-    folder; only rank 0 writes.
-    """
-    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
-    return Path(log_dir or trainer.default_root_dir)
+from alexnet_lit.reports import image_grid, render_confusion_matrix, short_name, write_report
+from alexnet_lit.runs import run_dir
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -46,7 +32,8 @@ def _in_fit(trainer: L.Trainer) -> bool:
 
 
 def _step(trainer: L.Trainer) -> int:
-    """The step Lightning logs scalars at (as LearningRateMonitor does), so pictures line up."""
+    """The step Lightning logs scalars at, so that pictures line up with them. Lightning has no
+    public name for it: this is what its own LearningRateMonitor and logger connector read."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
@@ -129,8 +116,10 @@ class HyperparametersToTensorBoard(L.Callback):
         if logger is None or not trainer.is_global_zero:
             return
         params = run_hyperparameters(trainer, pl_module)
+        # Written here rather than with logger.log_hyperparams, which would also log hp_metric
+        # at step 0 and add these flat keys to hparams.yaml beside the model's.
         experiment, start, end = hparams_summary(params, {"hp_metric": 0.0})
-        writer = logger.experiment._get_file_writer()
+        writer = logger.experiment.file_writer  # torch's SummaryWriter opens it on creation
         for summary in (experiment, start, end):
             writer.add_summary(summary)
 
@@ -190,6 +179,17 @@ def _hparam_value(value: Any) -> bool | int | float | str:
     return str(value)
 
 
+def to_pixels(images: torch.Tensor, preprocessing: Mapping[str, Any], tile: int) -> torch.Tensor:
+    """Normalized ``[N, C, H, W]`` network inputs as ``[N, tile, tile, 3]`` uint8 pictures, on
+    the images' device (``preprocessing``: the checkpoint's record, with ``mean`` and ``std``)."""
+    mean = images.new_tensor(preprocessing["mean"]).view(1, -1, 1, 1)
+    std = images.new_tensor(preprocessing["std"]).view(1, -1, 1, 1)
+    images = F.interpolate(images.float(), size=(tile, tile), mode="bilinear", antialias=True)
+    pixels = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1)
+    return pixels.expand(-1, -1, -1, 3) if pixels.shape[-1] == 1 else pixels
+
+
 class _ConfusionCounter:
     """A confusion matrix summed on the device from each batch's logits (no host sync)."""
 
@@ -237,25 +237,14 @@ class ValidationImages(L.Callback):
         if logger is None or not trainer.is_global_zero:
             return
         images, targets = batch[0][: self.max_images], batch[1][: self.max_images]
-        pixels = self._pixels(pl_module, images).cpu().numpy()
+        preprocessing = pl_module.hparams.preprocessing
+        pixels = to_pixels(images, preprocessing, self.tile).cpu().numpy()
         names = pl_module.hparams.class_names
         captions = [short_name(names[int(t)]) for t in targets.cpu()]
         grid = image_grid(pixels, captions, tile=self.tile)
         logger.experiment.add_image(
             "train/inputs", np.asarray(grid), _step(trainer), dataformats="HWC"
         )
-
-    def _pixels(self, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
-        """De-normalized ``[N, tile, tile, 3]`` uint8 pictures, on the images' device."""
-        preprocessing = pl_module.hparams.preprocessing
-        mean = images.new_tensor(preprocessing["mean"]).view(1, -1, 1, 1)
-        std = images.new_tensor(preprocessing["std"]).view(1, -1, 1, 1)
-        images = F.interpolate(
-            images.float(), size=(self.tile, self.tile), mode="bilinear", antialias=True
-        )
-        pixels = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1)
-        return pixels.expand(-1, -1, -1, 3) if pixels.shape[-1] == 1 else pixels
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._confusion.reset(pl_module.hparams.num_classes, pl_module.device)
@@ -289,7 +278,7 @@ class ValidationImages(L.Callback):
             "target": targets[top],
             "predicted": predicted[top],
             "confidence": confidence[top],
-            "pixels": self._pixels(pl_module, images[top]),
+            "pixels": to_pixels(images[top], pl_module.hparams.preprocessing, self.tile),
         }
         if self._mistakes is not None:
             batch = {key: torch.cat([self._mistakes[key], batch[key]]) for key in batch}
@@ -352,9 +341,9 @@ class EvaluationReport(L.Callback):
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         confusion = self._confusion.compute(trainer)
+        out_dir = run_dir(trainer)  # a collective too, like compute
         if not trainer.is_global_zero:
             return
-        out_dir = run_dir(trainer)
         title = f"{stage} report ({trainer.state.fn}, {int(confusion.sum())} images)"
         self.paths = write_report(
             confusion, pl_module.hparams.class_names, out_dir, stage, title, self.top_pairs

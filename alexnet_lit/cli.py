@@ -9,18 +9,15 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
-from alexnet_lit.data import DataConfigError, ImageFolderDataModule
-from alexnet_lit.fault_tolerance import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    NonFiniteLossError,
-    check_checkpoint_is_data,
-    find_last_checkpoint,
-)
-from alexnet_lit.inference import PredictionCSVWriter, checkpoint_mismatch
-from alexnet_lit.memory import KeepFreedMemory
+from alexnet_lit.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
+from alexnet_lit.data import ImageFolderDataModule
+from alexnet_lit.errors import UserError
+from alexnet_lit.fault_tolerance import NonFiniteLossError
+from alexnet_lit.inference import PredictionCSVWriter
 from alexnet_lit.module import LitAlexNet
+from alexnet_lit.precision import native_mixed_precision
 
 _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
@@ -28,24 +25,52 @@ _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 class AlexNetCLI(LightningCLI):
     """LightningCLI that takes the classes and preprocessing from the data, never from the user."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loaded_checkpoints = {}  # --ckpt_path, loaded once (see _parse_ckpt_path)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.in_channels", "model.in_channels")
         for attribute in ("num_classes", "class_names", "preprocessing", "class_weights"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
         parser.add_argument(
-            "--keep_freed_memory",
+            "--native_mixed_precision",
             type=bool,
             default=False,
-            help="Let the C library keep freed memory for reuse while the trainer runs its "
-            "steps (glibc only; configs/fast.yaml): faster CPU training steps.",
+            help="Where trainer.precision is not set, train in the mixed precision the device "
+            "runs natively: bf16-mixed on CUDA GPUs of compute capability 8.0+ and on CPUs "
+            "with AVX512_BF16 or AMX, 16-mixed on older CUDA GPUs, 32-true elsewhere "
+            "(configs/fast.yaml turns it on).",
         )
 
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI calls this private hook to torch.load --ckpt_path and copy its
+        # hyperparameters into the config, and offers no public way to do either. Here the file
+        # is loaded once, by the one safe loader, and handed to the trainer's checkpoint IO; the
+        # model's data-dependent hyperparameters come from the data's links, and a checkpoint
+        # that does not fit them is refused by LitAlexNet.on_load_checkpoint.
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         if config is None or not config.get("ckpt_path"):
             return
+        self._resolve_ckpt_path(config, subcommand)
+        if "://" not in config.ckpt_path:  # remote files are left to the trainer
+            self._loaded_checkpoints[config.ckpt_path] = load_checkpoint(config.ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config.get("native_mixed_precision"):
+            trainer = config.trainer
+            if trainer.precision is not None:
+                rank_zero_info(
+                    f"native_mixed_precision: keeping trainer.precision={trainer.precision}, "
+                    "which the config sets."
+                )
+            else:
+                trainer.precision, reason = native_mixed_precision(trainer.accelerator)
+                rank_zero_info(f"native_mixed_precision: {trainer.precision}, {reason}.")
+
+    def _resolve_ckpt_path(self, config, subcommand: str) -> None:
         logger = config.trainer.logger
         versioned = getattr(logger, "class_path", "").rsplit(".", 1)[-1] in _VERSIONED_LOGGERS
         if versioned:
@@ -53,8 +78,7 @@ class AlexNetCLI(LightningCLI):
         else:
             log_root = Path(config.trainer.default_root_dir or ".", "lightning_logs")
         if config.ckpt_path == "last":
-            config.ckpt_path = str(find_last_checkpoint(log_root))
-        check_checkpoint_is_data(config.ckpt_path)
+            config.ckpt_path = str(find_checkpoint([log_root], "last"))
         # Resuming a fit continues its run folder: the TensorBoard curves stay one history, and
         # ModelCheckpoint keeps tracking the best score (it forgets it when its folder changes).
         run_dir = Path(config.ckpt_path).parent.parent  # log_root/version_N/checkpoints/x.ckpt
@@ -69,21 +93,12 @@ class AlexNetCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config.get("keep_freed_memory"):
-            trainer.callbacks.append(KeepFreedMemory())
         # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(self._loaded_checkpoints)
         return trainer
 
     def before_predict(self) -> None:
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path:
-            data = self.datamodule
-            mismatch = checkpoint_mismatch(ckpt_path, data.class_names, data.preprocessing)
-            if mismatch:
-                raise DataConfigError(mismatch)
         # predict writes predictions.csv into the run directory unless a writer is configured.
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionCSVWriter())
@@ -102,7 +117,7 @@ def cli_main(args: list[str] | None = None) -> AlexNetCLI:
             # Raise instead of printing the whole usage text, so the error is one line.
             parser_kwargs={"exit_on_error": False},
         )
-    except (DataConfigError, CheckpointError) as err:
+    except UserError as err:
         _exit_with(str(err))
     except NonFiniteLossError as err:
         _exit_with(str(err), code=1)

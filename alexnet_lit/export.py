@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from alexnet_lit.inference import InferenceError, load_model
+from alexnet_lit.errors import InferenceError
+from alexnet_lit.inference import load_model
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
@@ -63,6 +64,7 @@ def export_torchscript(
 ) -> None:
     """Write ``model`` as a traced TorchScript file with the metadata as an extra file."""
     traced = torch.jit.trace(model, example)
+    # _extra_files is torch.jit.save's documented way to attach files, despite its name.
     torch.jit.save(traced, str(out), _extra_files={f"{METADATA_KEY}.json": metadata})
 
 
@@ -93,7 +95,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
         The maximum absolute difference from PyTorch's outputs (fp32).
 
     Raises:
-        InferenceError: A bad checkpoint or format, or the export does not match PyTorch.
+        CheckpointError: A bad checkpoint.
+        InferenceError: A bad format, or the export does not match PyTorch.
     """
     if fmt not in FORMATS:
         raise InferenceError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'.")

@@ -1,16 +1,14 @@
 """The LightningModule: AlexNet plus its loss, metrics and optimizer."""
 
 import inspect
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.cli import LRSchedulerCallable
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
@@ -20,6 +18,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from alexnet_lit.checkpoints import unsafe_checkpoint_message
+from alexnet_lit.errors import CheckpointError, DataConfigError
 from alexnet_lit.model import AlexNet
 from alexnet_lit.schedules import scheduler_interval
 from alexnet_lit.transforms import batch_mix, preprocessing_record
@@ -30,44 +30,6 @@ OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
     """The tutorial's optimizer, Adam with learning rate 1e-4, as one fused kernel per step."""
     return torch.optim.Adam(params, lr=1e-4, fused=True)
-
-
-# Optimizers whose update of a parameter reads that parameter's gradient and state only, so that
-# stepping the parameters one at a time is the same arithmetic as one step over all of them.
-PER_PARAMETER_OPTIMIZERS = (
-    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad,
-    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
-)  # fmt: skip
-
-
-def step_in_backward(
-    params: Iterable[torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    active: Callable[[], bool] = lambda: True,
-) -> list:
-    """Step ``optimizer`` for each parameter as soon as backward has accumulated its gradient,
-    then free that gradient; returns the hook handles (``handle.remove()`` undoes it).
-
-    Each hook steps its own parameter alone: any other gradient present (of a parameter without
-    a hook, say one unfrozen later) is set aside for the step and put back, so the usual step
-    after backward applies it, once. Meant for the optimizers in ``PER_PARAMETER_OPTIMIZERS``,
-    for which this is the same arithmetic as one step over all parameters. While ``active()`` is
-    false the hooks do nothing, and gradients accumulate as usual.
-    """
-    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def step_now(param: torch.Tensor) -> None:
-        if not active():
-            return
-        others = [(p, p.grad) for p in in_optimizer if p is not param and p.grad is not None]
-        for other, _ in others:
-            other.grad = None
-        optimizer.step()
-        for other, grad in others:
-            other.grad = grad
-        param.grad = None
-
-    return [p.register_post_accumulate_grad_hook(step_now) for p in params if p.requires_grad]
 
 
 class LitAlexNet(L.LightningModule):
@@ -97,16 +59,6 @@ class LitAlexNet(L.LightningModule):
             uses one of the two at random. Accuracy is still measured on the integer labels.
         channels_last: Keep weights and inputs in channels-last memory format, which oneDNN
             and cuDNN convolutions run faster in (``configs/default.yaml`` turns it on).
-        optimizer_in_backward: Apply the optimizer to each parameter as soon as back-propagation
-            has produced its gradient, and free that gradient at once, instead of holding all
-            187 MB of gradients until one step after backward. The same arithmetic (the weights
-            come out bit-identical); ~150 MB lower peak memory in fp32 on the benchmark CPU
-            (``configs/default.yaml`` turns it on; README, Speed). Where the whole set of
-            gradients is needed after backward (gradient clipping or accumulation, several
-            processes or optimizers, a gradient scaler), or for an optimizer not in
-            ``PER_PARAMETER_OPTIMIZERS`` (LBFGS, say), training steps after backward as usual,
-            and says so. Callbacks that read gradients in ``on_before_optimizer_step`` or
-            ``on_after_backward`` see none while it is on.
     """
 
     def __init__(
@@ -125,9 +77,13 @@ class LitAlexNet(L.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         channels_last: bool = False,
-        optimizer_in_backward: bool = False,
     ) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise DataConfigError(
+                f"model.num_classes must be at least 2, got {num_classes}; a classifier needs "
+                "two classes or more (the CLI links it from the data's class folders)."
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
                 f"model.class_names has {len(class_names)} names but model.num_classes is "
@@ -151,7 +107,6 @@ class LitAlexNet(L.LightningModule):
                 "mixup_alpha": mixup_alpha,
                 "cutmix_alpha": cutmix_alpha,
                 "channels_last": channels_last,
-                "optimizer_in_backward": optimizer_in_backward,
             }
         )
         self.optimizer = optimizer
@@ -174,7 +129,6 @@ class LitAlexNet(L.LightningModule):
         self.test_metrics = self._stage_metrics(num_classes, macro=True)
         self.val_acc_best = MaxMetric()
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-        self._in_backward_hooks: list[Any] = []
 
     @staticmethod
     def _stage_metrics(num_classes: int, macro: bool = False) -> nn.ModuleDict:
@@ -242,8 +196,8 @@ class LitAlexNet(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "test")
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
-        images, _ = batch
+    def predict_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict:
+        images = batch[0]  # (images, targets) or the DataModule's LoadedBatch
         probs = self(images).softmax(dim=1)
         confidence, predicted = probs.max(dim=1)
         return {"probs": probs, "predicted": predicted, "confidence": confidence}
@@ -256,62 +210,19 @@ class LitAlexNet(L.LightningModule):
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # Free the gradients as soon as they are applied. Lightning zeroes them after the next
-        # step's forward pass, so that pass would run beside 187 MB of stale gradients: ~50 MB
-        # more peak memory on CPU (README, Speed). With gradient accumulation Lightning calls
-        # this hook only on the steps that update the weights, so accumulated gradients are
-        # kept, except under a strategy that accumulates itself (DeepSpeed): it is called on
-        # every batch there, so the gradients are left to Lightning.
+        # Free the gradients once applied, as the tutorial's loop does before each forward pass;
+        # Lightning zeroes them only after the next forward pass, which then runs beside 187 MB
+        # of stale gradients. While accumulating, Lightning calls this hook only on the batches
+        # that step, so accumulated gradients are kept; a strategy that accumulates by itself
+        # (DeepSpeed) calls it on every batch, and there the gradients are left to it.
         if not self.trainer.strategy.handles_gradient_accumulation:
             self.optimizer_zero_grad(epoch, batch_idx, optimizer)
 
-    def on_fit_start(self) -> None:
-        self._remove_in_backward_steps()  # those of an earlier fit of this module
-        if not self.hparams.optimizer_in_backward:
-            return
-        reason = self._needs_gradients_after_backward()
-        if reason:
-            rank_zero_info(f"model.optimizer_in_backward: stepping after backward, {reason}.")
-            return
-        # Inactive outside training: a fit that raised never reaches teardown, and a backward
-        # run by hand afterwards must not step the optimizer.
-        self._in_backward_hooks = step_in_backward(
-            self.parameters(), self.trainer.optimizers[0], active=self._in_training
-        )
-
-    def _in_training(self) -> bool:
-        return self._trainer is not None and self.trainer.training
-
-    def teardown(self, stage: str) -> None:
-        self._remove_in_backward_steps()
-
-    def _remove_in_backward_steps(self) -> None:
-        for hook in self._in_backward_hooks:
-            hook.remove()
-        self._in_backward_hooks = []
-
-    def _needs_gradients_after_backward(self) -> str | None:
-        """Why this fit must keep the gradients until after backward, or None."""
-        trainer = self.trainer
-        if not self.automatic_optimization or len(trainer.optimizers) != 1:
-            return "as it needs automatic optimization with one optimizer"
-        optimizer = trainer.optimizers[0]
-        if type(optimizer) not in PER_PARAMETER_OPTIMIZERS:
-            names = ", ".join(kind.__name__ for kind in PER_PARAMETER_OPTIMIZERS)
-            return f"as it supports only the per-parameter optimizers {names}"
-        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-            return "as the optimizer has step hooks, which expect one step per batch"
-        if trainer.accumulate_grad_batches != 1 or any(
-            isinstance(callback, GradientAccumulationScheduler) for callback in trainer.callbacks
-        ):
-            return "as trainer.accumulate_grad_batches sums gradients over batches"
-        if trainer.gradient_clip_val:
-            return "as trainer.gradient_clip_val clips the whole set of gradients"
-        if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            return "as several processes average their gradients after backward"
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return "as the fp16 gradient scaler unscales the gradients after backward"
-        return None
+    def _checkpoint_path(self) -> str | None:
+        try:
+            return self.trainer.ckpt_path
+        except RuntimeError:  # not attached to a trainer: load_from_checkpoint
+            return None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self._param_groups())
@@ -350,10 +261,29 @@ class LitAlexNet(L.LightningModule):
         weights_only: bool = True,
         **kwargs: Any,
     ) -> "LitAlexNet":
-        """Load a checkpoint as data only (``weights_only=True``): no code in it ever runs."""
-        return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, weights_only=weights_only, **kwargs
-        )
+        """Load a checkpoint as data only (``weights_only=True``): no code in it ever runs.
+
+        Raises:
+            CheckpointError: The file holds objects that could run code when unpickled.
+        """
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, weights_only=weights_only, **kwargs
+            )
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(unsafe_checkpoint_message(checkpoint_path)) from err
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained on other classes or preprocessing than this data's."""
+        trained = checkpoint.get("hyper_parameters", {})
+        for key, what in (("class_names", "class names"), ("preprocessing", "preprocessing")):
+            value, here = trained.get(key), self.hparams[key]
+            if value is not None and value != here:
+                raise CheckpointError(
+                    f"--ckpt_path '{self._checkpoint_path()}' was trained with {what} {value} "
+                    f"but the data gives {here}; pass the run's config.yaml with --config (or "
+                    "the matching --data.* options)."
+                )
 
 
 def _total_steps_unset(factory: Callable) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from alexnet_lit.runs import open_text, printable
+
 # Colour of a row-normalized cell: white (0) to dark blue (1), matplotlib's "Blues" end points.
 _LOW = np.array([247, 251, 255], dtype=np.float64)
 _HIGH = np.array([8, 48, 107], dtype=np.float64)
@@ -91,13 +93,14 @@ def write_report(
     }
     _write_csv(paths["csv"], ["class", "precision", "recall", "f1", "support"], rows)
     _write_csv(paths["pairs_csv"], ["true", "predicted", "count", "share"], pairs)
-    paths["markdown"].write_text(_markdown(confusion, rows, pairs, title or f"{stage} report"))
+    with open_text(paths["markdown"]) as file:
+        file.write(_markdown(confusion, rows, pairs, title or f"{stage} report"))
     render_confusion_matrix(confusion, class_names).save(paths["confusion_matrix"])
     return paths
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
+    with open_text(path) as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         for row in rows:
@@ -146,6 +149,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def short_name(name: str) -> str:
+    """A class name for a picture: printable, and cut to a few characters."""
+    name = printable(name)
     return name if len(name) <= _LABEL_CHARS else name[: _LABEL_CHARS - 1] + "…"
 
 

@@ -4,9 +4,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning
-import torch
 
-from alexnet_lit.inference import InferenceError, load_checkpoint_dict
+from alexnet_lit.checkpoints import AtomicCheckpointIO, load_checkpoint
+from alexnet_lit.errors import CheckpointError, InferenceError
 from alexnet_lit.model import convert_seed_state_dict
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.transforms import IMAGE_SIZE, MEAN, STD, preprocessing_record
@@ -25,15 +25,16 @@ def seed_checkpoint(seed_path: str | Path, class_names: Sequence[str]) -> dict:
             (sorted folder names).
 
     Raises:
-        InferenceError: The file is unsafe or not the tutorial's, or the class count is wrong.
+        CheckpointError: The file is unsafe or not the tutorial's.
+        InferenceError: The class count is wrong.
     """
-    state_dict = load_checkpoint_dict(seed_path)
+    state_dict = load_checkpoint(seed_path)
     if not isinstance(state_dict, dict):
-        raise InferenceError(f"'{seed_path}' holds no state_dict; pass the tutorial's alexnet.pt.")
+        raise CheckpointError(f"'{seed_path}' holds no state_dict; pass the tutorial's alexnet.pt.")
     try:
         converted = convert_seed_state_dict(state_dict)
     except KeyError as err:
-        raise InferenceError(f"'{seed_path}': {err.args[0]}") from err
+        raise CheckpointError(f"'{seed_path}': {err.args[0]}") from err
     num_classes = converted["classifier.6.weight"].shape[0]
     in_channels = converted["features.0.weight"].shape[1]
     if len(class_names) != num_classes:
@@ -63,7 +64,5 @@ def import_seed_checkpoint(
 ) -> Path:
     """Convert ``seed_path`` and save the checkpoint to ``out`` (parents created)."""
     checkpoint = seed_checkpoint(seed_path, class_names)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out)
+    return Path(out)

@@ -6,16 +6,13 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
-from lightning.pytorch.utilities.exceptions import _TunerExitException
 
-from alexnet_lit.callbacks import run_dir
+from alexnet_lit.runs import run_dir
 
 
-def _run_dir(trainer: L.Trainer) -> Path:
-    """The run folder, created if needed."""
-    path = run_dir(trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _stop(trainer: L.Trainer) -> None:
+    """End the fit before its first epoch: the finder's result is what the run was for."""
+    trainer.should_stop = True
 
 
 class LRFinder(LearningRateFinder):
@@ -53,16 +50,17 @@ class LRFinder(LearningRateFinder):
         finder = self.optimal_lr
         if finder is None:  # skipped, e.g. under fast_dev_run
             return
-        if trainer.is_global_zero:  # one writer under DDP
-            run_dir = _run_dir(trainer)
+        folder = run_dir(trainer)  # on every rank: a collective under DDP
+        if trainer.is_global_zero:  # one writer
+            folder.mkdir(parents=True, exist_ok=True)
             suggestion = finder.suggestion()
             result = {"suggested_lr": suggestion, "lr": finder.results["lr"]}
             result["loss"] = finder.results["loss"]
-            (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
-            self._plot(finder, run_dir / "lr_find.png")
-            print(f"LR finder: suggested learning rate {suggestion}; plot and data in {run_dir}")
+            (folder / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
+            self._plot(finder, folder / "lr_find.png")
+            print(f"LR finder: suggested learning rate {suggestion}; plot and data in {folder}")
         if self.stop:
-            raise _TunerExitException()
+            _stop(trainer)
 
     @staticmethod
     def _plot(finder, path: Path) -> None:
@@ -104,16 +102,18 @@ class BatchSizeSearch(BatchSizeFinder):
         stop: bool = False,
     ) -> None:
         super().__init__(mode, steps_per_trial, init_val, max_trials, batch_arg_name="batch_size")
+        self.mode = mode
         self.stop = stop
 
     def scale_batch_size(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().scale_batch_size(trainer, pl_module)
         if self.optimal_batch_size is None:
             return
-        if trainer.is_global_zero:  # one writer under DDP
-            run_dir = _run_dir(trainer)
-            result = {"batch_size": self.optimal_batch_size, "mode": self._mode}
-            (run_dir / "batch_size.json").write_text(json.dumps(result, indent=2) + "\n")
-            print(f"Batch-size finder: batch size {self.optimal_batch_size}; written to {run_dir}")
+        folder = run_dir(trainer)  # on every rank: a collective under DDP
+        if trainer.is_global_zero:  # one writer
+            folder.mkdir(parents=True, exist_ok=True)
+            result = {"batch_size": self.optimal_batch_size, "mode": self.mode}
+            (folder / "batch_size.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(f"Batch-size finder: batch size {self.optimal_batch_size}; written to {folder}")
         if self.stop:
-            raise _TunerExitException()
+            _stop(trainer)

@@ -5,7 +5,7 @@ python scripts/check_data.py DATASET [--json]    # exit 0 usable as is, 1 errors
 
 import sys
 
-from alexnet_lit.scan import check_data_main
+from alexnet_lit.data.doctor import check_data_main
 
 if __name__ == "__main__":
     sys.exit(check_data_main())

@@ -6,8 +6,8 @@ python scripts/export.py --ckpt CKPT --format onnx|torchscript|torch_export --ou
 import argparse
 import sys
 
+from alexnet_lit.errors import UserError
 from alexnet_lit.export import FORMATS, TOLERANCE, export_checkpoint
-from alexnet_lit.inference import InferenceError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         difference = export_checkpoint(args.ckpt, args.format, args.out)
-    except InferenceError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -6,7 +6,7 @@ python scripts/import_seed_checkpoint.py alexnet.pt --classes husky shiba --out 
 import argparse
 import sys
 
-from alexnet_lit.inference import InferenceError
+from alexnet_lit.errors import UserError
 from alexnet_lit.seed_import import import_seed_checkpoint
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = import_seed_checkpoint(args.seed, args.classes, args.out)
-    except InferenceError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({len(args.classes)} classes: {', '.join(args.classes)})")

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from alexnet_lit.data import default_num_workers
-from alexnet_lit.inference import InferenceError, predict_files
+from alexnet_lit.errors import UserError
+from alexnet_lit.inference import predict_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
             args.num_workers,
         )  # fmt: skip
-    except InferenceError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     unreadable = f" ({failed} unreadable, see the error column)" if failed else ""

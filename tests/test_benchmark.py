@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from alexnet_lit.benchmark import (
+from scripts.bench.benchmark import (
     TUTORIAL_SCRIPT,
     benchmark,
     contender_command,
@@ -51,20 +51,20 @@ def test_every_contender_runs_and_is_compared(tmp_path):
     result = benchmark(n_train=8, n_val=4, epochs=1, repeats=1, ceiling_steps=1)
     rows = result["rows"]
     assert set(rows) == {
-        "tutorial", "default", "plain", "fast", "data_ceiling", "ceiling_fp32", "ceiling_bf16"
+        "tutorial", "default", "plain", "fast", "data_ceiling", "ceiling_fp32", "ceiling_fast"
     }  # fmt: skip
-    for name in ("default", "plain", "fast"):
-        assert rows[name]["images_per_s"] > 0 and rows[name]["peak_rss_gb"] > 0.1
-        assert rows[name]["train_images_per_s"] > rows[name]["images_per_s"]  # no start-up
-        assert rows[name]["percent_of_ceiling"] > 0
+    assert not [name for name, row in rows.items() if "error" in row]
+    for name in ("default", "plain", "fast"):  # each fit was measured and compared
+        assert {"wall_s", "ratio_to_tutorial", "percent_of_ceiling"} <= set(rows[name])
         assert 0.0 <= rows[name]["val_acc"] <= 1.0
-    table = format_table(result)
-    assert table.count("\n| ") == 9  # header, separator and 7 rows
-    assert rows["data_ceiling"]["train_images_per_s"] > 0
     assert "ratio_to_tutorial" not in rows["data_ceiling"]  # a ceiling is compared with nothing
+    table = format_table(result)
+    assert table.startswith(f"CPU: {result['cpu']}; fast.yaml trains in ")
+    assert result["fast_precision"] in ("32-true", "bf16-mixed")
+    assert table.count("\n| ") == 9  # header, separator and 7 rows
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
-    assert json.loads(path.read_text())["rows"]["default"]["wall_s"] > 0
+    assert json.loads(path.read_text())["rows"].keys() == rows.keys()
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(capsys):

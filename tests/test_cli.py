@@ -1,7 +1,7 @@
 """The LightningCLI end to end: fit, the saved run, checkpoint reload, and the other subcommands."""
 
-import subprocess
-import sys
+import functools
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,23 +10,11 @@ import yaml
 from PIL import Image
 
 from alexnet_lit import LitAlexNet
+from alexnet_lit import precision as precision_module
 from alexnet_lit.cli import cli_main
 from alexnet_lit.transforms import eval_transform
 from tests.conftest import CLASSES, make_image_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
-
-
-def fit_args(data_dir: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        DEFAULT_CONFIG,
-        f"--data.data_dir={data_dir}",
-        "--data.batch_size=4",
-        *extra,
-    ]
+from tests.helpers import cli_args, cli_error_line, fit_args, run_script
 
 
 def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkeypatch):
@@ -35,7 +23,7 @@ def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkey
     assert cli.model.hparams.num_classes == 3
     assert cli.model.hparams.class_names == CLASSES
     assert cli.model.model.classifier[-1].out_features == 3
-    assert cli.model.hparams.preprocessing["image_size"] == 224
+    assert cli.model.hparams.preprocessing["image_size"] == 67
     assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
@@ -43,7 +31,8 @@ def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkey
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """One short real fit (2 epochs of 2 steps); returns its lightning_logs/version_0 directory."""
+    """A real fit of 2 epochs of 2 steps at learning rate 0, so that val/acc never improves
+    after the first epoch; returns its lightning_logs/version_0 directory."""
     tmp = tmp_path_factory.mktemp("run")
     data = make_image_folder(tmp / "data")
     with pytest.MonkeyPatch.context() as mp:
@@ -53,7 +42,7 @@ def trained_run(tmp_path_factory) -> Path:
                 data,
                 "--trainer.max_epochs=2",
                 "--trainer.limit_train_batches=2",  # "1" would parse as 1.0, the whole epoch
-                "--trainer.enable_progress_bar=false",
+                "--model.optimizer.init_args.lr=0",
             )
         )
     return tmp / "lightning_logs" / "version_0"
@@ -62,15 +51,15 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_fit_writes_config_best_and_last_checkpoints(trained_run):
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
-    assert config["trainer"]["max_epochs"] == 2
-    assert config["model"]["optimizer"]["class_path"] == "torch.optim.Adam"
+    assert config["trainer"]["max_epochs"] == 2  # the resolved config, with the command's keys
     hparams = yaml.safe_load((trained_run / "hparams.yaml").read_text())
     assert hparams["num_classes"] == 3 and hparams["class_names"] == CLASSES
-    names = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
-    assert any(name.startswith("best-epoch=") for name in names), names
-    # last.ckpt is the last epoch even where val/acc did not improve in it.
+    (best,) = (trained_run / "checkpoints").glob("best-epoch=*.ckpt")
+    assert torch.load(best, weights_only=True)["epoch"] == 0  # the only improving epoch
+    # last.ckpt is the last epoch, which did not improve val/acc, and can resume the run.
     last = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 4)
+    assert "optimizer_states" in last
     assert list(trained_run.glob("events.out.tfevents.*"))
 
 
@@ -83,7 +72,7 @@ def test_checkpoint_reloads_without_config_or_data(trained_run, tmp_path, monkey
     assert model.hparams.preprocessing["mean"] == [0.5, 0.5, 0.5]
     image = Image.new("RGB", (50, 40), "red")
     x = eval_transform(**model.hparams.preprocessing)(image).unsqueeze(0)
-    assert x.shape == (1, 3, 224, 224)
+    assert x.shape == (1, 3, 67, 67)
     with torch.no_grad():
         logits = model(x)
     assert logits.shape == (1, 3) and torch.isfinite(logits).all()
@@ -101,9 +90,7 @@ def test_other_subcommands_run_on_the_checkpoint(subcommand, trained_run, tmp_pa
     monkeypatch.chdir(tmp_path)
     data = trained_run.parents[1] / "data"
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    cli = cli_main(
-        [subcommand, "--config", DEFAULT_CONFIG, f"--data.data_dir={data}", f"--ckpt_path={ckpt}"]
-    )
+    cli = cli_main(cli_args(subcommand, data, f"--ckpt_path={ckpt}"))
     if subcommand == "predict":
         assert cli.trainer.predict_loop.predictions  # one entry per batch
     else:
@@ -111,17 +98,9 @@ def test_other_subcommands_run_on_the_checkpoint(subcommand, trained_run, tmp_pa
         assert 0.0 <= float(cli.trainer.callback_metrics[f"{stage}/acc"]) <= 1.0
 
 
-def run_cli(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    return lines[-1]
-
-
 def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    line = run_cli(capsys, fit_args(tmp_path / "nowhere"))
+    line = cli_error_line(capsys, fit_args(tmp_path / "nowhere"))
     assert line.startswith("error: data.data_dir: folder") and "nowhere" in line
 
 
@@ -129,7 +108,7 @@ def test_missing_train_split_names_it(tmp_path, monkeypatch, capsys):
     # A missing val/ is not an error: train/ is split (tests/test_data_dirty.py).
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "data", splits={"val": 1})
-    line = run_cli(capsys, fit_args(data, "--trainer.fast_dev_run=1"))
+    line = cli_error_line(capsys, fit_args(data, "--trainer.fast_dev_run=1"))
     assert f"'{data / 'train'}' does not exist" in line and line.startswith("error:")
 
 
@@ -138,24 +117,44 @@ def test_split_without_images_names_it(tmp_path, monkeypatch, capsys):
     data = make_image_folder(tmp_path / "data", splits={"train": 1})
     for name in CLASSES:
         (data / "val" / name).mkdir(parents=True)
-    line = run_cli(capsys, fit_args(data, "--trainer.fast_dev_run=1"))
+    line = cli_error_line(capsys, fit_args(data, "--trainer.fast_dev_run=1"))
     assert f"'{data / 'val'}' has no images" in line
+
+
+@pytest.mark.parametrize("classes", [["a"], ["a", "b"]])
+def test_fewer_than_two_classes_with_images_is_one_line_before_any_model(
+    classes, tmp_path, monkeypatch, capsys
+):
+    # train/a/ and val/a/ are empty; with ["a", "b"], b holds images but is the only class.
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", classes=classes[1:], splits={"train": 2, "val": 1})
+    for split in ("train", "val"):
+        (data / split / "a").mkdir(parents=True)
+
+    built, build = [], LitAlexNet.__init__
+
+    @functools.wraps(build)  # the same signature, for the CLI's parser
+    def counted(self, *args, **kwargs):
+        built.append(self)
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(LitAlexNet, "__init__", counted)
+    line = cli_error_line(capsys, fit_args(data, "--trainer.fast_dev_run=1"))
+    assert line.startswith(f"error: '{data / 'train'}' needs at least two class folders")
+    assert "'a' (empty)" in line and "train/cat/ and train/dog/" in line
+    assert not built
 
 
 def test_unknown_config_key_names_it(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     overlay = tmp_path / "typo.yaml"
     overlay.write_text("model:\n  learning_rate: 0.1\n")
-    line = run_cli(capsys, fit_args(image_folder, "--config", str(overlay)))
+    line = cli_error_line(capsys, fit_args(image_folder, "--config", str(overlay)))
     assert "model.learning_rate" in line and "--help" in line
 
 
 def test_script_prints_one_line_and_no_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", DEFAULT_CONFIG,
-         f"--data.data_dir={tmp_path / 'missing'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = run_script("train.py", fit_args(tmp_path / "missing"), tmp_path, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.data_dir")
@@ -163,5 +162,50 @@ def test_script_prints_one_line_and_no_traceback(tmp_path):
 
 def test_bad_value_names_the_key_and_the_reason(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    line = run_cli(capsys, fit_args(image_folder, "--data.batch_size=many"))
+    line = cli_error_line(capsys, fit_args(image_folder, "--data.batch_size=many"))
     assert 'Parser key "data.batch_size"' in line and "Got value: many" in line
+
+
+# --- fast.yaml: native mixed precision only ------------------------------------------------------
+
+FAST_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fast.yaml")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected", "reason"),
+    [((), "32-true", "no bf16 instructions"), (("amx_bf16",), "bf16-mixed", "amx_bf16")],
+)
+def test_fast_yaml_uses_bf16_only_where_the_cpu_has_it(
+    flags, expected, reason, image_folder, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: flags)
+    caplog.set_level(logging.INFO)
+    args = fit_args(image_folder, "--config", FAST_CONFIG, "--trainer.fast_dev_run=1")
+    cli = cli_main(args)
+    assert cli.trainer.precision == expected
+    (line,) = [r.getMessage() for r in caplog.records if "native_mixed_precision" in r.getMessage()]
+    assert line.startswith(f"native_mixed_precision: {expected}, ") and reason in line
+
+
+def test_an_explicit_precision_wins_over_fast_yaml(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
+    args = fit_args(
+        image_folder, "--config", FAST_CONFIG, "--trainer.precision=bf16-mixed",
+        "--trainer.fast_dev_run=1",
+    )  # fmt: skip
+    assert cli_main(args).trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), "bf16-mixed"), ((8, 0), "bf16-mixed"), ((7, 5), "16-mixed")],
+)
+def test_native_precision_on_cuda_gpus(capability, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Some GPU")
+    chosen, reason = precision_module.native_mixed_precision("auto")
+    assert chosen == expected and f"compute capability {capability[0]}.{capability[1]}" in reason
+    assert precision_module.native_mixed_precision("cpu")[0] in ("32-true", "bf16-mixed")

@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -13,27 +14,21 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
-from alexnet_lit.data import (
-    BadImage,
-    BalancedSampler,
-    DataConfigError,
-    ImageFolderDataModule,
-    SkippingCollate,
-)
-from alexnet_lit.images import load_image
-from alexnet_lit.scan import check_data_main, split_train_val
+from alexnet_lit.data import DataConfigError, ImageFolderDataModule
+from alexnet_lit.data.datasets import BadImage, SkippingCollate
+from alexnet_lit.data.doctor import check_data_main
+from alexnet_lit.data.folders import split_train_val
+from alexnet_lit.data.images import load_image
+from alexnet_lit.data.samplers import BalancedSampler
 from alexnet_lit.transforms import eval_transform, train_transform
 from tests.conftest import make_image_folder
 from tests.dirty_data import CLASSES, make_dirty_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
+from tests.helpers import ROOT, cli_error_line, fit_args
 
 
 @pytest.fixture
@@ -257,13 +252,10 @@ def test_on_bad_image_error_at_load_time_is_one_line(tmp_path, monkeypatch, caps
 
     broken = data / "train" / "ant" / "broken.png"
     png_with_corrupt_pixels(broken, np.random.default_rng(0))
-    args = ["fit", "--config", DEFAULT_CONFIG, f"--data.data_dir={data}", "--data.batch_size=8",
-            "--data.image_size=96", "--data.num_workers=0", "--data.on_bad_image=error",
-            "--trainer.fast_dev_run=1"]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    args = fit_args(
+        data, "--data.batch_size=8", "--data.on_bad_image=error", "--trainer.fast_dev_run=1"
+    )
+    line = cli_error_line(capsys, args)
     assert line.startswith(f"error: unreadable image '{broken}' (OSError: broken data stream")
     assert line.endswith("or set data.on_bad_image=skip to leave unreadable images out.")
 
@@ -343,9 +335,7 @@ def test_class_weights_are_linked_into_the_loss(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
     for i in range(2, 6):
         shutil.copy(data / "train" / "ant" / "img_0.jpg", data / "train" / "ant" / f"x{i}.jpg")
-    args = ["fit", "--config", DEFAULT_CONFIG, f"--data.data_dir={data}", "--data.balance=loss",
-            "--data.image_size=96", "--trainer.fast_dev_run=1"]  # fmt: skip
-    cli = cli_main(args)
+    cli = cli_main(fit_args(data, "--data.balance=loss", "--trainer.fast_dev_run=1"))
     expected = [10 / (3 * 6), 10 / (3 * 2), 10 / (3 * 2)]
     assert cli.model.hparams.class_weights == pytest.approx(expected)
     assert cli.model.loss_fn.weight.tolist() == pytest.approx(expected)
@@ -374,7 +364,7 @@ def test_sampler_is_used_by_the_train_loader(image_folder):
 
 
 def test_a_batch_of_only_bad_images_is_empty_and_skipped():
-    batch = SkippingCollate((3, 96, 96))([BadImage("a.jpg", "OSError: x")] * 2)
+    batch = SkippingCollate((3, 96, 96))([BadImage(4, "a.jpg", "OSError: x")] * 2)
     assert batch.images.shape == (0, 3, 96, 96) and batch.skipped[0].path == "a.jpg"
     model = LitAlexNet(3)
     # A zero loss that still reaches every parameter, so DDP ranks stay in step.
@@ -384,12 +374,42 @@ def test_a_batch_of_only_bad_images_is_empty_and_skipped():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_skipped_markers_survive_pin_memory(monkeypatch):
-    from torch.utils.data._utils.pin_memory import pin_memory
+# File names that are not valid UTF-8 ----------------------------------------------------------
 
-    # Pinning needs CUDA; the structure it rebuilds is what matters (a namedtuple stays one).
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self)
-    bad = BadImage("a.jpg", "OSError: x")
-    batch = SkippingCollate((3, 8, 8))([(torch.zeros(3, 8, 8), 1), bad])
-    pinned = pin_memory(batch)
-    assert type(pinned).__name__ == "LoadedBatch" and pinned.skipped == [bad]
+ODD = os.fsdecode(b"caf\xe9-\xff")  # Latin-1 bytes, as an old camera or zip names a file
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        return list(csv.reader(handle))
+
+
+@pytest.mark.slow
+def test_names_that_are_not_utf8_get_their_rows_in_the_run_files(tmp_path):
+    data = make_image_folder(tmp_path / "data", splits={"train": 4})  # no val/: lists are saved
+    good = data / "train" / "ant" / f"{ODD}.jpg"
+    (data / "train" / "ant" / "img_0.jpg").rename(good)
+    broken = data / "train" / "bee" / f"{ODD}.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8)
+    dm = ImageFolderDataModule(data, batch_size=4, num_workers=0, image_size=67)
+    trainer = short_fit(dm, tmp_path, limit_train_batches=1, limit_val_batches=1)
+    run = Path(trainer.log_dir)
+    (_, *rows) = read_rows(run / "skipped_images.csv")
+    assert [Path(path) for path, _, _ in rows] == [broken]
+    assert os.fsencode(rows[0][0]).endswith(b"caf\xe9-\xff.png")  # the bytes, recovered
+    listed = [
+        line for split in ("train", "val") for (line,) in read_rows(run / f"split_{split}.txt")
+    ]
+    assert good.relative_to(data).as_posix() in listed
+
+
+def test_the_doctor_reports_names_that_are_not_utf8(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    broken = data / "val" / "cat" / f"{ODD}.jpg"
+    broken.write_bytes(b"")
+    code, out = doctor(capsys, data, "--json")
+    assert code == 1
+    (entry,) = json.loads(out)["unreadable"]  # JSON escapes the bytes; loads gives them back
+    assert Path(entry["path"]) == broken and os.fsencode(entry["path"]).endswith(b"\xe9-\xff.jpg")
+    code, out = doctor(capsys, data)
+    assert code == 1 and "caf\\xe9-\\xff.jpg: empty file" in out  # readable in a terminal

@@ -11,7 +11,7 @@ import pytest
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.data import ImageFolderDataModule, default_num_workers
-from alexnet_lit.distributed import UnpaddedDistributedSampler
+from alexnet_lit.data.samplers import UnpaddedDistributedSampler
 from tests.conftest import CLASSES, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def test_loader_workers_share_the_usable_cpus_among_processes(monkeypatch):
 def test_ddp_validation_equals_single_process(tmp_path):
     # 9 validation images: torch's DistributedSampler would score one of them twice on 2 ranks.
     data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 3})
-    model = LitAlexNet(num_classes=len(CLASSES), class_names=CLASSES)
     datamodule = ImageFolderDataModule(str(data), batch_size=2, num_workers=0, image_size=67)
+    model = LitAlexNet(len(CLASSES), CLASSES, preprocessing=datamodule.preprocessing)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -1,7 +1,6 @@
-"""Resume, determinism, SIGKILL and SIGTERM, NaN stops, atomic and data-only checkpoints."""
+"""Resume, determinism, SIGKILL and SIGTERM, NaN stops, full disks, atomic and data-only files."""
 
 import errno
-import fcntl
 import io
 import os
 import signal
@@ -9,27 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alexnet_lit import LitAlexNet
+from alexnet_lit import checkpoints as checkpoints_module
+from alexnet_lit.checkpoints import AtomicCheckpointIO
 from alexnet_lit.cli import cli_main
-from alexnet_lit.fault_tolerance import AtomicCheckpointIO, CheckpointError, LastCheckpoint
+from alexnet_lit.errors import CheckpointError
 from tests.conftest import make_image_folder
+from tests.helpers import ROOT, cli_error_line, run_script
+from tests.helpers import fit_args as tiny_fit_args
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
-# 6 training images, batch 2: 3 steps an epoch; 67 px is the smallest input AlexNet accepts.
-TINY = [
-    "--data.image_size=67", "--data.batch_size=2", "--data.num_workers=0",
-    "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
-]  # fmt: skip
+# 6 training images, batch 2: 3 steps an epoch.
 STEPS_PER_EPOCH = 3
 
 
@@ -39,21 +32,15 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def fit_args(data: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", DEFAULT_CONFIG, f"--data.data_dir={data}", *TINY, *extra]
-
-
-def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return tiny_fit_args(data, "--trainer.log_every_n_steps=1", *extra)
 
 
 # --- checkpoint files --------------------------------------------------------------------------
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    io_, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io_.save_checkpoint({"step": torch.tensor(1)}, path)
 
     def half_write_then_fail(obj, file, *args, **kwargs):
         file.write(b"PK\x03\x04 half a checkpoint")
@@ -61,78 +48,55 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half_write_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        io.save_checkpoint({"step": torch.tensor(2)}, path)
+        io_.save_checkpoint({"step": torch.tensor(2)}, path)
     monkeypatch.undo()
-    assert io.load_checkpoint(path)["step"] == 1
+    assert io_.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
-# A state that fills the 8 MB buffer more than once and ends mid-block.
-LARGE = {"weights": torch.arange(2_500_003, dtype=torch.float32), "step": torch.tensor(7)}
+class FullDiskAfter(io.FileIO):
+    """A file on a disk that fills up after ``room`` bytes: later writes raise ENOSPC."""
+
+    def __init__(self, path, mode: str, room: int = 1000) -> None:
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return super().write(data)
 
 
-def torch_save_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def fill_the_disk(monkeypatch) -> None:
+    """Let every checkpoint save from now on hit a full disk after its first kilobyte."""
+    monkeypatch.setattr(checkpoints_module, "open", FullDiskAfter, raising=False)
 
 
-def accepts_o_direct(folder: Path) -> bool:
-    """Whether the filesystem of ``folder`` lets a file be opened with O_DIRECT."""
-    try:
-        fd = os.open(folder / "o_direct_probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    (folder / "o_direct_probe").unlink()
-    return True
+def test_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io_, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io_.save_checkpoint({"step": torch.tensor(1)}, path)
+    fill_the_disk(monkeypatch)
+    with pytest.raises(CheckpointError) as error:
+        io_.save_checkpoint({"weights": torch.zeros(1_000_000), "step": torch.tensor(2)}, path)
+    message = str(error.value)
+    assert message.startswith(f"no space left on the device to write checkpoint '{path}'")
+    assert "about 4 MB" in message and f"free in '{tmp_path}'" in message
+    assert "--trainer.logger.init_args.save_dir" in message and "\n" not in message
+    assert io_.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this OS")
-def test_save_writes_past_the_page_cache_the_same_bytes(tmp_path, monkeypatch):
-    if not accepts_o_direct(tmp_path):
-        pytest.skip("the temporary folder's filesystem refuses O_DIRECT")
-    direct, real_write = [], os.write
-
-    def record(fd, data):
-        direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", record)
-    AtomicCheckpointIO().save_checkpoint(LARGE, tmp_path / "last.ckpt")
-    monkeypatch.undo()
-    assert len(direct) > 1 and all(direct)  # every block went out past the page cache
-    # Whole blocks went out, yet the file ends where torch.save's stream ends.
-    assert (tmp_path / "last.ckpt").read_bytes() == torch_save_bytes(LARGE)
-
-
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this OS")
-@pytest.mark.parametrize("refused_at", ["open", "write"])
-def test_save_falls_back_to_the_page_cache_where_o_direct_is_refused(
-    refused_at, tmp_path, monkeypatch
+def test_full_disk_at_the_first_save_ends_a_fit_in_one_line(
+    tiny_data, tmp_path, monkeypatch, capsys
 ):
-    if not accepts_o_direct(tmp_path):
-        pytest.skip("the temporary folder's filesystem refuses O_DIRECT")
-    real_open, real_write, refusals = os.open, os.write, []
-
-    def open_without_direct(path, flags, *args, **kwargs):
-        if refused_at == "open" and flags & os.O_DIRECT:
-            refusals.append(path)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args, **kwargs)
-
-    def write_without_direct(fd, data):
-        if refused_at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refusals.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "open", open_without_direct)
-    monkeypatch.setattr(os, "write", write_without_direct)
-    AtomicCheckpointIO().save_checkpoint(LARGE, tmp_path / "last.ckpt")
-    monkeypatch.undo()
-    assert len(refusals) == 1  # refused once, then buffered for the rest of the file
-    assert (tmp_path / "last.ckpt").read_bytes() == torch_save_bytes(LARGE)
+    monkeypatch.chdir(tmp_path)
+    fill_the_disk(monkeypatch)
+    line = cli_error_line(capsys, fit_args(tiny_data, "--trainer.max_epochs=1"))
+    folder = Path("lightning_logs", "version_0", "checkpoints")
+    assert line.startswith("error: no space left on the device to write checkpoint")
+    assert f"free in '{folder}'" in line
+    assert not list((tmp_path / folder).iterdir())  # nothing half-written
 
 
 @pytest.mark.slow
@@ -140,7 +104,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     script = f"""
 import os, signal, torch
-from alexnet_lit.fault_tolerance import AtomicCheckpointIO
+from alexnet_lit.checkpoints import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 io.save_checkpoint({{"step": torch.tensor(1)}}, {str(path)!r})
 def killed_midway(obj, file, *args, **kwargs):
@@ -174,47 +138,29 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(
     torch.save({"state_dict": {}, "payload": _CreatesMarker(marker)}, crafted)
     args = fit_args(tiny_data, f"--ckpt_path={crafted}")
     args[0] = subcommand
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("error: checkpoint") and str(crafted) in line and "refused" in line
-    with pytest.raises(CheckpointError):
+    line = cli_error_line(capsys, args)
+    assert line == f"error: checkpoint '{crafted}' was refused: " + (
+        "it holds Python objects that could run code when loaded (only tensors and plain data "
+        "load, weights_only=True); use a checkpoint written by this project, or re-save its "
+        "state_dict from a source you trust."
+    )
+    with pytest.raises(CheckpointError, match="was refused"):
         AtomicCheckpointIO().load_checkpoint(crafted)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(CheckpointError, match="was refused"):
         LitAlexNet.load_from_checkpoint(crafted)
     assert not marker.exists()
 
 
 def test_ckpt_path_last_without_a_run_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        cli_main(fit_args(tiny_data, "--ckpt_path=last"))
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("error: --ckpt_path last: no version_*/checkpoints/last.ckpt under")
+    line = cli_error_line(capsys, fit_args(tiny_data, "--ckpt_path=last"))
+    assert line == (
+        "error: no */checkpoints/last.ckpt under 'lightning_logs'; train first, or pass the "
+        "checkpoint's path."
+    )
 
 
 # --- NaN ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("improves", [True, False])
-def test_last_checkpoint_links_to_a_best_checkpoint_of_the_same_state(tmp_path, improves):
-    # monitor "step" with mode max improves every epoch; with mode min only in the first.
-    best = ModelCheckpoint(monitor="step", mode="max" if improves else "min", filename="best")
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
-        callbacks=[best, LastCheckpoint()], plugins=[AtomicCheckpointIO()], logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(BoringModel())
-    folder = tmp_path / "checkpoints"
-    last, best_file = folder / "last.ckpt", Path(best.best_model_path)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["last.ckpt", best_file.name])
-    assert torch.load(last, weights_only=True)["epoch"] == 1  # always the last epoch
-    assert torch.load(best_file, weights_only=True)["epoch"] == (1 if improves else 0)
-    # Improving epoch: one file under two names. Otherwise two files, written separately.
-    assert last.samefile(best_file) == improves
-    assert "optimizer_states" in torch.load(last, weights_only=True)  # resumable either way
 
 
 @pytest.mark.slow
@@ -320,12 +266,12 @@ def kill_at(step: int, signal_name: str) -> list[str]:
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_a_best_checkpoint_and_full_history(tiny_data, tmp_path):
     args = fit_args(tiny_data, "--trainer.max_epochs=2")
-    killed = run_script([*args, *kill_at(STEPS_PER_EPOCH + 1, "SIGKILL")], tmp_path)
+    killed = run_script("train.py", [*args, *kill_at(STEPS_PER_EPOCH + 1, "SIGKILL")], tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()  # from epoch 0
 
-    resumed = run_script([*args, "--ckpt_path=last"], tmp_path)
+    resumed = run_script("train.py", [*args, "--ckpt_path=last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
@@ -345,9 +291,8 @@ def test_sigkilled_run_resumes_to_a_best_checkpoint_and_full_history(tiny_data, 
 
 @pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_explains_how_to_resume(tiny_data, tmp_path):
-    result = run_script(
-        [*fit_args(tiny_data, "--trainer.max_epochs=1"), *kill_at(1, "SIGTERM")], tmp_path
-    )
+    args = [*fit_args(tiny_data, "--trainer.max_epochs=1"), *kill_at(1, "SIGTERM")]
+    result = run_script("train.py", args, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     last = Path("lightning_logs", "version_0", "checkpoints", "last.ckpt")  # relative to cwd
     output = result.stdout + result.stderr
@@ -363,7 +308,7 @@ def test_step_checkpoints_overlay_saves_mid_epoch(tiny_data, tmp_path):
     step_callback["init_args"]["every_n_train_steps"] = 2  # the shipped 500, scaled to 3 steps
     (tmp_path / "every_2.yaml").write_text(yaml.safe_dump(overlay))
     args = fit_args(tiny_data, "--config", str(tmp_path / "every_2.yaml"), *kill_at(2, "SIGKILL"))
-    killed = run_script(args, tmp_path)
+    killed = run_script("train.py", args, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # Killed in the first epoch, before any epoch-end checkpoint: only the step one exists.
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"

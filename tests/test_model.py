@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from alexnet_lit.model import AlexNet
-from alexnet_lit.tutorial_loop import tutorial_alexnet
+from scripts.bench.tutorial_loop import tutorial_alexnet
 
 
 def test_parameter_count_matches_the_tutorial():

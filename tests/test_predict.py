@@ -7,31 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from alexnet_lit import LitAlexNet
+from alexnet_lit.checkpoints import find_checkpoint
 from alexnet_lit.cli import cli_main
-from alexnet_lit.data import load_image
-from alexnet_lit.inference import (
-    InferenceError,
-    PredictionCSVWriter,
-    find_best_checkpoint,
-    load_model,
-)
-from alexnet_lit.scan import image_files
+from alexnet_lit.data.images import load_image
+from alexnet_lit.errors import CheckpointError
+from alexnet_lit.inference import load_model
 from alexnet_lit.transforms import eval_transform
 from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
+from tests.helpers import DEFAULT_CONFIG, ROOT, cli_error_line
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
+    """Rows of a CSV the project wrote; a name that is not UTF-8 comes back as os.fsdecode's."""
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -165,13 +158,11 @@ def test_cli_predict_refuses_preprocessing_other_than_the_checkpoints(
     tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:  # trained at 96 px; the data default is 224
-        cli_main(
-            ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
-             "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"]
-        )  # fmt: skip
-    assert exit_info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    line = cli_error_line(  # trained at 96 px; the data default is 224
+        capsys,
+        ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+         "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"],
+    )  # fmt: skip
     assert line.startswith(f"error: --ckpt_path '{tiny_ckpt}' was trained with preprocessing")
     assert "'image_size': 96" in line and "'image_size': 224" in line and "--config" in line
 
@@ -184,68 +175,53 @@ def test_find_best_checkpoint_picks_the_newest_best(tmp_path):
         for name, offset in (("best-epoch=01.ckpt", 0), ("last.ckpt", 50)):
             (folder / name).touch()
             os.utime(folder / name, (mtime + offset, mtime + offset))
-    assert find_best_checkpoint([logs]) == logs / "version_1" / "checkpoints" / "best-epoch=01.ckpt"
-    with pytest.raises(InferenceError, match=r"no best-\*\.ckpt under"):
-        find_best_checkpoint([tmp_path / "elsewhere"])
+    newest = logs / "version_1" / "checkpoints"
+    assert find_checkpoint([logs], "best") == newest / "best-epoch=01.ckpt"
+    assert find_checkpoint([logs], "last") == newest / "last.ckpt"
+    with pytest.raises(CheckpointError, match=r"no \*/checkpoints/best-\*\.ckpt under"):
+        find_checkpoint([tmp_path / "elsewhere"], "best")
 
 
 def test_a_checkpoint_of_another_shape_is_one_sentence(tmp_path):
     ckpt = tmp_path / "other.ckpt"
     hparams = dict(LitAlexNet(num_classes=2).hparams)
     torch.save({"state_dict": {"model.extra": torch.zeros(1)}, "hyper_parameters": hparams}, ckpt)
-    with pytest.raises(InferenceError, match="does not fit the AlexNet its hyperparameters"):
+    with pytest.raises(CheckpointError, match="does not fit the AlexNet its hyperparameters"):
         load_model(ckpt)
 
 
-class SkippingPredictData(L.LightningDataModule):
-    """Leaves unreadable images out of each batch and records them in ``skipped``
-    (``{path: (reason, when)}``), the contract :class:`PredictionCSVWriter` reads."""
-
-    def __init__(self, folder: Path, preprocessing: dict) -> None:
-        super().__init__()
-        self.transform = eval_transform(**preprocessing)
-        self.samples = [(path, -1) for path in image_files(folder)]
-        self.skipped: dict[str, tuple[str, str]] = {}
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self, batch_size=3, collate_fn=self.collate)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path = self.samples[index][0]
-        try:
-            return self.transform(load_image(path)), -1
-        except OSError as err:
-            return str(path), str(err)
-
-    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
-        good = [item for item in items if isinstance(item[0], torch.Tensor)]
-        for path, reason in (item for item in items if isinstance(item[0], str)):
-            self.skipped[path] = (reason, "load")
-        if not good:
-            return torch.empty(0, 3, 96, 96), torch.empty(0, dtype=torch.long)
-        return torch.stack([image for image, _ in good]), torch.tensor([t for _, t in good])
-
-
 @pytest.mark.slow
-def test_writer_gives_images_the_datamodule_skipped_an_error_row(tiny_ckpt, new_images, tmp_path):
-    model = load_model(tiny_ckpt)
-    data = SkippingPredictData(new_images, model.hparams["preprocessing"])
-    out = tmp_path / "cli.csv"
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, callbacks=[PredictionCSVWriter(out)],
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.predict(model, datamodule=data, return_predictions=False)
+def test_cli_predict_gives_unreadable_images_an_error_row(
+    tiny_run, tiny_ckpt, new_images, tmp_path, monkeypatch
+):
     expected = tmp_path / "script.csv"
     assert predict_main(["--ckpt", str(tiny_ckpt), str(new_images), "--out", str(expected)]) == 0
-    written, wanted = read_csv(out), read_csv(expected)
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+         "--data.image_size=96", "--data.batch_size=3", "--data.num_workers=1",
+         f"--data.predict_dir={new_images}", f"--ckpt_path={tiny_ckpt}"]
+    )  # fmt: skip
+    run = tmp_path / "lightning_logs" / "version_0"
+    written, wanted = read_csv(run / "predictions.csv"), read_csv(expected)
     assert [row["path"] for row in written] == [row["path"] for row in wanted]
     for got, want in zip(written, wanted, strict=True):
-        assert bool(got["error"]) == bool(want["error"])
+        assert got["error"] == want["error"]
         assert got["predicted"] == want["predicted"]
     assert sorted(Path(row["path"]).name for row in written if row["error"]) == [
         "broken.jpg", "notes.png"
     ]  # fmt: skip
+    skipped = read_csv(run / "skipped_images.csv")  # recorded like any unreadable image
+    assert sorted(Path(row["path"]).name for row in skipped) == ["broken.jpg", "notes.png"]
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_gets_its_row(tiny_ckpt, tmp_path):
+    folder = make_image_folder(tmp_path / "new", splits={"a": 1}, seed=3) / "a" / "ant"
+    odd = os.fsdecode(b"caf\xe9-\xff.jpg")  # Latin-1 bytes, as an old camera or zip names it
+    (folder / "img_0.jpg").rename(folder / odd)
+    out = tmp_path / "predictions.csv"
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(folder), "--out", str(out)]) == 0
+    (row,) = read_csv(out)
+    assert Path(row["path"]) == folder / odd and row["predicted"] in CLASSES
+    assert os.fsencode(row["path"]).endswith(b"caf\xe9-\xff.jpg")  # the name's bytes, exactly

@@ -1,18 +1,18 @@
 """Every load path refuses a checkpoint that would run code when unpickled."""
 
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.cli import cli_main
-from alexnet_lit.inference import InferenceError, load_model
+from alexnet_lit.errors import CheckpointError
+from alexnet_lit.inference import load_model
 from scripts.export import main as export_main
 from scripts.import_seed_checkpoint import main as import_main
 from scripts.predict import main as predict_main
 from tests.conftest import make_image_folder
+from tests.helpers import cli_args, cli_error_line
 
 
 class CreatesFile:
@@ -48,17 +48,19 @@ def test_the_crafted_file_really_runs_code_without_weights_only(crafted):
     assert marker.exists()
 
 
-def test_load_from_checkpoint_refuses_it(crafted):
-    path, marker = crafted
-    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
-        LitAlexNet.load_from_checkpoint(path)
-    assert not marker.exists()
+REFUSAL = (
+    "was refused: it holds Python objects that could run code when loaded (only tensors and "
+    "plain data load, weights_only=True); use a checkpoint written by this project, or re-save "
+    "its state_dict from a source you trust."
+)
 
 
-def test_load_model_refuses_it_in_one_sentence(crafted):
+@pytest.mark.parametrize("load", [LitAlexNet.load_from_checkpoint, load_model])
+def test_python_loaders_refuse_it_in_one_sentence(load, crafted):
     path, marker = crafted
-    with pytest.raises(InferenceError, match=r"was refused: it holds Python objects"):
-        load_model(path)
+    with pytest.raises(CheckpointError) as error:
+        load(path)
+    assert str(error.value) == f"checkpoint '{path}' {REFUSAL}"
     assert not marker.exists()
 
 
@@ -73,12 +75,7 @@ def test_scripts_refuse_it(script, crafted, tmp_path, capsys):
     else:
         code = import_main([str(path), "--classes", "a", "b", "--out", str(tmp_path / "m.ckpt")])
     assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        f"error: '{path}' was refused: it holds Python objects that could run code when loaded "
-        "(only tensors and plain data load, weights_only=True); re-save it as a state_dict from "
-        "a source you trust."
-    )
+    assert capsys.readouterr().err.strip() == f"error: checkpoint '{path}' {REFUSAL}"
     assert not marker.exists()
 
 
@@ -86,11 +83,23 @@ def test_cli_ckpt_path_refuses_it(crafted, tmp_path, monkeypatch, capsys):
     path, marker = crafted
     data = make_image_folder(tmp_path / "data", classes=["a", "b"], splits={"train": 1, "val": 1})
     monkeypatch.chdir(tmp_path)
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["validate", "--config", config, f"--data.data_dir={data}",
-                  "--data.num_workers=0", f"--ckpt_path={path}"])  # fmt: skip
-    assert exit_info.value.code == 2
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line.startswith(f"error: checkpoint '{path}' holds objects other than tensors")
+    line = cli_error_line(capsys, cli_args("validate", data, f"--ckpt_path={path}"))
+    assert line == f"error: checkpoint '{path}' {REFUSAL}"
     assert not marker.exists()
+
+
+def test_a_datamodule_given_paths_still_writes_data_only_checkpoints(tmp_path):
+    import lightning as L
+
+    from alexnet_lit import ImageFolderDataModule
+
+    data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 1})
+    dm = ImageFolderDataModule(data, predict_dir=data / "val", num_workers=0, image_size=67)
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(LitAlexNet(dm.num_classes, dm.class_names, preprocessing=dm.preprocessing), dm)
+    trainer.save_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    loaded = torch.load(tmp_path / "model.ckpt", weights_only=True)  # no Path objects in it
+    assert loaded["datamodule_hyper_parameters"]["data_dir"] == str(data)

@@ -9,7 +9,7 @@ from torch import nn
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.cli import cli_main
-from alexnet_lit.tutorial_loop import tutorial_alexnet
+from scripts.bench.tutorial_loop import tutorial_alexnet
 from scripts.import_seed_checkpoint import main as import_main
 from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder

@@ -25,9 +25,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from alexnet_lit.cli import cli_main
 from alexnet_lit.reports import most_confused, per_class_metrics, render_confusion_matrix
 from tests.conftest import make_image_folder
+from tests.helpers import DEFAULT_CONFIG
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
 CLASSES = [f"class_{i}" for i in range(7)]  # more than 5 classes, so top-5 accuracy is logged
 VAL_PER_CLASS = 2
 EPOCHS, TRAIN_BATCHES, BATCH = 2, 2, 4
@@ -271,13 +270,13 @@ def test_confusion_matrix_picture_stays_bounded(num_classes):
 
 
 def test_grayscale_inputs_become_rgb_pictures():
-    from alexnet_lit import LitAlexNet
-    from alexnet_lit.callbacks import ValidationImages
+    from alexnet_lit.callbacks import to_pixels
     from alexnet_lit.reports import image_grid
+    from alexnet_lit.transforms import preprocessing_record
 
-    model = LitAlexNet(num_classes=3, in_channels=1)  # normalization mean 0.5, std 0.5
     images = torch.linspace(-1, 1, 2 * 40 * 40).reshape(2, 1, 40, 40)
-    pixels = ValidationImages(tile=64)._pixels(model, images).numpy()
+    preprocessing = preprocessing_record(in_channels=1)  # mean 0.5, std 0.5
+    pixels = to_pixels(images, preprocessing, tile=64).numpy()
     assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
     assert pixels.min() <= 2 and pixels.max() >= 250  # -1..1 mapped back onto 0..255
     assert (pixels[..., 0] == pixels[..., 2]).all()

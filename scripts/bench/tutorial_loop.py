@@ -1,4 +1,4 @@
-"""The tutorial's training script, reproduced from ../shared/SEED_RECIPE.md as a benchmark baseline.
+"""The tutorial's training script, reproduced from its recipe as the benchmark's baseline.
 
 It keeps the tutorial's behaviour on purpose, flaws included: a random crop at validation, 8
 loader workers whatever the machine, validation batches of 5, and a ``loss.item()`` plus a print
@@ -112,7 +112,7 @@ def run_tutorial(
 def main(argv: list[str] | None = None) -> None:
     """The benchmark's baseline process: run the loop, write its report as JSON.
 
-    Run as a file (``python alexnet_lit/tutorial_loop.py``), not as a module of the package, so
+    Run as a file (``python scripts/bench/tutorial_loop.py``), not through the package, so
     that the process imports what the tutorial's script imports (torch and torchvision) and not
     Lightning and the rest, whose import time, exit time and memory are not the tutorial's.
     """

@@ -1,209 +1,28 @@
-"""Dataset folders: scan a split, split train/ when there is no val/, and the data doctor's report.
+"""The data doctor: scan a dataset folder and report what would hurt training.
 
-The DataModule and ``scripts/check_data.py`` both scan with :func:`scan_split`, so they agree on
-which files are classes, samples, hidden entries, non-images and unreadable images.
+``scripts/check_data.py`` is its command line. It applies the rules of
+:mod:`alexnet_lit.data.folders` and :mod:`alexnet_lit.data.images`, the same ones training uses.
 """
 
-import hashlib
 import json
-import os
 import statistics
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from alexnet_lit.images import (
-    ImageInfo,
-    Verdict,
-    has_image_extension,
-    is_hidden,
-    load_image,
-    probe,
-    sniff_format,
+from alexnet_lit.data.folders import (
+    SPLITS,
+    SplitScan,
+    class_count_table,
+    imbalance_ratio,
+    scan_split,
 )
+from alexnet_lit.runs import printable
 
-SPLITS = ("train", "val", "test")
-# Folders with fewer files scan without a progress bar.
-PROGRESS_MIN_FILES = 500
 # An imbalance ratio (largest class / smallest class) above this gets a warning.
 IMBALANCE_WARNING = 5.0
-
-
-@dataclass
-class SplitScan:
-    """What one split folder (``train/``, ``val/``) holds.
-
-    Attributes:
-        root: The split folder.
-        images: Class name -> usable images, sorted; a class with none maps to ``[]``.
-        infos: Image path -> what its header says.
-        unreadable: ``(path, reason)`` of images that cannot be used.
-        not_images: ``(path, reason)`` of other files, ignored.
-        hidden: Hidden and system entries that were ignored (not descended into).
-        outside_classes: Files directly in the split folder, in no class folder; ignored.
-        hashes: Image path -> hash of its bytes (only when scanned with ``hash_files``).
-    """
-
-    root: Path
-    images: dict[str, list[Path]] = field(default_factory=dict)
-    infos: dict[Path, ImageInfo] = field(default_factory=dict)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)
-    not_images: list[tuple[Path, str]] = field(default_factory=list)
-    hidden: list[Path] = field(default_factory=list)
-    outside_classes: list[Path] = field(default_factory=list)
-    hashes: dict[Path, str] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        return {name: len(paths) for name, paths in self.images.items()}
-
-
-def list_classes(split_dir: Path) -> list[str]:
-    """Sorted class folder names of one split, without hidden and system folders."""
-    return sorted(
-        entry.name
-        for entry in os.scandir(split_dir)
-        if entry.is_dir() and not is_hidden(entry.name)
-    )
-
-
-def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
-    """Files under ``folder`` (sorted, recursively); hidden entries go to ``hidden`` instead."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        hidden += [Path(dirpath, d) for d in dirnames if is_hidden(d)]
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        for name in sorted(filenames):
-            (hidden if is_hidden(name) else found).append(Path(dirpath, name))
-    return found
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Files with an image extension under ``folder`` (recursively, sorted), hidden ones skipped.
-
-    Chosen by name, not content: a broken image is listed, so that it gets a row with its error.
-    """
-    return [path for path in walk_files(Path(folder), []) if has_image_extension(path)]
-
-
-def scan_files(
-    files: Sequence[Path], hash_files: bool = False, decode: bool = False, desc: str = "scanning"
-) -> tuple[dict[Path, ImageInfo], list[tuple[Path, str]], list[tuple[Path, str]], dict]:
-    """Probe files: ``(infos, unreadable, not_images, hashes)``; a progress bar on many files.
-
-    ``decode`` also decodes every image that passes the cheap checks (slow; finds the rest).
-    """
-    infos, unreadable, not_images, hashes = {}, [], [], {}
-    show = len(files) >= PROGRESS_MIN_FILES
-    for path in tqdm(files, desc=desc, unit="file", disable=None if show else True, leave=False):
-        data = None
-        if hash_files:
-            try:
-                with open(path, "rb") as file:
-                    if sniff_format(file.read(16)) is not None:
-                        file.seek(0)
-                        data = file.read()
-            except OSError:
-                pass  # probe() reports it
-        verdict = probe(path, data)
-        if verdict.info is not None and decode:
-            try:
-                load_image(path)
-            except Exception as err:  # whatever Pillow raises for broken pixel data
-                lines = str(err).strip().splitlines()
-                reason = f"fails to decode ({type(err).__name__}: {lines[0] if lines else ''})"
-                verdict = Verdict(problem="unreadable", reason=reason)
-        if verdict.info is not None:
-            infos[path] = verdict.info
-            if data is not None:
-                hashes[path] = hashlib.blake2b(data, digest_size=16).hexdigest()
-        elif verdict.problem == "unreadable":
-            unreadable.append((path, verdict.reason))
-        else:
-            not_images.append((path, verdict.reason))
-    return infos, unreadable, not_images, hashes
-
-
-def scan_split(split_dir: Path, hash_files: bool = False, decode: bool = False) -> SplitScan:
-    """Scan ``split_dir/<class>/**`` with cheap checks (headers, not pixels).
-
-    Args:
-        split_dir: A split folder such as ``dataset/train``.
-        hash_files: Also hash each image's bytes (for the doctor's duplicate search).
-        decode: Also decode each image (slow); see :func:`scan_files`.
-    """
-    scan = SplitScan(Path(split_dir))
-    files_by_class: dict[str, list[Path]] = {}
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        path = Path(entry.path)
-        if is_hidden(entry.name):
-            scan.hidden.append(path)
-        elif entry.is_dir():
-            files_by_class[entry.name] = walk_files(path, scan.hidden)
-        else:
-            scan.outside_classes.append(path)
-    files = [path for paths in files_by_class.values() for path in paths]
-    infos, scan.unreadable, scan.not_images, scan.hashes = scan_files(
-        files, hash_files, decode, desc=f"scanning {split_dir.name}/"
-    )
-    scan.infos = infos
-    scan.images = {
-        name: [path for path in paths if path in infos] for name, paths in files_by_class.items()
-    }
-    return scan
-
-
-def split_train_val(
-    images: Mapping[str, Sequence[Path]], val_split: float, seed: int, root: Path
-) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
-    """A stratified, seeded split of each class's images into train and val.
-
-    The order within a class is a hash of the seed and the path relative to ``root``, so the
-    split depends only on the file list and the seed: every process of a distributed run, and
-    every later run on the same files, gets the same split. Each class with at least two images
-    gives at least one to val and keeps at least one for train.
-    """
-    train, val = {}, {}
-    for name, paths in images.items():
-
-        def key(path: Path) -> str:
-            relative = path.relative_to(root).as_posix()
-            return hashlib.sha256(f"{seed}:{relative}".encode()).hexdigest()
-
-        ordered = sorted(paths, key=key)
-        n_val = round(len(ordered) * val_split)
-        if val_split > 0 and len(ordered) >= 2:
-            n_val = min(max(n_val, 1), len(ordered) - 1)
-        val[name] = sorted(ordered[:n_val])
-        train[name] = sorted(ordered[n_val:])
-    return train, val
-
-
-def imbalance_ratio(counts: Mapping[str, int]) -> float | None:
-    """Largest class count / smallest; None when a class is empty or there are none."""
-    values = list(counts.values())
-    if not values or min(values) == 0:
-        return None
-    return max(values) / min(values)
-
-
-def class_count_table(counts: Mapping[str, Mapping[str, int]]) -> str:
-    """A small text table of images per class (rows) and split (columns)."""
-    splits = list(counts)
-    classes = sorted({name for split in counts.values() for name in split})
-    width = max([len("class"), *map(len, classes)])
-    lines = ["  ".join([f"{'class':<{width}}", *(f"{s:>7}" for s in splits)])]
-    for name in classes:
-        cells = [f"{counts[s].get(name, 0):>7}" for s in splits]
-        lines.append("  ".join([f"{name:<{width}}", *cells]))
-    return "\n".join(lines)
-
-
-# The data doctor ------------------------------------------------------------------------------
 
 
 def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
@@ -325,7 +144,8 @@ def _duplicates(scans: Mapping[str, SplitScan]) -> tuple[list[dict], dict[str, l
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """The doctor's report as readable text."""
+    """The doctor's report as readable text (names that are not valid UTF-8 shown as ``\\xNN``;
+    the JSON report keeps them exactly)."""
     lines = [f"Dataset: {report['path']}"]
     splits = report["splits"]
     if splits:
@@ -377,7 +197,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     lines.append("Verdict: " + ("NOT usable as is." if report["errors"] else "usable as is."))
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def check_data_main(argv: Sequence[str] | None = None) -> int:

@@ -8,12 +8,15 @@ order and repeated, and the table reports medians. Two speeds are reported for e
   optimizer step, over the epochs after the first (which pays for worker start-up and warm-up).
   This is what the compute ceiling measures, so "% of ceiling" uses it.
 
-``scripts/benchmark.py`` is the entry point.
+Run it as ``python scripts/bench/benchmark.py [--quick] [--json FILE] [--device cpu|cuda]``.
+Each contender inherits the environment, so allocator settings (``LD_PRELOAD``,
+``MALLOC_*_``) are measured by setting them for the whole benchmark (docs/speed.md).
 """
 
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -30,11 +33,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
-BENCHMARK_SCRIPT = REPO / "scripts" / "benchmark.py"
+BENCHMARK_SCRIPT = Path(__file__).resolve()
 # Run as a file, the baseline imports only torch and torchvision, as the tutorial's script does.
-TUTORIAL_SCRIPT = REPO / "alexnet_lit" / "tutorial_loop.py"
+TUTORIAL_SCRIPT = BENCHMARK_SCRIPT.with_name("tutorial_loop.py")
+if str(REPO) not in sys.path:  # run as a script: import the checkout under test
+    sys.path.insert(0, str(REPO))
+
+from alexnet_lit.precision import cpu_bf16_flags, native_mixed_precision  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -49,21 +56,16 @@ CONTENDERS = {
     "tutorial": Contender("the tutorial's loop (baseline)", "ceiling_fp32"),
     "default": Contender("train.py fit, configs/default.yaml", "ceiling_fp32"),
     "plain": Contender("plain PyTorch loop, same model/loader/checkpoints", "ceiling_fp32"),
-    "fast": Contender("train.py fit, default.yaml + fast.yaml", "ceiling_bf16"),
-    "fast_decode": Contender(
-        "train.py fit, fast.yaml + decode_on_device.yaml", "ceiling_bf16", cuda_only=True
-    ),
+    "fast": Contender("train.py fit, default.yaml + fast.yaml", "ceiling_fast"),
     "data_ceiling": Contender(
         "data ceiling: the training loader alone, to the device", reference=True
-    ),
-    "data_ceiling_decode": Contender(
-        "data ceiling with decode_on_device", cuda_only=True, reference=True
     ),
     "ceiling_fp32": Contender(
         "compute ceiling: in-memory tensors, fp32 + channels_last", reference=True
     ),
-    "ceiling_bf16": Contender(
-        "compute ceiling: in-memory tensors, bf16 + channels_last + kept memory", reference=True
+    "ceiling_fast": Contender(
+        "compute ceiling: in-memory tensors, fast.yaml's precision + channels_last",
+        reference=True,
     ),
     "ceiling_bf16_nchw": Contender(
         "compute ceiling: in-memory tensors, bf16, default layout", cuda_only=True, reference=True
@@ -75,7 +77,6 @@ CONTENDERS = {
 FITS = {
     "default": ["configs/default.yaml"],
     "fast": ["configs/default.yaml", "configs/fast.yaml"],
-    "fast_decode": ["configs/default.yaml", "configs/fast.yaml", "configs/decode_on_device.yaml"],
 }
 # Sizes by (device, --quick): images, epochs, runs per contender, timed steps of the ceilings.
 SIZES = {
@@ -244,8 +245,7 @@ def _epoch_times(run: Path) -> list[float]:
 def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     """The project's model, DataModule loaders and checkpoints in a hand-written loop."""
     from alexnet_lit import ImageFolderDataModule, LitAlexNet
-    from alexnet_lit.fault_tolerance import AtomicCheckpointIO
-    from alexnet_lit.module import step_in_backward
+    from alexnet_lit.checkpoints import AtomicCheckpointIO
 
     torch.manual_seed(0)
     workers = GPU_WORKERS if device == "cuda" else None
@@ -255,15 +255,16 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
         num_classes=dm.num_classes, class_names=dm.class_names, channels_last=True
     ).to(device)  # as configs/default.yaml
     optimizer, writer = module.optimizer(module.parameters()), AtomicCheckpointIO()
-    step_in_backward(module.parameters(), optimizer)  # as default.yaml's optimizer_in_backward
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best, train_seconds = -1.0, []
     for epoch in range(epochs):
         module.train()
         start = time.perf_counter()
-        for batch in train_loader:  # a LoadedBatch: images, targets, skipped files
+        for batch in train_loader:  # a LoadedBatch: images, targets, indices, skipped files
             loss = module.loss_fn(module(batch.images.to(device)), batch.targets.to(device))
-            loss.backward()  # which applies and frees each gradient
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # freed once applied, as LitAlexNet does
         _synchronize(device)
         train_seconds.append(time.perf_counter() - start)
         module.eval()
@@ -274,21 +275,17 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
                 correct += (predicted == batch.targets.to(device)).sum()
         acc = correct.item() / len(dm.datasets["val"])
         # As configs/default.yaml, with the project's own writer (temporary file, fsync,
-        # rename): the best file when val/acc improves, and last.ckpt every epoch, a hard link
-        # to the best file when that was just written (LastCheckpoint).
+        # rename): the best file when val/acc improves, and last.ckpt every epoch.
         state = {"state_dict": module.state_dict(), "optimizer": optimizer.state_dict()}
         state["epoch"] = epoch
         if acc > best:
             best = acc
             writer.save_checkpoint(state, "best.ckpt")
-            Path("last.ckpt").unlink(missing_ok=True)
-            os.link("best.ckpt", "last.ckpt")
-        else:
-            writer.save_checkpoint(state, "last.ckpt")
+        writer.save_checkpoint(state, "last.ckpt")
     return {"val_acc": best, "train_seconds": train_seconds}
 
 
-def _data_ceiling(data: Path, epochs: int, device: str, decode_on_device: bool = False) -> dict:
+def _data_ceiling(data: Path, epochs: int, device: str) -> dict:
     """The project's training loader alone, batches handed to the device, no model: how many
     images/s the data pipeline can deliver (same workers, presets and hooks as a fit)."""
     import lightning as L
@@ -296,8 +293,8 @@ def _data_ceiling(data: Path, epochs: int, device: str, decode_on_device: bool =
     from alexnet_lit import ImageFolderDataModule
 
     workers = GPU_WORKERS if device == "cuda" else None
-    dm = ImageFolderDataModule(data, num_workers=workers, decode_on_device=decode_on_device)
-    # A trainer only to tell the DataModule its device (pinning, where to decode).
+    dm = ImageFolderDataModule(data, num_workers=workers)
+    # A trainer only to tell the DataModule its device (pinning).
     dm.trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -316,7 +313,7 @@ def _data_ceiling(data: Path, epochs: int, device: str, decode_on_device: bool =
 
 def _ceiling(
     device: str,
-    bf16: bool,
+    precision: str,
     steps: int,
     channels_last: bool = True,
     compiled: bool = False,
@@ -324,10 +321,8 @@ def _ceiling(
 ) -> dict:
     """Training images/s of AlexNet + Adam on in-memory tensors: no data loading at all.
 
-    The bf16 ceilings keep freed memory after the first step, as ``configs/fast.yaml`` does;
-    the fp32 one does not, as ``configs/default.yaml``.
+    ``precision`` is a Lightning precision: ``32-true``, ``bf16-mixed`` or ``16-mixed``.
     """
-    from alexnet_lit.memory import give_back_freed_memory, keep_freed_memory
     from alexnet_lit.model import AlexNet
     from alexnet_lit.module import tutorial_adam
 
@@ -338,24 +333,26 @@ def _ceiling(
     forward = torch.compile(model) if compiled else model
     images = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory_format)
     targets = torch.randint(0, 2, (batch,), device=device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
     warmup = min(3, steps)  # the first steps allocate memory, pick kernels (and compile)
-    dtype = torch.bfloat16 if bf16 else torch.float32
     for step in range(warmup + steps):
-        if step == 1 and bf16:
-            keep_freed_memory()  # once the weights and Adam's state exist, as KeepFreedMemory does
         if step == warmup:
             _synchronize(device)
             start = time.perf_counter()
-        with torch.autocast(device_type=device, dtype=dtype, enabled=bf16):
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
             loss = torch.nn.functional.cross_entropy(forward(images), targets)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)  # freed once applied, as LitAlexNet does
     _synchronize(device)
-    images_per_s = steps * batch / (time.perf_counter() - start)
-    if bf16:
-        give_back_freed_memory()
-    return {"images_per_s": images_per_s}
+    return {"images_per_s": steps * batch / (time.perf_counter() - start)}
+
+
+def fast_precision(device: str) -> str:
+    """The precision ``configs/fast.yaml`` trains in on ``device``."""
+    return native_mixed_precision("gpu" if device == "cuda" else "cpu")[0]
 
 
 def _synchronize(device: str) -> None:
@@ -366,14 +363,15 @@ def _synchronize(device: str) -> None:
 WORKERS = {
     "plain": _worker_plain,
     "data_ceiling": lambda data, epochs, device, steps: _data_ceiling(data, epochs, device),
-    "data_ceiling_decode": lambda data, epochs, device, steps: _data_ceiling(
-        data, epochs, device, decode_on_device=True
+    "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, "32-true", steps),
+    "ceiling_fast": lambda data, epochs, device, steps: _ceiling(
+        device, fast_precision(device), steps
     ),
-    "ceiling_fp32": lambda data, epochs, device, steps: _ceiling(device, False, steps),
-    "ceiling_bf16": lambda data, epochs, device, steps: _ceiling(device, True, steps),
-    "ceiling_bf16_nchw": lambda data, epochs, device, steps: _ceiling(device, True, steps, False),
+    "ceiling_bf16_nchw": lambda data, epochs, device, steps: _ceiling(
+        device, "bf16-mixed", steps, channels_last=False
+    ),
     "ceiling_compiled": lambda data, epochs, device, steps: _ceiling(
-        device, True, steps, compiled=True
+        device, "bf16-mixed", steps, compiled=True
     ),
 }
 
@@ -474,6 +472,8 @@ def summarize(
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cpus": len(os.sched_getaffinity(0)),
+        "cpu": cpu_description(),
+        "fast_precision": fast_precision(device),
         "train_images": n_train,
         "val_images": n_val,
         "epochs": epochs,
@@ -487,9 +487,25 @@ def _steady(train_seconds: list[float], n_train: int) -> float:
     return n_train * len(later) / sum(later)
 
 
+def cpu_description() -> str:
+    """The CPU's model name, torch's kernel capability and whether it has bf16 instructions."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            models = (line.split(":", 1)[1] for line in cpuinfo if line.startswith("model name"))
+            name = next(models, name).strip()
+    except OSError:
+        pass
+    flags = cpu_bf16_flags()
+    bf16 = f"native bf16 ({', '.join(flags)})" if flags else "no native bf16"
+    return f"{name}, capability {torch.backends.cpu.get_cpu_capability()}, {bf16}"
+
+
 def format_table(result: dict) -> str:
     """The result as a Markdown table."""
     lines = [
+        f"CPU: {result.get('cpu', 'unknown')}; fast.yaml trains in "
+        f"{result.get('fast_precision', 'unknown')}",
         f"{result['epochs']} epochs of {result['train_images']} train + {result['val_images']} "
         f"val JPEGs, medians, device {result['device']}, {result['cpus']} CPUs, "
         f"torch {result['torch']}",

@@ -1,0 +1,279 @@
+"""The ImageFolder DataModule: roots, splits, presets, loaders, worker counts and the class list."""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from alexnet_lit import transforms
+from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
+from alexnet_lit.data.demo import DEMO_CLASSES, DEMO_PRESET, demo_dir, write_digits_demo
+from alexnet_lit.data.folders import class_count_table, image_files, imbalance_ratio
+from alexnet_lit.data.index import FolderIndex, read_class_names
+from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
+from alexnet_lit.data.skipped import SkippedImages
+from alexnet_lit.errors import DataConfigError
+from alexnet_lit.runs import open_text, run_dir
+
+# Augmentation preset where image_size, crop_scale or hflip are left unset (None) on your data.
+TUTORIAL_PRESET = {"image_size": transforms.IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
+# The train/val split made from train/ when there is no val/, saved into the run folder.
+SPLIT_FILES = {"train": "split_train.txt", "val": "split_val.txt"}
+
+
+def default_num_workers(processes: int = 1) -> int:
+    """Loader workers for each of ``processes`` training processes on this machine.
+
+    The CPUs this process may use (its affinity, not the machine's count) are shared out, one
+    kept for each training process, at most 16 each: every worker costs memory and start-up
+    time, and a 16-vCPU GPU machine was still loader-bound with 16 (docs/speed.md).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity API
+        cpus = os.cpu_count() or 1
+    return max(0, min(16, cpus // max(1, processes) - 1))
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Train/val(/test) ImageFolders: ``data_dir/{train,val}/<class>/*.jpg``.
+
+    Hidden and system entries are never classes nor samples; files that are not images (by
+    content) are ignored and counted; unreadable images found by cheap header checks are left
+    out before training, and images that fail to load are skipped. Both are written to
+    ``skipped_images.csv`` in the run directory (see ``on_bad_image``).
+
+    Args:
+        data_dir: Dataset root holding ``train/`` and ``val/`` (and optionally ``test/``). None
+            trains on the built-in demo: scikit-learn's handwritten digits, written once by
+            :meth:`prepare_data`.
+        batch_size: Images per training step (the tutorial's 32); evaluation uses the same.
+        num_workers: Loader processes per loader; None shares out the CPUs this process may
+            use among the machine's training processes, keeping one for each, at most 16.
+        image_size: Side of the square network input. None: the tutorial's 224 for your data,
+            96 for the demo's 8x8 digits.
+        in_channels: 3 for RGB, 1 to train on grayscale.
+        crop_scale: Area range of the training RandomResizedCrop. None: the tutorial's
+            (0.08, 1.0) for your data, (0.5, 1.0) for the demo.
+        hflip: Random horizontal flips in training. None: on for your data (the tutorial's),
+            off for the demo's digits.
+        predict_dir: Folder of images (searched recursively) for the ``predict`` subcommand;
+            None predicts the validation images.
+        val_split: Without a ``val/`` folder, the fraction of each train class held out for
+            validation (a stratified split that depends only on the file list and ``seed``; the
+            lists are saved as ``split_train.txt`` and ``split_val.txt`` in the run directory).
+        seed: Seeds that split and the balanced sampler.
+        on_bad_image: ``skip`` leaves unreadable images out and records them; ``error`` stops
+            at the first one with a message naming it.
+        balance: Class-imbalance correction: ``none``; ``loss`` weights the cross-entropy by
+            n_images / (n_classes * n_class_images); ``sampler`` draws every class equally often
+            (with replacement; works under DDP).
+        augment: Training augmentation preset: ``"tutorial"`` (crop + flip) or ``"strong"``
+            (adds TrivialAugmentWide and RandomErasing). MixUp/CutMix are model options.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        image_size: int | None = None,
+        in_channels: int = 3,
+        crop_scale: tuple[float, float] | None = None,
+        hflip: bool | None = None,
+        predict_dir: str | Path | None = None,
+        val_split: float = 0.1,
+        seed: int = 0,
+        on_bad_image: Literal["skip", "error"] = "skip",
+        balance: Literal["none", "loss", "sampler"] = "none",
+        augment: Literal["tutorial", "strong"] = "tutorial",
+    ) -> None:
+        super().__init__()
+        # Checkpoints hold these hyperparameters; as str, not Path, they load with weights_only.
+        data_dir = None if data_dir is None else str(data_dir)
+        predict_dir = None if predict_dir is None else str(predict_dir)
+        self.save_hyperparameters()
+        self.is_demo = data_dir is None
+        self.data_dir = demo_dir() if self.is_demo else Path(data_dir).expanduser()
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.predict_dir = None if predict_dir is None else Path(predict_dir).expanduser()
+        if batch_size < 1:
+            raise DataConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
+        if in_channels not in (1, 3):
+            raise DataConfigError(f"data.in_channels must be 1 or 3, got {in_channels}.")
+        if not 0.0 < val_split < 1.0:
+            raise DataConfigError(f"data.val_split must be between 0 and 1, got {val_split}.")
+        if on_bad_image not in ("skip", "error"):
+            raise DataConfigError(f"data.on_bad_image must be skip or error, got {on_bad_image}.")
+        if balance not in ("none", "loss", "sampler"):
+            raise DataConfigError(f"data.balance must be none, loss or sampler, got {balance}.")
+        # Read now, not in setup(): the CLI links the class list into the model at instantiation.
+        self.class_names = DEMO_CLASSES if self.is_demo else read_class_names(self.data_dir)
+        preset = DEMO_PRESET if self.is_demo else TUTORIAL_PRESET
+        self.image_size = preset["image_size"] if image_size is None else image_size
+        self.crop_scale = preset["crop_scale"] if crop_scale is None else tuple(crop_scale)
+        self.hflip = preset["hflip"] if hflip is None else hflip
+        self.preprocessing = transforms.preprocessing_record(self.image_size, in_channels)
+        self.datasets: dict[str, ImageListDataset] = {}
+        self.skipped = SkippedImages(on_bad_image)
+        self.index = FolderIndex(self.data_dir, self.class_names, self.skipped, val_split, seed)
+        self.run_dir: Path | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Cross-entropy class weights for ``balance: loss`` (linked into the model), else None."""
+        if self.hparams.balance != "loss":
+            return None
+        counts = list(self.index.class_counts("train").values())
+        total = sum(counts)
+        return [total / (self.num_classes * count) for count in counts]
+
+    def prepare_data(self) -> None:
+        if self.is_demo and not self.data_dir.is_dir():
+            write_digits_demo(self.data_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.run_dir is None:
+            self.run_dir = run_dir(self.trainer)  # here, where every rank runs: a collective
+            self.skipped.start(self.run_dir, self.trainer.global_rank)
+        if self.hparams.num_workers is None and self.trainer is not None:
+            # With several processes per machine (DDP), each gets its share of the CPUs.
+            self.num_workers = default_num_workers(self.trainer.num_devices)
+        if stage == "fit":
+            self.datasets["train"] = self._dataset("train", self.train_transform())
+            self._report_class_counts()
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = self._dataset("val", self.eval_transform())
+        if stage == "test":
+            # A held-out test/ split is optional; without one, test reports on val.
+            split = self.index.test_split()
+            note = "" if split == "test" else " (there is no test/ folder)"
+            rank_zero_info(f"test: evaluating {self.data_dir / split}{note}")
+            self.datasets["test"] = self._dataset(split, self.eval_transform())
+        if stage == "predict":
+            self.datasets["predict"] = self._predict_dataset()
+        self._save_split_lists()
+
+    def train_transform(self):
+        return transforms.train_transform(
+            self.image_size,
+            self.hparams.in_channels,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            augment=self.hparams.augment,
+        )
+
+    def eval_transform(self):
+        return transforms.eval_transform(**self.preprocessing)
+
+    def _dataset(self, split: str, transform) -> ImageListDataset:
+        return ImageListDataset(self.index.labelled(split), transform, self.hparams.in_channels)
+
+    def _save_split_lists(self) -> None:
+        """Write the train/val split made from train/ into the run directory (rank 0, once)."""
+        if not self.index.split_lists or self.run_dir is None or not self.trainer.is_global_zero:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for split, images in self.index.split_lists.items():
+            with open_text(self.run_dir / SPLIT_FILES[split]) as file:
+                for name in self.class_names:
+                    for path in images.get(name, []):
+                        file.write(f"{path.relative_to(self.data_dir).as_posix()}\n")
+
+    def _report_class_counts(self) -> None:
+        counts = {split: self.index.class_counts(split) for split in ("train", "val")}
+        ratio = imbalance_ratio(counts["train"])
+        ratio_text = "n/a" if ratio is None else f"{ratio:.2f}:1"
+        rank_zero_info(
+            f"images per class (train imbalance {ratio_text}, balance: "
+            f"{self.hparams.balance}):\n{class_count_table(counts)}"
+        )
+
+    def _predict_dataset(self) -> ImageListDataset:
+        if self.predict_dir is None:
+            return self._dataset("val", self.eval_transform())
+        if not self.predict_dir.exists():
+            raise DataConfigError(
+                f"data.predict_dir: '{self.predict_dir}' does not exist; pass an image folder."
+            )
+        # By name, not content: a broken file is loaded, fails, and still gets its error row.
+        paths = [self.predict_dir] if self.predict_dir.is_file() else image_files(self.predict_dir)
+        if not paths:
+            raise DataConfigError(f"data.predict_dir: '{self.predict_dir}' holds no images.")
+        return ImageListDataset(
+            [(path, -1) for path in paths], self.eval_transform(), self.hparams.in_channels
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        if self.hparams.balance != "sampler":
+            return self._loader(dataset, shuffle=True)
+        trainer = self.trainer
+        sampler = BalancedSampler(
+            dataset.targets,
+            num_replicas=1 if trainer is None else trainer.world_size,
+            rank=0 if trainer is None else trainer.global_rank,
+            seed=self.hparams.seed,
+        )
+        return self._loader(dataset, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["val"])
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"])
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["predict"])
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if sampler is None and not shuffle and distributed:
+            # Evaluation under DDP: each image exactly once, so metrics are exact. Training keeps
+            # Lightning's shuffling DistributedSampler (it calls set_epoch every epoch).
+            world_size = self.trainer.world_size
+            if len(dataset) < world_size:
+                raise DataConfigError(
+                    f"{len(dataset)} evaluation images cannot be split over {world_size} "
+                    "processes; add images or lower trainer.devices / trainer.num_nodes."
+                )
+            sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
+        shape = (self.hparams.in_channels, self.image_size, self.image_size)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=on_cuda,
+            collate_fn=SkippingCollate(shape),
+        )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record the images the workers could not load, then hand on ``(images, targets)``;
+        ``predict`` gets the whole :class:`LoadedBatch`, whose indices and records name each
+        image's row."""
+        if not isinstance(batch, LoadedBatch):
+            return batch
+        for bad in batch.skipped:
+            self.skipped.add(bad.path, bad.reason, "load")  # raises with on_bad_image: error
+        if self.trainer is not None and self.trainer.predicting:
+            return batch
+        return batch.images, batch.targets
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped:
+            at_load = sum(when == "load" for _, when in self.skipped.entries.values())
+            rank_zero_info(
+                f"{len(self.skipped)} image(s) left out ({at_load} at load time); listed in "
+                f"{self.skipped.where()}."
+            )

@@ -1,0 +1,110 @@
+"""The one dataset of labelled image files, and the collate that sets unreadable images aside.
+
+Training, validation, test, the CLI's ``predict`` and ``scripts/predict.py`` all read images
+through :class:`ImageListDataset` and :class:`SkippingCollate`: an image that fails to load
+becomes a :class:`BadImage` in the worker, travels with its batch, and is recorded (or, for
+prediction, given an error row) in the main process. A broken file is never fatal.
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from alexnet_lit.data.images import load_image
+
+
+class BadImage(NamedTuple):
+    """What the dataset returns, instead of a sample, for an image that fails to load."""
+
+    index: int
+    path: str
+    reason: str
+
+
+def bad_image(index: int, path: str | Path, err: Exception) -> BadImage:
+    """The record of the image at ``index`` that raised ``err`` while loading."""
+    lines = str(err).strip().splitlines()
+    return BadImage(index, str(path), f"{type(err).__name__}: {lines[0] if lines else ''}")
+
+
+class LoadedBatch(NamedTuple):
+    """A collated batch: the images that loaded, and the ones set aside (recorded by the
+    DataModule's ``on_before_batch_transfer`` in the main process)."""
+
+    images: torch.Tensor  # [B, C, H, W]
+    targets: torch.Tensor  # [B], class indices; -1 for unlabelled images
+    indices: torch.Tensor  # [B], each image's index in the dataset
+    skipped: list[BadImage]
+
+
+class ImageListDataset(Dataset):
+    """Images from a list of ``(path, class_index)`` pairs, as ``(image, class_index, index)``.
+
+    Args:
+        samples: ``(path, class_index)`` pairs; the index is -1 for unlabelled images.
+        transform: Applied to each loaded PIL image.
+        in_channels: 3 for RGB or 1 for grayscale.
+        skip_bad: Return a :class:`BadImage` for an image that fails to load instead of raising;
+            :class:`SkippingCollate` sets it aside.
+        load: Opens one file as a PIL image (``load_image``: EXIF orientation, every mode).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        transform: Callable[[Image.Image], Any],
+        in_channels: int = 3,
+        skip_bad: bool = True,
+        load: Callable[[Path, int], Image.Image] = load_image,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.in_channels = in_channels
+        self.skip_bad = skip_bad
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int] | BadImage:
+        path, target = self.samples[index]
+        try:
+            image = self.transform(self.load(path, self.in_channels))
+        # A broken file raises anything from OSError to SyntaxError, in Pillow or a transform.
+        except Exception as err:
+            if not self.skip_bad:
+                raise
+            return bad_image(index, path, err)
+        return image, target, index
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+
+class SkippingCollate:
+    """Collates the images of a batch that loaded into a :class:`LoadedBatch`, with the
+    :class:`BadImage` records aside. A batch of only bad images becomes an empty one.
+
+    Args:
+        empty_shape: ``(C, H, W)`` of the images, for the empty batch.
+        dtype: Their dtype, for the empty batch.
+    """
+
+    def __init__(self, empty_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
+        self.empty_shape = tuple(empty_shape)
+        self.dtype = dtype
+
+    def __call__(self, items: list) -> LoadedBatch:
+        skipped = [item for item in items if isinstance(item, BadImage)]
+        good = [item for item in items if not isinstance(item, BadImage)]
+        if not good:
+            empty = torch.empty((0, *self.empty_shape), dtype=self.dtype)
+            none = torch.empty(0, dtype=torch.long)
+            return LoadedBatch(empty, none, none, skipped)
+        images, targets, indices = default_collate(good)
+        return LoadedBatch(images, targets, indices, skipped)

@@ -1,0 +1,21 @@
+"""Mistakes a user can make and fix, each explained in one sentence.
+
+The command-line entry points print the message of a :class:`UserError` as one ``error:`` line
+and exit with status 2, instead of a traceback.
+"""
+
+
+class UserError(ValueError):
+    """A problem with the user's input (data, config, checkpoint, paths), said in one sentence."""
+
+
+class DataConfigError(UserError):
+    """A problem with the user's data or data settings."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot or must not be loaded or written."""
+
+
+class InferenceError(UserError):
+    """A path, option or device given to prediction or export that cannot be used."""

@@ -1,0 +1,49 @@
+"""Builders shared by the tests: CLI argument lists, and running the CLI or its script."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alexnet_lit.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
+# Small and quick: 67 px is the smallest input AlexNet accepts; later arguments override these.
+TINY = (
+    "--data.image_size=67", "--data.batch_size=2", "--data.num_workers=0",
+    "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+)  # fmt: skip
+
+
+def cli_args(subcommand: str, data_dir: Path | None, *extra: str) -> list[str]:
+    """``SUBCOMMAND --config configs/default.yaml --data.data_dir=DATA``, TINY, then ``extra``."""
+    args = [subcommand, "--config", DEFAULT_CONFIG]
+    if data_dir is not None:
+        args.append(f"--data.data_dir={data_dir}")
+    return [*args, *TINY, *extra]
+
+
+def fit_args(data_dir: Path | None, *extra: str) -> list[str]:
+    return cli_args("fit", data_dir, *extra)
+
+
+def cli_error_line(capsys, args: list[str], code: int = 2) -> str:
+    """Run the CLI in-process, expect it to exit with ``code``, return stderr's last line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == code
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
+    """Run ``scripts/SCRIPT`` in a subprocess on this checkout; returns the completed process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "scripts" / script), *args]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, errors="backslashreplace",
+        timeout=timeout,
+    )  # fmt: skip
