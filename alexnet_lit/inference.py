@@ -17,7 +17,7 @@ from alexnet_lit.data.folders import image_files
 from alexnet_lit.errors import CheckpointError, InferenceError
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.runs import open_text, run_dir
-from alexnet_lit.transforms import eval_transform
+from alexnet_lit.transforms import EvalPreset, normalize
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LitAlexNet:
@@ -144,10 +144,9 @@ def iter_predictions(
     hparams = model.hparams
     preprocessing = hparams["preprocessing"]
     device = next(model.parameters()).device
-    dataset = ImageListDataset(
-        [(path, -1) for path in paths], eval_transform(**preprocessing), hparams["in_channels"]
-    )
-    shape = (preprocessing["in_channels"], preprocessing["image_size"], preprocessing["image_size"])
+    dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
+    side = preprocessing["image_size"]
+    shape = (side, side, preprocessing["in_channels"])  # the eval preset's HWC
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -159,6 +158,7 @@ def iter_predictions(
     with torch.inference_mode(), tqdm(total=len(dataset), unit="img", disable=not progress) as bar:
         for batch in loader:
             images = batch.images.to(device, non_blocking=True)
+            images = normalize(images, preprocessing["mean"], preprocessing["std"])
             probs = model(images).softmax(dim=1) if len(images) else images.new_empty(0)
             for _, row in batch_rows(batch, probs, paths, hparams["class_names"], top_k):
                 yield row

@@ -25,7 +25,7 @@ from alexnet_lit.data.doctor import check_data_main
 from alexnet_lit.data.folders import split_train_val
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.samplers import BalancedSampler
-from alexnet_lit.transforms import eval_transform, train_transform
+from alexnet_lit.transforms import EvalPreset, TrainPreset, normalize
 from tests.conftest import make_image_folder
 from tests.dirty_data import CLASSES, make_dirty_folder
 from tests.helpers import ROOT, cli_error_line, fit_args
@@ -175,10 +175,9 @@ def test_modes_become_the_expected_rgb_and_gray_pixels(tmp_path):
 def test_images_smaller_than_the_crop_work(size, tmp_path):
     Image.new("RGB", size, (0, 0, 255)).save(tmp_path / "tiny.png")
     image = load_image(tmp_path / "tiny.png")
-    assert train_transform(96)(image).shape == (3, 96, 96)
-    assert eval_transform(96, in_channels=1)(load_image(tmp_path / "tiny.png", 1)).shape == (
-        1, 96, 96,
-    )  # fmt: skip
+    assert TrainPreset(96)(image).shape == (96, 96, 3)
+    assert TrainPreset(96).read(tmp_path / "tiny.png").shape == (96, 96, 3)
+    assert EvalPreset(96, in_channels=1).read(tmp_path / "tiny.png").shape == (96, 96, 1)
 
 
 # Training on dirty data -----------------------------------------------------------------------
@@ -364,11 +363,12 @@ def test_sampler_is_used_by_the_train_loader(image_folder):
 
 
 def test_a_batch_of_only_bad_images_is_empty_and_skipped():
-    batch = SkippingCollate((3, 96, 96))([BadImage(4, "a.jpg", "OSError: x")] * 2)
-    assert batch.images.shape == (0, 3, 96, 96) and batch.skipped[0].path == "a.jpg"
+    batch = SkippingCollate((96, 96, 3))([BadImage(4, "a.jpg", "OSError: x")] * 2)
+    assert batch.images.shape == (0, 96, 96, 3) and batch.skipped[0].path == "a.jpg"
     model = LitAlexNet(3)
+    images = normalize(batch.images, [0.5] * 3, [0.5] * 3)  # as on the device
     # A zero loss that still reaches every parameter, so DDP ranks stay in step.
-    loss = model.training_step((batch.images, batch.targets), 0)["loss"]
+    loss = model.training_step((images, batch.targets), 0)["loss"]
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None for p in model.parameters())

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,6 +18,7 @@ from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSample
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
 from alexnet_lit.runs import open_text, run_dir
+from alexnet_lit.transforms import EvalPreset, Preset, TrainPreset
 
 # Augmentation preset where image_size, crop_scale or hflip are left unset (None) on your data.
 TUTORIAL_PRESET = {"image_size": transforms.IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
@@ -147,22 +149,23 @@ class ImageFolderDataModule(L.LightningDataModule):
             # With several processes per machine (DDP), each gets its share of the CPUs.
             self.num_workers = default_num_workers(self.trainer.num_devices)
         if stage == "fit":
-            self.datasets["train"] = self._dataset("train", self.train_transform())
+            self.datasets["train"] = self._dataset("train", self.train_preset())
             self._report_class_counts()
         if stage in ("fit", "validate"):
-            self.datasets["val"] = self._dataset("val", self.eval_transform())
+            self.datasets["val"] = self._dataset("val", self.eval_preset())
         if stage == "test":
             # A held-out test/ split is optional; without one, test reports on val.
             split = self.index.test_split()
             note = "" if split == "test" else " (there is no test/ folder)"
             rank_zero_info(f"test: evaluating {self.data_dir / split}{note}")
-            self.datasets["test"] = self._dataset(split, self.eval_transform())
+            self.datasets["test"] = self._dataset(split, self.eval_preset())
         if stage == "predict":
             self.datasets["predict"] = self._predict_dataset()
         self._save_split_lists()
 
-    def train_transform(self):
-        return transforms.train_transform(
+    def train_preset(self) -> TrainPreset:
+        """The training preset: random crop, flip (and, for ``augment: strong``, more)."""
+        return TrainPreset(
             self.image_size,
             self.hparams.in_channels,
             crop_scale=self.crop_scale,
@@ -170,11 +173,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             augment=self.hparams.augment,
         )
 
-    def eval_transform(self):
-        return transforms.eval_transform(**self.preprocessing)
+    def eval_preset(self) -> EvalPreset:
+        """The deterministic preset of validation, test and prediction; the one checkpoints
+        record (``preprocessing``)."""
+        return EvalPreset(**self.preprocessing)
 
-    def _dataset(self, split: str, transform) -> ImageListDataset:
-        return ImageListDataset(self.index.labelled(split), transform, self.hparams.in_channels)
+    def _dataset(self, split: str, preset: Preset) -> ImageListDataset:
+        return ImageListDataset(self.index.labelled(split), preset.read)
 
     def _save_split_lists(self) -> None:
         """Write the train/val split made from train/ into the run directory (rank 0, once)."""
@@ -198,7 +203,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _predict_dataset(self) -> ImageListDataset:
         if self.predict_dir is None:
-            return self._dataset("val", self.eval_transform())
+            return self._dataset("val", self.eval_preset())
         if not self.predict_dir.exists():
             raise DataConfigError(
                 f"data.predict_dir: '{self.predict_dir}' does not exist; pass an image folder."
@@ -207,9 +212,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         paths = [self.predict_dir] if self.predict_dir.is_file() else image_files(self.predict_dir)
         if not paths:
             raise DataConfigError(f"data.predict_dir: '{self.predict_dir}' holds no images.")
-        return ImageListDataset(
-            [(path, -1) for path in paths], self.eval_transform(), self.hparams.in_channels
-        )
+        return ImageListDataset([(path, -1) for path in paths], self.eval_preset().read)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
@@ -246,7 +249,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                     "processes; add images or lower trainer.devices / trainer.num_nodes."
                 )
             sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
-        shape = (self.hparams.in_channels, self.image_size, self.image_size)
+        shape = (self.image_size, self.image_size, self.hparams.in_channels)  # a preset's HWC
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -269,6 +272,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.predicting:
             return batch
         return batch.images, batch.targets
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the training device, once per batch: the uint8 images become the normalized
+        float input, channels-last (and, with ``augment: strong``, each training image gets a
+        random erased rectangle)."""
+        images = batch[0]
+        if images.dtype != torch.uint8:  # already the network's input
+            return batch
+        images = transforms.normalize(images, self.preprocessing["mean"], self.preprocessing["std"])
+        if self.hparams.augment == "strong" and self.trainer is not None and self.trainer.training:
+            images = transforms.random_erasing(images)
+        if isinstance(batch, LoadedBatch):
+            return batch._replace(images=images)
+        return images, batch[1]
 
     def teardown(self, stage: str) -> None:
         if self.skipped:

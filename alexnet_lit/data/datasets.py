@@ -8,13 +8,10 @@ prediction, given an error row) in the main process. A broken file is never fata
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
-
-from alexnet_lit.data.images import load_image
 
 
 class BadImage(NamedTuple):
@@ -35,7 +32,7 @@ class LoadedBatch(NamedTuple):
     """A collated batch: the images that loaded, and the ones set aside (recorded by the
     DataModule's ``on_before_batch_transfer`` in the main process)."""
 
-    images: torch.Tensor  # [B, C, H, W]
+    images: torch.Tensor  # [B, S, S, C] uint8, from a preset
     targets: torch.Tensor  # [B], class indices; -1 for unlabelled images
     indices: torch.Tensor  # [B], each image's index in the dataset
     skipped: list[BadImage]
@@ -46,34 +43,29 @@ class ImageListDataset(Dataset):
 
     Args:
         samples: ``(path, class_index)`` pairs; the index is -1 for unlabelled images.
-        transform: Applied to each loaded PIL image.
-        in_channels: 3 for RGB or 1 for grayscale.
+        read: Turns one file into the network's input, e.g. ``TrainPreset(...).read`` (a uint8
+            ``[S, S, C]`` tensor; see :mod:`alexnet_lit.transforms`).
         skip_bad: Return a :class:`BadImage` for an image that fails to load instead of raising;
             :class:`SkippingCollate` sets it aside.
-        load: Opens one file as a PIL image (``load_image``: EXIF orientation, every mode).
     """
 
     def __init__(
         self,
         samples: Sequence[tuple[Path, int]],
-        transform: Callable[[Image.Image], Any],
-        in_channels: int = 3,
+        read: Callable[[Path], torch.Tensor],
         skip_bad: bool = True,
-        load: Callable[[Path, int], Image.Image] = load_image,
     ) -> None:
         self.samples = list(samples)
-        self.transform = transform
-        self.in_channels = in_channels
+        self.read = read
         self.skip_bad = skip_bad
-        self.load = load
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int] | BadImage:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadImage:
         path, target = self.samples[index]
         try:
-            image = self.transform(self.load(path, self.in_channels))
+            image = self.read(path)
         # A broken file raises anything from OSError to SyntaxError, in Pillow or a transform.
         except Exception as err:
             if not self.skip_bad:
@@ -91,11 +83,11 @@ class SkippingCollate:
     :class:`BadImage` records aside. A batch of only bad images becomes an empty one.
 
     Args:
-        empty_shape: ``(C, H, W)`` of the images, for the empty batch.
+        empty_shape: The shape of one image (``(S, S, C)`` from a preset), for the empty batch.
         dtype: Their dtype, for the empty batch.
     """
 
-    def __init__(self, empty_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, empty_shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> None:
         self.empty_shape = tuple(empty_shape)
         self.dtype = dtype
 

@@ -44,6 +44,7 @@ END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"
 TAIL_BYTES = 4096
 # Transparent pixels are composited on white, as a browser shows them (never on black).
 BACKGROUND = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112
 
 
 def is_hidden(name: str) -> bool:
@@ -162,22 +163,40 @@ def _first_line(err: object) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file lazily: the header is read, the pixels only by ``load()``."""
+    return Image.open(path)
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image as shown, after its EXIF orientation."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
 def load_image(path: str | Path, in_channels: int = 3) -> Image.Image:
-    """Open an image as the RGB (or, for ``in_channels=1``, grayscale) picture a user expects.
+    """Open an image as the RGB (or, for ``in_channels=1``, grayscale) picture a user expects
+    (:func:`to_rgb_or_l`). Raises whatever Pillow raises for a broken file."""
+    with open_image(path) as image:
+        image.load()
+        return to_rgb_or_l(image, in_channels)
+
+
+def to_rgb_or_l(image: Image.Image, in_channels: int = 3) -> Image.Image:
+    """A loaded image as a new RGB (or, for ``in_channels=1``, grayscale) picture.
 
     EXIF orientation is applied; palette, RGBA and LA images are composited on a white
     background; CMYK is converted to RGB; 16- and 32-bit grayscale is scaled to 8 bits (not
-    clipped). Raises whatever Pillow raises for a broken file.
+    clipped).
     """
-    with Image.open(path) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(image)  # a new image, rotated as shown
     image = to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("L" if in_channels == 1 else "RGB")
+    mode = "L" if in_channels == 1 else "RGB"
+    return image if image.mode == mode else image.convert(mode)
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

@@ -91,13 +91,24 @@ GPU_WORKERS = 16
 # --- the data ----------------------------------------------------------------------------------
 
 
-def make_photo_folder(
-    root: Path, n_train: int, n_val: int, classes: int = 2, seed: int = 0, workers: int = 1
-) -> None:
-    """Write a photo-like JPEG ImageFolder: smooth colour fields with noise, ~500x375 each.
+# Photo sizes the benchmark writes: ranges of (width, height).
+PHOTOS = {"500x375": ((440, 560), (330, 420)), "12mp": ((4000, 4001), (3000, 3001))}
 
-    Each image depends only on ``seed`` and its place (split, class, index), so ``workers``
-    processes write the same folder as one.
+
+def make_photo_folder(
+    root: Path,
+    n_train: int,
+    n_val: int,
+    classes: int = 2,
+    seed: int = 0,
+    workers: int = 1,
+    photos: str = "500x375",
+) -> None:
+    """Write a photo-like JPEG ImageFolder: smooth colour fields with noise.
+
+    ``photos`` is ``500x375`` (~500x375 each, like the tutorial's dog photos) or ``12mp``
+    (4000x3000, a phone camera's). Each image depends only on ``seed`` and its place (split,
+    class, index), so ``workers`` processes write the same folder as one.
     """
     jobs = []
     for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val))):
@@ -105,7 +116,7 @@ def make_photo_folder(
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
             jobs += [
-                (folder / f"{i:05d}.jpg", (seed, split_index, c, i), c)
+                (folder / f"{i:05d}.jpg", (seed, split_index, c, i), c, photos)
                 for i in range(count // classes)
             ]
     if workers <= 1:
@@ -116,9 +127,10 @@ def make_photo_folder(
         list(pool.map(_write_photo, *zip(*jobs, strict=True), chunksize=64))
 
 
-def _write_photo(path: Path, key: tuple[int, ...], c: int) -> None:
+def _write_photo(path: Path, key: tuple[int, ...], c: int, photos: str = "500x375") -> None:
     rng = np.random.default_rng(key)
-    width, height = int(rng.integers(440, 560)), int(rng.integers(330, 420))
+    widths, heights = PHOTOS[photos]
+    width, height = int(rng.integers(*widths)), int(rng.integers(*heights))
     coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
     coarse[..., c % 3] = np.maximum(coarse[..., c % 3], 160)
     image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
@@ -260,8 +272,9 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     for epoch in range(epochs):
         module.train()
         start = time.perf_counter()
-        for batch in train_loader:  # a LoadedBatch: images, targets, indices, skipped files
-            loss = module.loss_fn(module(batch.images.to(device)), batch.targets.to(device))
+        for batch in train_loader:  # a LoadedBatch: uint8 images, targets, indices, skipped
+            images, targets = _to_device(dm, batch, device)
+            loss = module.loss_fn(module(images), targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # freed once applied, as LitAlexNet does
@@ -271,8 +284,8 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.inference_mode():
             for batch in val_loader:
-                predicted = module(batch.images.to(device)).argmax(1)
-                correct += (predicted == batch.targets.to(device)).sum()
+                images, targets = _to_device(dm, batch, device)
+                correct += (module(images).argmax(1) == targets).sum()
         acc = correct.item() / len(dm.datasets["val"])
         # As configs/default.yaml, with the project's own writer (temporary file, fsync,
         # rename): the best file when val/acc improves, and last.ckpt every epoch.
@@ -304,11 +317,17 @@ def _data_ceiling(data: Path, epochs: int, device: str) -> dict:
     for _ in range(epochs):
         start = time.perf_counter()
         for batch in loader:
-            images, _targets = dm.on_before_batch_transfer(batch, 0)
-            images.to(device, non_blocking=True)
+            _to_device(dm, batch, device)
         _synchronize(device)
         train_seconds.append(time.perf_counter() - start)
     return {"train_seconds": train_seconds}
+
+
+def _to_device(dm, batch, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Lightning does with a loader's batch: the DataModule's hooks around the transfer."""
+    images, targets = dm.on_before_batch_transfer(batch, 0)
+    batch = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    return dm.on_after_batch_transfer(batch, 0)
 
 
 def _ceiling(
