@@ -48,20 +48,20 @@ def test_a_failed_contender_is_reported_and_the_others_still_compared():
 
 @pytest.mark.slow
 def test_every_contender_runs_and_is_compared(tmp_path):
-    result = benchmark(n_train=8, n_val=4, epochs=1, repeats=1, ceiling_steps=1)
+    # One contender of each kind: the tutorial's file, a fit, a worker loop and both ceilings.
+    only = ["tutorial", "default", "plain", "data_ceiling", "ceiling_fp32"]
+    result = benchmark(n_train=8, n_val=4, epochs=1, repeats=1, ceiling_steps=1, only=only)
     rows = result["rows"]
-    assert set(rows) == {
-        "tutorial", "default", "plain", "fast", "data_ceiling", "ceiling_fp32", "ceiling_fast"
-    }  # fmt: skip
+    assert list(rows) == only
     assert not [name for name, row in rows.items() if "error" in row]
-    for name in ("default", "plain", "fast"):  # each fit was measured and compared
+    for name in ("default", "plain"):  # each fit was measured and compared
         assert {"wall_s", "ratio_to_tutorial", "percent_of_ceiling"} <= set(rows[name])
         assert 0.0 <= rows[name]["val_acc"] <= 1.0
     assert "ratio_to_tutorial" not in rows["data_ceiling"]  # a ceiling is compared with nothing
     table = format_table(result)
     assert table.startswith(f"CPU: {result['cpu']}; fast.yaml trains in ")
     assert result["fast_precision"] in ("32-true", "bf16-mixed")
-    assert table.count("\n| ") == 9  # header, separator and 7 rows
+    assert table.count("\n| ") == 7  # header, separator and 5 rows
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
     assert json.loads(path.read_text())["rows"].keys() == rows.keys()

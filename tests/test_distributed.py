@@ -10,9 +10,11 @@ import lightning as L
 import pytest
 
 from alexnet_lit import LitAlexNet
+from alexnet_lit.cli import cli_main
 from alexnet_lit.data import ImageFolderDataModule, default_num_workers
 from alexnet_lit.data.samplers import UnpaddedDistributedSampler
 from tests.conftest import CLASSES, make_image_folder
+from tests.helpers import cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,9 @@ def test_unpadded_sampler_gives_each_sample_to_exactly_one_rank(size):
     ]
 
 
-def validate_in_subprocess(data: Path, ckpt: Path, out: Path, devices: int) -> dict[str, float]:
+def validate_in_subprocess(
+    data: Path, ckpt: Path, out: Path, devices: int, *extra: str
+) -> dict[str, float]:
     """Run ``scripts/train.py validate`` on ``devices`` CPU processes; return the logged metrics."""
     args = [
         sys.executable, str(ROOT / "scripts" / "train.py"), "validate",
@@ -40,6 +44,7 @@ def validate_in_subprocess(data: Path, ckpt: Path, out: Path, devices: int) -> d
     ]  # fmt: skip
     if devices > 1:
         args.append("--trainer.strategy=ddp")
+    args += extra
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         args, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600
@@ -59,10 +64,11 @@ def test_loader_workers_share_the_usable_cpus_among_processes(monkeypatch):
     assert default_num_workers() == 16  # capped: more workers only cost memory
 
 
-@pytest.mark.slow
-def test_ddp_validation_equals_single_process(tmp_path):
-    # 9 validation images: torch's DistributedSampler would score one of them twice on 2 ranks.
-    data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 3})
+@pytest.fixture(scope="module")
+def nine_val_images(tmp_path_factory) -> tuple[Path, Path]:
+    """A dataset with 9 validation images and a weights-only checkpoint trained one step on it."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = make_image_folder(tmp / "data", splits={"train": 1, "val": 3})
     datamodule = ImageFolderDataModule(str(data), batch_size=2, num_workers=0, image_size=67)
     model = LitAlexNet(len(CLASSES), CLASSES, preprocessing=datamodule.preprocessing)
     trainer = L.Trainer(
@@ -70,11 +76,24 @@ def test_ddp_validation_equals_single_process(tmp_path):
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(model, datamodule)
-    ckpt = tmp_path / "model.ckpt"
+    ckpt = tmp / "model.ckpt"
     trainer.save_checkpoint(ckpt, weights_only=True)
+    return data, ckpt
 
-    single = validate_in_subprocess(data, ckpt, tmp_path / "one", devices=1)
-    ddp = validate_in_subprocess(data, ckpt, tmp_path / "two", devices=2)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_ddp_validation_equals_single_process(backend, nine_val_images, tmp_path):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is a Linux-only extra")
+    data, ckpt = nine_val_images
+    extra = [f"--data.backend={backend}"]
+    # 9 validation images: torch's DistributedSampler would score one of them twice on 2 ranks.
+    with pytest.MonkeyPatch.context() as mp:  # one process, in this one
+        mp.chdir(tmp_path)
+        cli = cli_main(cli_args("validate", data, f"--ckpt_path={ckpt}", *extra))
+    single = {key: float(cli.trainer.callback_metrics[key]) for key in ("val/acc", "val/loss")}
+    ddp = validate_in_subprocess(data, ckpt, tmp_path / "two", 2, *extra)
     # Exact only if every image counts once; 0 < acc < 1 so a repeated image would change it.
     assert 0.0 < single["val/acc"] < 1.0
     assert ddp["val/acc"] == single["val/acc"]

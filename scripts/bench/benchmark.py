@@ -67,6 +67,22 @@ CONTENDERS = {
         "compute ceiling: in-memory tensors, fast.yaml's precision + channels_last",
         reference=True,
     ),
+    # The DALI backend and batches of 256, for GPUs (run on a CPU only when named with --only).
+    "dali": Contender("train.py fit, default.yaml, data.backend: dali", "ceiling_fp32", True),
+    "fast_dali": Contender("train.py fit, fast.yaml, data.backend: dali", "ceiling_fast", True),
+    "default_b256": Contender("train.py fit, default.yaml, batch 256", "ceiling_fp32_b256", True),
+    "fast_dali_b256": Contender(
+        "train.py fit, fast.yaml, data.backend: dali, batch 256", "ceiling_fast_b256", True
+    ),
+    "data_ceiling_dali": Contender(
+        "data ceiling: the DALI training loader alone", cuda_only=True, reference=True
+    ),
+    "ceiling_fp32_b256": Contender(
+        "compute ceiling: fp32 + channels_last, batch 256", cuda_only=True, reference=True
+    ),
+    "ceiling_fast_b256": Contender(
+        "compute ceiling: fast.yaml's precision, batch 256", cuda_only=True, reference=True
+    ),
     "ceiling_bf16_nchw": Contender(
         "compute ceiling: in-memory tensors, bf16, default layout", cuda_only=True, reference=True
     ),
@@ -74,9 +90,18 @@ CONTENDERS = {
         "compute ceiling: bf16 + channels_last + torch.compile", cuda_only=True, reference=True
     ),
 }
+# Each fit: its configs, then other command-line arguments.
+DALI = "--data.backend=dali"
 FITS = {
-    "default": ["configs/default.yaml"],
-    "fast": ["configs/default.yaml", "configs/fast.yaml"],
+    "default": (["configs/default.yaml"], []),
+    "fast": (["configs/default.yaml", "configs/fast.yaml"], []),
+    "dali": (["configs/default.yaml"], [DALI]),
+    "fast_dali": (["configs/default.yaml", "configs/fast.yaml"], [DALI]),
+    "default_b256": (["configs/default.yaml"], ["--data.batch_size=256"]),
+    "fast_dali_b256": (
+        ["configs/default.yaml", "configs/fast.yaml"],
+        [DALI, "--data.batch_size=256"],
+    ),
 }
 # Sizes by (device, --quick): images, epochs, runs per contender, timed steps of the ceilings.
 SIZES = {
@@ -149,12 +174,14 @@ def contender_command(
     report = workdir / f"{name}.json"
     if name in FITS:
         command = [sys.executable, str(TRAIN_SCRIPT), "fit"]
-        for config in FITS[name]:
+        configs, extra = FITS[name]
+        for config in configs:
             command += ["--config", config]
         command += [
             f"--data.data_dir={data}",
             f"--trainer.max_epochs={epochs}",
             f"--trainer.logger.init_args.save_dir={workdir}",
+            *extra,
         ]
         if device == "cuda":
             command += ["--trainer.accelerator=gpu", f"--data.num_workers={GPU_WORKERS}"]
@@ -298,7 +325,7 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     return {"val_acc": best, "train_seconds": train_seconds}
 
 
-def _data_ceiling(data: Path, epochs: int, device: str) -> dict:
+def _data_ceiling(data: Path, epochs: int, device: str, backend: str = "pil") -> dict:
     """The project's training loader alone, batches handed to the device, no model: how many
     images/s the data pipeline can deliver (same workers, presets and hooks as a fit)."""
     import lightning as L
@@ -306,7 +333,7 @@ def _data_ceiling(data: Path, epochs: int, device: str) -> dict:
     from alexnet_lit import ImageFolderDataModule
 
     workers = GPU_WORKERS if device == "cuda" else None
-    dm = ImageFolderDataModule(data, num_workers=workers)
+    dm = ImageFolderDataModule(data, num_workers=workers, backend=backend)
     # A trainer only to tell the DataModule its device (pinning).
     dm.trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
@@ -324,7 +351,8 @@ def _data_ceiling(data: Path, epochs: int, device: str) -> dict:
 
 
 def _to_device(dm, batch, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """What Lightning does with a loader's batch: the DataModule's hooks around the transfer."""
+    """What Lightning does with a loader's batch: the DataModule's hooks around the transfer
+    (a DALI batch is on the device, and normalized, already)."""
     images, targets = dm.on_before_batch_transfer(batch, 0)
     batch = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
     return dm.on_after_batch_transfer(batch, 0)
@@ -386,6 +414,15 @@ WORKERS = {
     "ceiling_fast": lambda data, epochs, device, steps: _ceiling(
         device, fast_precision(device), steps
     ),
+    "data_ceiling_dali": lambda data, epochs, device, steps: _data_ceiling(
+        data, epochs, device, backend="dali"
+    ),
+    "ceiling_fp32_b256": lambda data, epochs, device, steps: _ceiling(
+        device, "32-true", steps, batch=256
+    ),
+    "ceiling_fast_b256": lambda data, epochs, device, steps: _ceiling(
+        device, fast_precision(device), steps, batch=256
+    ),
     "ceiling_bf16_nchw": lambda data, epochs, device, steps: _ceiling(
         device, "bf16-mixed", steps, channels_last=False
     ),
@@ -431,6 +468,9 @@ def benchmark(
                 break
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
+                if time_budget is not None and time.perf_counter() - started > time_budget:
+                    print(f"{name} not run: the time budget", file=sys.stderr)
+                    continue
                 workdir = Path(tmp, f"{name}-{repeat}")
                 workdir.mkdir()
                 print(f"[{repeat + 1}/{repeats}] {name} ...", file=sys.stderr, flush=True)
