@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from alexnet_lit.explain import grad_cam, overlay
 from alexnet_lit.reports import image_grid, render_confusion_matrix, short_name, write_report
 from alexnet_lit.runs import run_dir
 
@@ -213,7 +214,9 @@ class _ConfusionCounter:
 
 class ValidationImages(L.Callback):
     """Log pictures to TensorBoard: training inputs once, and each validation epoch the confusion
-    matrix (``val/confusion_matrix``) and the most confident mistakes (``val/misclassified``).
+    matrix (``val/confusion_matrix``) and the most confident mistakes (``val/misclassified``),
+    each row of mistakes followed by a row of their Grad-CAM heatmaps (what the network looked
+    at for the class it predicted).
 
     Args:
         max_images: Images per grid, at most.
@@ -279,6 +282,7 @@ class ValidationImages(L.Callback):
             "predicted": predicted[top],
             "confidence": confidence[top],
             "pixels": to_pixels(images[top], pl_module.hparams.preprocessing, self.tile),
+            "inputs": images[top],  # the network's input, for Grad-CAM at the epoch's end
         }
         if self._mistakes is not None:
             batch = {key: torch.cat([self._mistakes[key], batch[key]]) for key in batch}
@@ -301,27 +305,44 @@ class ValidationImages(L.Callback):
         )
         if self._mistakes is None:
             return
-        mistakes = {key: value.cpu() for key, value in self._mistakes.items()}
-        wrong = mistakes["score"] > 0
+        wrong = self._mistakes["score"] > 0
         if not wrong.any():
             return
+        network = getattr(pl_module, "model", None)
+        heat = None
+        if hasattr(network, "features"):  # Grad-CAM of the predicted class, on the device
+            heat = grad_cam(
+                network, self._mistakes["inputs"][wrong], self._mistakes["predicted"][wrong]
+            )
+            heat = F.interpolate(heat[:, None], size=(self.tile, self.tile), mode="bilinear")
+            heat = heat[:, 0].cpu().numpy()
+        mistakes = {key: value[wrong].cpu() for key, value in self._mistakes.items()}
         captions = [
             f"true: {short_name(names[int(t)])}\npred: {short_name(names[int(p)])} ({float(c):.2f})"
             for t, p, c in zip(
-                mistakes["target"][wrong],
-                mistakes["predicted"][wrong],
-                mistakes["confidence"][wrong],
-                strict=True,
+                mistakes["target"], mistakes["predicted"], mistakes["confidence"], strict=True
             )
         ]
-        grid = image_grid(mistakes["pixels"][wrong].numpy(), captions, tile=self.tile)
+        pixels = mistakes["pixels"].numpy()
+        columns = min(8, len(pixels))
+        tiles, labels = [], []
+        for start in range(0, len(pixels), columns):  # a row of mistakes, then their CAM row
+            tiles += list(pixels[start : start + columns])
+            labels += captions[start : start + columns]
+            if heat is not None:
+                chunk = range(start, min(start + columns, len(pixels)))
+                tiles += [overlay(pixels[i], heat[i]) for i in chunk]
+                labels += ["Grad-CAM\n(predicted class)"] * len(chunk)
+        grid = image_grid(np.stack(tiles), labels, columns=columns, tile=self.tile)
         logger.experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
 
 
 class EvaluationReport(L.Callback):
-    """On ``validate`` and ``test``, write a per-class report and the confusion matrix into the
-    run directory: ``{stage}_report.csv``, ``{stage}_confused_pairs.csv``, ``{stage}_report.md``
-    and ``{stage}_confusion_matrix.png`` (``stage`` is ``val`` or ``test``).
+    """On ``validate`` and ``test``, write a per-class report, the confusion matrix and the
+    reliability diagram into the run directory: ``{stage}_report.csv``,
+    ``{stage}_confused_pairs.csv``, ``{stage}_report.md`` (with the expected calibration error
+    before and after the checkpoint's temperature), ``{stage}_confusion_matrix.png`` and
+    ``{stage}_reliability.png`` (``stage`` is ``val`` or ``test``).
 
     Args:
         top_pairs: How many most-confused class pairs to list.
@@ -330,24 +351,56 @@ class EvaluationReport(L.Callback):
     def __init__(self, top_pairs: int = 10) -> None:
         self.top_pairs = top_pairs
         self._confusion = _ConfusionCounter()
+        self._logits: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
         self.paths: dict[str, Path] = {}
+        self.ece: dict[str, float] = {}
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._confusion.reset(pl_module.hparams.num_classes, pl_module.device)
+        self._logits, self._targets = [], []
 
     def _update(self, outputs: Any, batch: Any) -> None:
         if len(batch[1]):  # empty when every image of the batch was unreadable
             self._confusion.update(outputs["logits"], batch[1])
+            self._logits.append(outputs["logits"].float())
+            self._targets.append(batch[1])
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from alexnet_lit import calibration
+
         confusion = self._confusion.compute(trainer)
         out_dir = run_dir(trainer)  # a collective too, like compute
+        num_classes = pl_module.hparams.num_classes
+        logits = torch.cat(self._logits) if self._logits else torch.empty(0, num_classes)
+        targets = torch.cat(self._targets) if self._targets else torch.empty(0)
+        logits = calibration.gather_uneven(trainer, logits.to(pl_module.device)).cpu()
+        targets = calibration.gather_uneven(trainer, targets.long().to(pl_module.device)).cpu()
         if not trainer.is_global_zero:
             return
-        title = f"{stage} report ({trainer.state.fn}, {int(confusion.sum())} images)"
-        self.paths = write_report(
-            confusion, pl_module.hparams.class_names, out_dir, stage, title, self.top_pairs
+        temperature = float(getattr(pl_module, "temperature", 1.0))
+        raw = calibration.expected_calibration_error(logits, targets)
+        scaled = calibration.expected_calibration_error(logits, targets, temperature)
+        note = (
+            f"Expected calibration error ({calibration.BINS} bins): {raw:.4f} raw, {scaled:.4f} "
+            f"with the checkpoint's temperature {temperature:.3f}."
+            if temperature != 1.0
+            else f"Expected calibration error ({calibration.BINS} bins): {raw:.4f} (raw; the "
+            "checkpoint has no fitted temperature)."
         )
+        title = f"{stage} report ({trainer.state.fn.value}, {int(confusion.sum())} images)"
+        self.paths = write_report(
+            confusion, pl_module.hparams.class_names, out_dir, stage, title, self.top_pairs,
+            notes=[note],
+        )  # fmt: skip
+        self.paths["reliability"] = calibration.render_reliability(
+            logits,
+            targets,
+            out_dir / f"{stage}_reliability.png",
+            temperature,
+            f"{stage} reliability",
+        )
+        self.ece = {"raw": raw, "calibrated": scaled, "temperature": temperature}
         rank_zero_info(f"{stage} report: {self.paths['markdown']}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

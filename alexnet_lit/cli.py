@@ -104,13 +104,18 @@ class AlexNetCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionCSVWriter())
 
 
-def cli_main(args: list[str] | None = None) -> AlexNetCLI:
-    """Run the CLI; a data or config mistake ends in one line on stderr and exit code 2."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
+    """Run the CLI; a data or config mistake ends in one line on stderr and exit code 2.
+
+    With ``run=False`` the arguments are those of one subcommand (``fit``'s) without its name,
+    and the model, data and trainer are instantiated but nothing runs.
+    """
     try:
         return AlexNetCLI(
             LitAlexNet,
             ImageFolderDataModule,
             args=args,
+            run=run,
             save_config_kwargs={"overwrite": True},
             # The optimizer is the model's (model.optimizer in YAML): one way to set it, not two.
             auto_configure_optimizers=False,

@@ -4,6 +4,9 @@ The command-line entry points print the message of a :class:`UserError` as one `
 and exit with status 2, instead of a traceback.
 """
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(ValueError):
     """A problem with the user's input (data, config, checkpoint, paths), said in one sentence."""
@@ -19,3 +22,14 @@ class CheckpointError(UserError):
 
 class InferenceError(UserError):
     """A path, option or device given to prediction or export that cannot be used."""
+
+
+def exit_code_of(main: Callable[[], object]) -> int:
+    """Run a script's ``main``: 0 when it returns, 2 with one ``error:`` line on stderr when it
+    raises a :class:`UserError`."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

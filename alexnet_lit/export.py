@@ -23,8 +23,10 @@ def export_metadata(hparams: dict[str, Any]) -> str:
         {
             "class_names": list(hparams["class_names"]),
             "preprocessing": dict(hparams["preprocessing"]),
+            "temperature": float(hparams.get("temperature", 1.0)),
             "input": "images: float32 [batch, channels, size, size], normalized",
-            "output": "logits: float32 [batch, num_classes]",
+            "output": "logits: float32 [batch, num_classes]; calibrated probabilities are "
+            "softmax(logits / temperature)",
         }
     )
 

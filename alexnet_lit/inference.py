@@ -132,6 +132,47 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def predict_probs(
+    model: LitAlexNet,
+    samples: Sequence[tuple[Path, int]],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Class probabilities ``[N, num_classes]`` of ``(path, label)`` samples with the model's
+    eval preprocessing, ``softmax(logits / temperature)``; a row of NaN for an unreadable image."""
+    probs = torch.full((len(samples), model.hparams["num_classes"]), float("nan"))
+    for batch, batch_probs in _batches(
+        model, [p for p, _ in samples], batch_size, num_workers, temperature
+    ):
+        probs[batch.indices] = batch_probs.float().cpu()
+    return probs
+
+
+def _batches(model, paths, batch_size, num_workers, temperature=1.0):
+    """``(LoadedBatch, probs)`` for the images at ``paths``, in order, through the eval preset."""
+    preprocessing = model.hparams["preprocessing"]
+    device = next(model.parameters()).device
+    dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
+    side = preprocessing["image_size"]
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=SkippingCollate((side, side, preprocessing["in_channels"])),
+        pin_memory=device.type == "cuda",
+    )
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            images = batch.images.to(device, non_blocking=True)
+            images = normalize(images, preprocessing["mean"], preprocessing["std"])
+            logits = (
+                model(images) if len(images) else images.new_empty(0, model.hparams["num_classes"])
+            )
+            yield batch, (logits.float() / temperature).softmax(dim=1)
+
+
 def iter_predictions(
     model: LitAlexNet,
     paths: Sequence[Path],
@@ -139,28 +180,14 @@ def iter_predictions(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    temperature: float = 1.0,
 ) -> Iterator[dict[str, str]]:
-    """Yield one CSV row per path, in order, streaming images through a DataLoader in batches."""
-    hparams = model.hparams
-    preprocessing = hparams["preprocessing"]
-    device = next(model.parameters()).device
-    dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
-    side = preprocessing["image_size"]
-    shape = (side, side, preprocessing["in_channels"])  # the eval preset's HWC
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=SkippingCollate(shape),
-        pin_memory=device.type == "cuda",
-    )
-    model.eval()
-    with torch.inference_mode(), tqdm(total=len(dataset), unit="img", disable=not progress) as bar:
-        for batch in loader:
-            images = batch.images.to(device, non_blocking=True)
-            images = normalize(images, preprocessing["mean"], preprocessing["std"])
-            probs = model(images).softmax(dim=1) if len(images) else images.new_empty(0)
-            for _, row in batch_rows(batch, probs, paths, hparams["class_names"], top_k):
+    """Yield one CSV row per path, in order, streaming images through a DataLoader in batches;
+    probabilities are ``softmax(logits / temperature)``."""
+    class_names = model.hparams["class_names"]
+    with tqdm(total=len(paths), unit="img", disable=not progress) as bar:
+        for batch, probs in _batches(model, paths, batch_size, num_workers, temperature):
+            for _, row in batch_rows(batch, probs, paths, class_names, top_k):
                 yield row
             bar.update(len(batch.indices) + len(batch.skipped))
 
@@ -190,12 +217,17 @@ class PredictionCSVWriter(BasePredictionWriter):
     Args:
         output_path: The CSV file; None writes ``predictions.csv`` into the run directory.
         top_k: How many top classes each row lists.
+        calibrated: Probabilities with the checkpoint's fitted temperature (the model's
+            ``temperature``); False reports the raw softmax.
     """
 
-    def __init__(self, output_path: str | Path | None = None, top_k: int = 3) -> None:
+    def __init__(
+        self, output_path: str | Path | None = None, top_k: int = 3, calibrated: bool = True
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_path = None if output_path is None else Path(output_path)
         self.top_k = top_k
+        self.calibrated = calibrated
         self._part_handle = None
 
     def _part_path(self, rank: int) -> Path:
@@ -221,7 +253,10 @@ class PredictionCSVWriter(BasePredictionWriter):
         class_names = pl_module.hparams["class_names"]
         fields = csv_fieldnames(self._top_k)
         writer = csv.writer(self._part_handle)
-        for index, row in batch_rows(batch, prediction["probs"], paths, class_names, self._top_k):
+        probs = prediction["probs"]
+        if not self.calibrated and "logits" in prediction:
+            probs = prediction["logits"].float().softmax(dim=1)
+        for index, row in batch_rows(batch, probs, paths, class_names, self._top_k):
             writer.writerow([index, *(row.get(key, "") for key in fields)])
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -276,8 +311,13 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    calibrated: bool = True,
+    explain_dir: str | Path | None = None,
 ) -> tuple[int, int]:
     """Predict every image under ``inputs`` with a checkpoint and write the CSV.
+
+    ``calibrated`` uses the checkpoint's fitted temperature (False: the raw softmax);
+    ``explain_dir`` also writes a Grad-CAM overlay PNG per image there.
 
     Returns:
         The number of rows written and how many of them are unreadable files.
@@ -305,5 +345,11 @@ def predict_files(
             failed += bool(row["error"])
             yield row
 
-    rows = iter_predictions(model, paths, top_k, batch_size, num_workers, progress)
-    return write_predictions_csv(counted(rows), out, top_k), failed
+    temperature = model.temperature if calibrated else 1.0
+    rows = iter_predictions(model, paths, top_k, batch_size, num_workers, progress, temperature)
+    written = write_predictions_csv(counted(rows), out, top_k)
+    if explain_dir is not None:
+        from alexnet_lit.explain import explain_files
+
+        explain_files(model, paths, explain_dir, batch_size, num_workers, temperature, progress)
+    return written, failed

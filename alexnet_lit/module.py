@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
@@ -59,6 +60,9 @@ class LitAlexNet(L.LightningModule):
             uses one of the two at random. Accuracy is still measured on the integer labels.
         channels_last: Keep weights and inputs in channels-last memory format, which oneDNN
             and cuDNN convolutions run faster in (``configs/default.yaml`` turns it on).
+        temperature: Prediction reports ``softmax(logits / temperature)``. 1 is the raw model;
+            after a fit, ``TemperatureScaling`` stores the one fitted on the validation set in
+            the checkpoints, and loading a checkpoint adopts it.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class LitAlexNet(L.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         channels_last: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -107,6 +112,7 @@ class LitAlexNet(L.LightningModule):
                 "mixup_alpha": mixup_alpha,
                 "cutmix_alpha": cutmix_alpha,
                 "channels_last": channels_last,
+                "temperature": temperature,
             }
         )
         self.optimizer = optimizer
@@ -122,6 +128,7 @@ class LitAlexNet(L.LightningModule):
         # MixUp/CutMix of training batches: soft targets for the loss, None when both are off.
         self.batch_mix = batch_mix(num_classes, mixup_alpha, cutmix_alpha)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.temperature = float(temperature)
         self.model.to(memory_format=self.memory_format)
         # One metric set per stage, so their states never mix.
         self.train_metrics = self._stage_metrics(num_classes)
@@ -139,6 +146,8 @@ class LitAlexNet(L.LightningModule):
             metrics["precision_macro"] = MulticlassPrecision(num_classes, average="macro")
             metrics["recall_macro"] = MulticlassRecall(num_classes, average="macro")
             metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
+            # Expected calibration error of the raw softmax (torchmetrics applies it to logits).
+            metrics["ece"] = MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
         return nn.ModuleDict(metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +207,10 @@ class LitAlexNet(L.LightningModule):
 
     def predict_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict:
         images = batch[0]  # (images, targets) or the DataModule's LoadedBatch
-        probs = self(images).softmax(dim=1)
+        logits = self(images)
+        probs = (logits.float() / self.temperature).softmax(dim=1)  # calibrated
         confidence, predicted = probs.max(dim=1)
-        return {"probs": probs, "predicted": predicted, "confidence": confidence}
+        return {"probs": probs, "predicted": predicted, "confidence": confidence, "logits": logits}
 
     def optimizer_step(
         self,
@@ -274,8 +284,12 @@ class LitAlexNet(L.LightningModule):
             raise CheckpointError(unsafe_checkpoint_message(checkpoint_path)) from err
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint trained on other classes or preprocessing than this data's."""
+        """Refuse a checkpoint trained on other classes or preprocessing than this data's, and
+        adopt the temperature fitted for it."""
         trained = checkpoint.get("hyper_parameters", {})
+        if "temperature" in trained:
+            self.temperature = float(trained["temperature"])
+            self.hparams["temperature"] = self.temperature
         for key, what in (("class_names", "class names"), ("preprocessing", "preprocessing")):
             value, here = trained.get(key), self.hparams[key]
             if value is not None and value != here:

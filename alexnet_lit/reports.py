@@ -77,6 +77,7 @@ def write_report(
     stage: str,
     title: str | None = None,
     top_pairs: int = 10,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write ``{stage}_report.csv``, ``{stage}_confused_pairs.csv``, ``{stage}_report.md`` and
     ``{stage}_confusion_matrix.png`` into ``out_dir``; returns the paths by kind."""
@@ -94,7 +95,7 @@ def write_report(
     _write_csv(paths["csv"], ["class", "precision", "recall", "f1", "support"], rows)
     _write_csv(paths["pairs_csv"], ["true", "predicted", "count", "share"], pairs)
     with open_text(paths["markdown"]) as file:
-        file.write(_markdown(confusion, rows, pairs, title or f"{stage} report"))
+        file.write(_markdown(confusion, rows, pairs, title or f"{stage} report", notes))
     render_confusion_matrix(confusion, class_names).save(paths["confusion_matrix"])
     return paths
 
@@ -107,7 +108,9 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
             writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
 
 
-def _markdown(confusion: np.ndarray, rows: list[dict], pairs: list[dict], title: str) -> str:
+def _markdown(
+    confusion: np.ndarray, rows: list[dict], pairs: list[dict], title: str, notes: Sequence[str]
+) -> str:
     total = int(confusion.sum())
     accuracy = np.trace(confusion) / total if total else 0.0
     macro = {key: np.mean([row[key] for row in rows]) for key in ("precision", "recall", "f1")}
@@ -116,6 +119,7 @@ def _markdown(confusion: np.ndarray, rows: list[dict], pairs: list[dict], title:
         "",
         f"{total} images, accuracy {accuracy:.4f}; macro precision {macro['precision']:.4f}, "
         f"recall {macro['recall']:.4f}, F1 {macro['f1']:.4f}.",
+        *(line for note in notes for line in ("", note)),
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -141,7 +145,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
@@ -166,8 +170,8 @@ def render_confusion_matrix(
     n = len(class_names)
     cell = int(np.clip(max_side // max(n, 1), 1, 48))
     show_counts, show_names = cell >= 22, cell >= 9
-    font = _font(int(np.clip(cell // 2, 8, 13)))
-    axis_font = _font(13)
+    font = load_font(int(np.clip(cell // 2, 8, 13)))
+    axis_font = load_font(13)
     names = [short_name(name) for name in class_names]
     label = max((int(font.getlength(name)) for name in names), default=0) + 6 if show_names else 0
     left, top = 22 + label, 8
@@ -220,7 +224,7 @@ def image_grid(
     images: np.ndarray, captions: Sequence[str], columns: int = 8, tile: int = 112
 ) -> Image.Image:
     """Tile ``[N, H, W, 3]`` uint8 images in a grid, each with its (one- or two-line) caption."""
-    font = _font(11)
+    font = load_font(11)
     line_height = 13
     caption_height = line_height * max((c.count("\n") + 1 for c in captions), default=1) + 4
     count = len(images)

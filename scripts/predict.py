@@ -23,17 +23,27 @@ def main(argv: list[str] | None = None) -> int:
         "--num-workers", type=int, default=default_num_workers(),
         help="image loading processes (default: the usable CPUs minus one, at most 16)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-calibration", action="store_true",
+        help="raw softmax probabilities, not those scaled by the checkpoint's fitted temperature",
+    )  # fmt: skip
+    parser.add_argument(
+        "--explain", metavar="DIR",
+        help="also write a Grad-CAM overlay PNG per image (what the network looks at) into DIR",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         rows, failed = predict_files(
             args.ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
-            args.num_workers,
+            args.num_workers, calibrated=not args.no_calibration, explain_dir=args.explain,
         )  # fmt: skip
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     unreadable = f" ({failed} unreadable, see the error column)" if failed else ""
     print(f"wrote {rows} predictions to {args.out}{unreadable}")
+    if args.explain:
+        print(f"wrote Grad-CAM overlays to {args.explain}")
     return 0
 
 

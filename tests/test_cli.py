@@ -60,6 +60,9 @@ def test_fit_writes_config_best_and_last_checkpoints(trained_run):
     last = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 4)
     assert "optimizer_states" in last
+    # Temperature scaling after the fit: each checkpoint holds the one fitted for it.
+    for checkpoint in (last, torch.load(best, weights_only=True)):
+        assert checkpoint["hyper_parameters"]["temperature"] > 0
     assert list(trained_run.glob("events.out.tfevents.*"))
 
 

@@ -30,6 +30,7 @@ def test_onnx_has_a_dynamic_batch_and_matches_pytorch(tiny_ckpt, tmp_path, capsy
     metadata = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     assert metadata["class_names"] == CLASSES
     assert metadata["preprocessing"]["image_size"] == 96
+    assert metadata["temperature"] > 0 and "softmax(logits / temperature)" in metadata["output"]
     (images,) = session.get_inputs()
     assert images.name == "images" and not isinstance(images.shape[0], int)  # symbolic batch
 

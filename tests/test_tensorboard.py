@@ -95,7 +95,7 @@ def test_scalars_are_logged_with_sane_values(events):
     expected = {
         "train/loss_step", "train/loss_epoch", "train/acc", "train/acc_top5", "val/loss",
         "val/acc", "val/acc_top5", "val/acc_best", "val/precision_macro", "val/recall_macro",
-        "val/f1_macro", "lr-Adam", "train/images_per_s", "train/epoch_time_s",
+        "val/f1_macro", "val/ece", "lr-Adam", "train/images_per_s", "train/epoch_time_s",
         "val/epoch_time_s", "hp_metric",
     }  # fmt: skip
     assert expected <= set(events.Tags()["scalars"])
@@ -103,7 +103,7 @@ def test_scalars_are_logged_with_sane_values(events):
     assert all(math.isfinite(v) for v in values(events, "train/loss_step"))
     for tag in expected - {"train/loss_step", "lr-Adam", "hp_metric"}:
         assert len(values(events, tag)) == EPOCHS, tag  # once per epoch, no sanity-check entry
-    for tag in ("val/acc", "val/acc_top5", "val/precision_macro", "val/recall_macro"):
+    for tag in ("val/acc", "val/acc_top5", "val/precision_macro", "val/recall_macro", "val/ece"):
         assert all(0 <= v <= 1 for v in values(events, tag)), tag
     acc = values(events, "val/acc")
     assert all(top5 >= a for top5, a in zip(values(events, "val/acc_top5"), acc, strict=True))
@@ -159,7 +159,11 @@ def test_images_are_logged_once_per_validation_epoch(events):
     assert all(200 < m.width < 1000 and 200 < m.height < 1000 for m in matrices)
     mistakes = events.Images("val/misclassified")
     assert 1 <= len(mistakes) <= EPOCHS
-    assert all(m.width <= 8 * 120 + 8 and m.height <= 2 * 160 for m in mistakes)  # <= 16 tiles
+    # At most 16 mistakes in rows of 8, each row followed by a row of their Grad-CAM maps.
+    assert all(m.width <= 8 * 120 + 8 and m.height <= 4 * 160 for m in mistakes)
+    grid = np.asarray(decode(mistakes[-1]).convert("RGB"))
+    tile_rows = [grid[:140], grid[150:290]]  # a row of mistakes, then their CAM row below
+    assert tile_rows[1].shape[0] > 100 and (tile_rows[0] != tile_rows[1][: len(tile_rows[0])]).any()
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -189,6 +193,11 @@ def test_validate_and_test_write_reports(runs, subcommand, stage):
     assert "| class_6 |" in markdown and "## Most confused pairs" in markdown
     with Image.open(run / f"{stage}_confusion_matrix.png") as image:
         assert image.width > 200 and image.height > 200
+    with Image.open(run / f"{stage}_reliability.png") as image:
+        assert image.width > 300 and np.asarray(image.convert("L")).std() > 5
+    assert "Expected calibration error (15 bins): " in markdown
+    # The temperature fitted after the fit is in the checkpoint the report evaluated.
+    assert "with the checkpoint's temperature" in markdown
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The ImageFolder DataModule: roots, splits, presets, loaders, worker counts and the class list."""
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from alexnet_lit import transforms
+from alexnet_lit.data.dali import DALILoader, DALIPreset, require_dali
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.demo import DEMO_CLASSES, DEMO_PRESET, demo_dir, write_digits_demo
 from alexnet_lit.data.folders import class_count_table, image_files, imbalance_ratio
@@ -75,6 +77,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             (with replacement; works under DDP).
         augment: Training augmentation preset: ``"tutorial"`` (crop + flip) or ``"strong"``
             (adds TrivialAugmentWide and RandomErasing). MixUp/CutMix are model options.
+        backend: ``"pil"`` decodes in the loader workers (every machine); ``"dali"`` reads the
+            same file lists through NVIDIA DALI, which decodes, crops, resizes, flips and
+            normalizes on the GPU (``pip install -e '.[dali]'``; the tutorial preset only).
+            Prediction always uses the PIL path.
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_bad_image: Literal["skip", "error"] = "skip",
         balance: Literal["none", "loss", "sampler"] = "none",
         augment: Literal["tutorial", "strong"] = "tutorial",
+        backend: Literal["pil", "dali"] = "pil",
     ) -> None:
         super().__init__()
         # Checkpoints hold these hyperparameters; as str, not Path, they load with weights_only.
@@ -112,6 +119,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.on_bad_image must be skip or error, got {on_bad_image}.")
         if balance not in ("none", "loss", "sampler"):
             raise DataConfigError(f"data.balance must be none, loss or sampler, got {balance}.")
+        if backend not in ("pil", "dali"):
+            raise DataConfigError(f"data.backend must be pil or dali, got {backend}.")
+        if backend == "dali":
+            require_dali()
+            for key, value, default in (
+                ("augment", augment, "tutorial"),
+                ("balance", balance, "none"),
+            ):
+                if value != default:
+                    raise DataConfigError(
+                        f"data.{key}: {value} runs on the pil backend only; set data.backend: pil "
+                        f"or data.{key}: {default}."
+                    )
         # Read now, not in setup(): the CLI links the class list into the model at instantiation.
         self.class_names = DEMO_CLASSES if self.is_demo else read_class_names(self.data_dir)
         preset = DEMO_PRESET if self.is_demo else TUTORIAL_PRESET
@@ -123,6 +143,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.skipped = SkippedImages(on_bad_image)
         self.index = FolderIndex(self.data_dir, self.class_names, self.skipped, val_split, seed)
         self.run_dir: Path | None = None
+        self._chosen: dict[str, list[tuple[Path, int]]] = {}  # see use_samples
 
     @property
     def num_classes(self) -> int:
@@ -136,6 +157,22 @@ class ImageFolderDataModule(L.LightningDataModule):
         counts = list(self.index.class_counts("train").values())
         total = sum(counts)
         return [total / (self.num_classes * count) for count in counts]
+
+    def use_samples(
+        self,
+        train: Sequence[tuple[Path, int]] | None = None,
+        val: Sequence[tuple[Path, int]] | None = None,
+    ) -> None:
+        """Train (and validate) on these ``(path, class_index)`` samples instead of the folders'
+        splits, e.g. one fold of a cross-validation or a subset of a learning curve. Call it
+        before the trainer runs; None keeps the folder's split."""
+        for split, samples in (("train", train), ("val", val)):
+            if samples is not None:
+                self._chosen[split] = list(samples)
+
+    def samples(self, split: str) -> list[tuple[Path, int]]:
+        """``(path, class_index)`` of a split's usable images (or those given to use_samples)."""
+        return self._chosen.get(split) or self.index.labelled(split)
 
     def prepare_data(self) -> None:
         if self.is_demo and not self.data_dir.is_dir():
@@ -179,7 +216,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return EvalPreset(**self.preprocessing)
 
     def _dataset(self, split: str, preset: Preset) -> ImageListDataset:
-        return ImageListDataset(self.index.labelled(split), preset.read)
+        return ImageListDataset(self.samples(split), preset.read)
 
     def _save_split_lists(self) -> None:
         """Write the train/val split made from train/ into the run directory (rank 0, once)."""
@@ -193,7 +230,12 @@ class ImageFolderDataModule(L.LightningDataModule):
                         file.write(f"{path.relative_to(self.data_dir).as_posix()}\n")
 
     def _report_class_counts(self) -> None:
-        counts = {split: self.index.class_counts(split) for split in ("train", "val")}
+        counts = {}
+        for split in ("train", "val"):
+            per_class = dict.fromkeys(self.class_names, 0)
+            for _, target in self.samples(split):
+                per_class[self.class_names[target]] += 1
+            counts[split] = per_class
         ratio = imbalance_ratio(counts["train"])
         ratio_text = "n/a" if ratio is None else f"{ratio:.2f}:1"
         rank_zero_info(
@@ -214,7 +256,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.predict_dir: '{self.predict_dir}' holds no images.")
         return ImageListDataset([(path, -1) for path in paths], self.eval_preset().read)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DALILoader:
+        if self.hparams.backend == "dali":
+            return self._dali_loader("train")
         dataset = self.datasets["train"]
         if self.hparams.balance != "sampler":
             return self._loader(dataset, shuffle=True)
@@ -227,10 +271,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
         return self._loader(dataset, sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DALILoader:
+        if self.hparams.backend == "dali":
+            return self._dali_loader("val")
         return self._loader(self.datasets["val"])
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DALILoader:
+        if self.hparams.backend == "dali":
+            return self._dali_loader("test")
         return self._loader(self.datasets["test"])
 
     def predict_dataloader(self) -> DataLoader:
@@ -259,6 +307,33 @@ class ImageFolderDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=on_cuda,
             collate_fn=SkippingCollate(shape),
+        )
+
+    def _dali_loader(self, stage: str) -> DALILoader:
+        """The same images and labels as the PIL path's dataset, through a DALI pipeline."""
+        trainer = self.trainer
+        device = torch.device("cpu") if trainer is None else trainer.strategy.root_device
+        train = stage == "train"
+        preset = DALIPreset(
+            image_size=self.image_size,
+            resize_size=self.preprocessing["resize_size"],
+            in_channels=self.hparams.in_channels,
+            mean=tuple(self.preprocessing["mean"]),
+            std=tuple(self.preprocessing["std"]),
+            train=train,
+            crop_scale=tuple(self.crop_scale),
+            hflip=bool(self.hflip),
+        )
+        return DALILoader(
+            self.datasets[stage].samples,
+            preset,
+            self.hparams.batch_size,
+            rank=0 if trainer is None else trainer.global_rank,
+            world_size=1 if trainer is None else trainer.world_size,
+            device_id=(device.index or 0) if device.type == "cuda" else None,
+            num_threads=max(1, self.num_workers),
+            seed=self.hparams.seed,
+            on_bad_image=lambda path, reason: self.skipped.add(path, reason, "load"),
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

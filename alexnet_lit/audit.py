@@ -1,0 +1,341 @@
+"""Trust the data: suspicious labels (out-of-fold confident learning) and the learning curve.
+
+Both train several models through the same LightningCLI arguments as ``train.py fit`` (so any
+config and overlay applies), each on a subset of the training images, and write their results
+into one run folder, ``lightning_logs/version_N/``, with each model's TensorBoard logs in a
+subfolder of it. Those models are means to an end: no checkpoint is written.
+"""
+
+import argparse
+import csv
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from alexnet_lit.errors import DataConfigError, UserError
+from alexnet_lit.runs import open_text, printable
+
+Samples = list[tuple[Path, int]]
+AUDIT_INSTALL = "pip install -e '.[audit]'"
+
+
+def next_run_folder(root: str | Path = "lightning_logs") -> Path:
+    """Create and return ``root/version_N`` for the next free N, numbered as TensorBoardLogger
+    numbers a fit's run folders."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    folder = root / f"version_{max(taken, default=-1) + 1}"
+    folder.mkdir()
+    return folder
+
+
+def instantiate(fit_args: Sequence[str], run: Path, name: str):
+    """The CLI of ``train.py fit FIT_ARGS``, instantiated but not run, logging to ``run/name``
+    and without ModelCheckpoint callbacks."""
+    from alexnet_lit.cli import cli_main
+
+    logger = [
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={run}",
+        "--trainer.logger.init_args.name=",
+        f"--trainer.logger.init_args.version={name}",
+        "--trainer.logger.init_args.default_hp_metric=false",
+    ]
+    cli = cli_main([*fit_args, *logger], run=False)
+    cli.trainer.callbacks[:] = [
+        callback for callback in cli.trainer.callbacks if not isinstance(callback, ModelCheckpoint)
+    ]
+    return cli
+
+
+def fit_on(cli, train: Samples, val: Samples | None = None):
+    """Train ``cli``'s model on ``train`` (and validate on ``val``) instead of the data's splits."""
+    cli.datamodule.use_samples(train=train, val=val)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.model
+
+
+def split_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser):
+    """The script's own options, and the rest: LightningCLI arguments as for ``train.py fit``."""
+    own, rest = parser.parse_known_args(argv)
+    return own, rest[1:] if rest[:1] == ["fit"] else rest
+
+
+def require_cleanlab():
+    """Import cleanlab's ``find_label_issues``, or say in one sentence how to install it."""
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError as err:
+        raise UserError(
+            "finding label issues needs cleanlab, an optional extra that is not "
+            f"installed; install it with {AUDIT_INSTALL}."
+        ) from err
+    return find_label_issues
+
+
+# --- suspicious labels ---------------------------------------------------------------------
+
+
+def stratified_folds(targets: Sequence[int], folds: int, seed: int, class_names: Sequence[str]):
+    """Seeded, stratified folds as ``[(train_indices, held_out_indices), ...]``.
+
+    Raises:
+        DataConfigError: Fewer than 2 folds, or a class with fewer images than folds.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 2:
+        raise DataConfigError(f"--folds must be at least 2, got {folds}.")
+    counts = np.bincount(np.asarray(targets), minlength=len(class_names))
+    small = [f"'{class_names[i]}' ({int(n)})" for i, n in enumerate(counts) if n < folds]
+    if small:
+        raise DataConfigError(
+            f"--folds {folds}: class(es) {', '.join(small)} have fewer training images than "
+            "folds; lower --folds or add images."
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros((len(targets), 1)), np.asarray(targets)))
+
+
+def label_issue_rows(
+    samples: Samples, pred_probs: np.ndarray, class_names: Sequence[str]
+) -> list[dict]:
+    """The likely label errors, most likely first: cleanlab's confident learning
+    (``find_label_issues``, ranked by self-confidence) on out-of-sample ``pred_probs``
+    ``[N, C]``. Rows whose image could not be scored (NaN) are left out."""
+    find_label_issues = require_cleanlab()
+    labels = np.asarray([target for _, target in samples])
+    scored = np.flatnonzero(~np.isnan(pred_probs).any(axis=1))
+    ranked = find_label_issues(
+        labels[scored], pred_probs[scored], return_indices_ranked_by="self_confidence"
+    )
+    rows = []
+    for rank, i in enumerate(scored[np.asarray(ranked, dtype=int)], start=1):
+        suggested = int(np.argmax(pred_probs[i]))
+        rows.append(
+            {
+                "rank": rank,
+                "path": str(samples[i][0]),
+                "given": class_names[labels[i]],
+                "suggested": class_names[suggested],
+                "suggested_prob": f"{pred_probs[i, suggested]:.6f}",
+                "given_prob": f"{pred_probs[i, labels[i]]:.6f}",
+            }
+        )
+    return rows
+
+
+def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) -> Path:
+    """Train one model per fold, score each held-out fold, rank the likely label errors, and
+    write ``label_issues.csv`` and ``label_issues.png``; returns the run folder."""
+    from alexnet_lit.inference import predict_probs
+
+    require_cleanlab()  # before any training
+    run = next_run_folder()
+    cli = instantiate(fit_args, run, "fold_0")
+    data = cli.datamodule
+    samples, class_names = data.index.labelled("train"), data.class_names
+    splits = stratified_folds([t for _, t in samples], folds, data.hparams.seed, class_names)
+    pred_probs = np.full((len(samples), len(class_names)), np.nan)
+    for k, (train_idx, held_idx) in enumerate(splits):
+        print(f"fold {k + 1}/{folds}: training on {len(train_idx)} images, then scoring the "
+              f"{len(held_idx)} it did not see")  # fmt: skip
+        if k:
+            cli = instantiate(fit_args, run, f"fold_{k}")
+        held = [samples[i] for i in held_idx]
+        model = fit_on(cli, [samples[i] for i in train_idx], held)
+        pred_probs[held_idx] = predict_probs(model, held).numpy()
+    rows = label_issue_rows(samples, pred_probs, class_names)
+    with open_text(run / "label_issues.csv") as file:
+        fields = ["rank", "path", "given", "suggested", "suggested_prob", "given_prob"]
+        writer = csv.DictWriter(file, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    _suspects_grid(rows[:top], run / "label_issues.png")
+    scored = int((~np.isnan(pred_probs).any(axis=1)).sum())
+    print(f"{len(rows)} likely label issue(s) among {scored} training images ({folds}-fold "
+          "out-of-sample probabilities, cleanlab's confident learning):")  # fmt: skip
+    for row in rows[:top]:
+        print(printable(f"{row['rank']:>4}. {row['path']}: labelled {row['given']} "
+                        f"(p {float(row['given_prob']):.2f}), looks like {row['suggested']} "
+                        f"(p {float(row['suggested_prob']):.2f})"))  # fmt: skip
+    print(f"all of them: {run / 'label_issues.csv'}\n"
+          f"the first {min(top, len(rows))}: {run / 'label_issues.png'}")  # fmt: skip
+    return run
+
+
+def _suspects_grid(rows: Sequence[dict], out: Path, tile: int = 112) -> None:
+    from PIL import Image
+
+    from alexnet_lit.data.images import load_image
+    from alexnet_lit.reports import image_grid
+
+    pictures, captions = [], []
+    for row in rows:
+        try:
+            picture = load_image(row["path"]).resize((tile, tile), Image.Resampling.BILINEAR)
+        except Exception:  # unreadable since the scan: a grey tile, the caption still says
+            picture = Image.new("RGB", (tile, tile), (220, 220, 220))
+        pictures.append(np.asarray(picture))
+        captions.append(f"#{row['rank']} {row['given']} ->\n{row['suggested']} "
+                        f"({float(row['suggested_prob']):.2f})")  # fmt: skip
+    if not pictures:
+        pictures, captions = [np.full((tile, tile, 3), 255, np.uint8)], ["no label issue found"]
+    image_grid(np.stack(pictures), captions, tile=tile).save(out)
+
+
+def find_label_issues_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/find_label_issues.py``: exit code 0, or 2 with one line for a user's mistake."""
+    parser = argparse.ArgumentParser(
+        description="Rank the training images whose labels are probably wrong, with out-of-fold "
+        "confident learning (cleanlab). The other arguments are train.py fit's.",
+    )
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument("--top", type=int, default=10, help="suspects printed and pictured")
+    own, fit_args = split_args(argv, parser)
+    from alexnet_lit.errors import exit_code_of
+
+    return exit_code_of(lambda: find_label_issues(fit_args, own.folds, own.top))
+
+
+# --- the learning curve --------------------------------------------------------------------
+
+
+def nested_subsets(samples: Samples, fractions: Sequence[float], seed: int) -> dict[float, Samples]:
+    """Stratified, nested subsets: each class's images in one seeded order, and each fraction
+    the first ``ceil(fraction * n)`` of them (at least one), so that every subset holds the
+    smaller ones.
+
+    Raises:
+        DataConfigError: A fraction outside (0, 1].
+    """
+    bad = [f"{f:g}" for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise DataConfigError(
+            f"--fractions must lie in (0, 1], got {', '.join(bad)}; for example "
+            "--fractions 0.1 0.25 0.5 1.0."
+        )
+    by_class: dict[int, list[Path]] = defaultdict(list)
+    for path, target in samples:
+        by_class[target].append(path)
+    rng = np.random.default_rng(seed)
+    ordered = {t: [paths[i] for i in rng.permutation(len(paths))] for t, paths in by_class.items()}
+    return {
+        fraction: [
+            (path, target)
+            for target, paths in sorted(ordered.items())
+            for path in paths[: max(1, math.ceil(fraction * len(paths)))]
+        ]
+        for fraction in fractions
+    }
+
+
+def reading(points: dict[int, list[float]]) -> str:
+    """One sentence on whether more labelled images would help, from the two largest subsets."""
+    sizes = sorted(points)
+    if len(sizes) < 2:
+        return "Only one subset size: nothing to compare."
+    small, large = sizes[-2], sizes[-1]
+    gain = 100 * (statistics.mean(points[large]) - statistics.mean(points[small]))
+    per_doubling = gain / math.log2(large / small)
+    noise = 100 * max(statistics.pstdev(points[large]), statistics.pstdev(points[small]))
+    if per_doubling >= max(1.0, noise):
+        verdict = "still rising, so more labelled images are likely to help"
+    elif per_doubling <= -max(1.0, noise):
+        verdict = "falling, which points at noisy labels or too few epochs, not too few images"
+    else:
+        verdict = "about flat (within the seeds' spread): more of the same images may not help"
+    return (
+        f"Best val/acc moves {per_doubling:+.1f} points per doubling of the training images "
+        f"({small} to {large}): {verdict}."
+    )
+
+
+def learning_curve(
+    fit_args: Sequence[str], fractions: Sequence[float], seeds: Sequence[int]
+) -> Path:
+    """Train on nested subsets (the val split fixed), write ``learning_curve.csv`` and
+    ``learning_curve.png``, print a one-line reading; returns the run folder."""
+    fractions = sorted(set(fractions))
+    nested_subsets([], fractions, 0)  # refuse bad fractions before any training
+    run = next_run_folder()
+    results, samples = [], None
+    for seed in seeds:
+        for fraction in fractions:
+            cli = instantiate(
+                [*fit_args, f"--seed_everything={seed}"], run, f"f{fraction:g}_s{seed}"
+            )
+            if samples is None:
+                samples = cli.datamodule.index.labelled("train")
+            subset = nested_subsets(samples, fractions, seed)[fraction]
+            print(f"learning curve: {len(subset)} training images ({fraction:g}), seed {seed}")
+            model = fit_on(cli, subset)
+            results.append(
+                {
+                    "fraction": fraction,
+                    "seed": seed,
+                    "train_images": len(subset),
+                    "best_val_acc": float(model.val_acc_best.compute()),
+                }
+            )
+    with open_text(run / "learning_curve.csv") as file:
+        writer = csv.DictWriter(file, ["fraction", "seed", "train_images", "best_val_acc"])
+        writer.writeheader()
+        writer.writerows({**r, "best_val_acc": f"{r['best_val_acc']:.4f}"} for r in results)
+    points: dict[int, list[float]] = defaultdict(list)
+    for result in results:
+        points[result["train_images"]].append(result["best_val_acc"])
+    _plot_curve(points, run / "learning_curve.png")
+    for size in sorted(points):
+        values = points[size]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{size:>7} training images: best val/acc {statistics.mean(values):.3f} ± "
+              f"{sd:.3f} over {len(values)} seed(s)")  # fmt: skip
+    print(reading(points))
+    print(f"table: {run / 'learning_curve.csv'}\nplot: {run / 'learning_curve.png'}")
+    rank_zero_info(f"learning curve written to {run}")
+    return run
+
+
+def _plot_curve(points: dict[int, list[float]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(points)
+    means = [statistics.mean(points[s]) for s in sizes]
+    sds = [statistics.stdev(points[s]) if len(points[s]) > 1 else 0.0 for s in sizes]
+    figure, axes = plt.subplots(figsize=(5.6, 4), dpi=100)
+    axes.errorbar(sizes, means, yerr=sds, marker="o", capsize=4)
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, [str(s) for s in sizes])
+    axes.minorticks_off()
+    axes.set_xlabel("training images (log scale)")
+    axes.set_ylabel("best val/acc, mean ± sd over seeds")
+    axes.set_title("Learning curve")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+
+
+def learning_curve_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/learning_curve.py``: exit code 0, or 2 with one line for a user's mistake."""
+    parser = argparse.ArgumentParser(
+        description="Train on nested, stratified subsets of train/ (val fixed) and plot the best "
+        "val/acc against the number of training images. The other arguments are train.py fit's.",
+    )
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    own, fit_args = split_args(argv, parser)
+    from alexnet_lit.errors import exit_code_of
+
+    return exit_code_of(lambda: learning_curve(fit_args, own.fractions, own.seeds))

@@ -1,0 +1,227 @@
+"""Do the confidences mean anything? Expected calibration error, reliability diagrams, and one
+temperature fitted after training (temperature scaling, Guo et al. 2017).
+
+A model is calibrated when, among the images it gives 80% confidence, 80% are right. The
+expected calibration error (ECE) is torchmetrics' ``MulticlassCalibrationError`` with 15 bins:
+the gap between confidence and accuracy, averaged over the bins by their share of images.
+Temperature scaling divides the logits by one scalar ``T`` fitted on the validation set (L-BFGS on
+the negative log-likelihood): the predicted class never changes, only how sure the model says
+it is.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from alexnet_lit.checkpoints import AtomicCheckpointIO, load_checkpoint
+
+BINS = 15
+
+
+def expected_calibration_error(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> float:
+    """ECE (15 bins, L1) of ``softmax(logits / temperature)`` against integer ``targets``."""
+    if len(targets) == 0:
+        return float("nan")
+    probs = (logits.float() / temperature).softmax(dim=1)
+    ece = multiclass_calibration_error(probs, targets, logits.shape[1], n_bins=BINS, norm="l1")
+    return float(ece)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The ``T > 0`` minimizing the cross-entropy of ``logits / T`` (L-BFGS on ``log T``)."""
+    logits, targets = logits.detach().float().cpu(), targets.detach().cpu()
+    if len(targets) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)  # T = exp(log_t) stays positive
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    return temperature if np.isfinite(temperature) else 1.0
+
+
+def reliability_bins(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, bins: int = BINS
+) -> list[dict[str, float]]:
+    """Per confidence bin: its range, mean confidence, accuracy and number of images."""
+    probs = (logits.float() / temperature).softmax(dim=1)
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == targets).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    rows = []
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        count = int(inside.sum())
+        rows.append(
+            {
+                "low": low,
+                "high": high,
+                "confidence": float(confidence[inside].mean()) if count else float("nan"),
+                "accuracy": float(correct[inside].mean()) if count else float("nan"),
+                "count": count,
+            }
+        )
+    return rows
+
+
+def render_reliability(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    path: str | Path,
+    temperature: float = 1.0,
+    title: str = "Reliability",
+) -> Path:
+    """Write a reliability diagram: accuracy against confidence per bin, raw and (when
+    ``temperature`` is not 1) after temperature scaling, with each curve's ECE."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.8, 4.8), dpi=100)
+    axes.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="calibrated")
+    curves = [("raw", 1.0, "#1f77b4")]
+    if abs(temperature - 1.0) > 1e-6:
+        curves.append((f"T = {temperature:.2f}", temperature, "#d62728"))
+    for label, t, color in curves:
+        rows = [row for row in reliability_bins(logits, targets, t) if row["count"]]
+        ece = expected_calibration_error(logits, targets, t)
+        axes.plot(
+            [row["confidence"] for row in rows],
+            [row["accuracy"] for row in rows],
+            marker="o",
+            color=color,
+            label=f"{label} (ECE {ece:.3f})",
+        )
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"{title} ({len(targets)} images, {BINS} bins)")
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def gather_uneven(trainer: L.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (dim 0 may differ by rank) from every process, on every process."""
+    if trainer.world_size == 1:
+        return tensor
+    size = torch.tensor([len(tensor)], device=tensor.device)
+    sizes = trainer.strategy.all_gather(size).view(-1).tolist()
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    gathered = trainer.strategy.all_gather(padded)  # [world, max, ...]
+    return torch.cat([gathered[rank, :n] for rank, n in enumerate(sizes)])
+
+
+class TemperatureScaling(L.Callback):
+    """After ``fit``, fit one temperature on the validation logits of the best epoch (by
+    ``val/acc``, as the best checkpoint) and of the last one, and store each in its checkpoint's
+    hyperparameters (``temperature``), so prediction reports calibrated probabilities.
+
+    The logits come from the fit's own validation epochs (no extra pass), gathered from every
+    process; only rank 0 rewrites the files.
+
+    Args:
+        monitor: The metric the best checkpoint is chosen by (higher is better).
+    """
+
+    def __init__(self, monitor: str = "val/acc") -> None:
+        self.monitor = monitor
+        self._epoch: dict[str, list[torch.Tensor]] = {"logits": [], "targets": []}
+        self._best: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._best_score = -float("inf")
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.temperatures: dict[str, float] = {}
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch = {"logits": [], "targets": []}
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx=0
+    ) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or len(batch[1]) == 0:
+            return
+        self._epoch["logits"].append(outputs["logits"].float())
+        self._epoch["targets"].append(batch[1])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        logits = _cat(self._epoch["logits"], pl_module.hparams.num_classes, pl_module.device)
+        targets = _cat(self._epoch["targets"], None, pl_module.device).long()
+        logits, targets = (
+            gather_uneven(trainer, logits).cpu(),
+            gather_uneven(trainer, targets).cpu(),
+        )
+        self._last = (logits, targets)
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is not None and float(score) > self._best_score:  # as ModelCheckpoint(mode=max)
+            self._best_score, self._best = float(score), (logits, targets)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last is None:
+            return
+        found = {"last": self._last, "best": self._best or self._last}
+        self.temperatures = {name: fit_temperature(*pair) for name, pair in found.items()}
+        pl_module.temperature = self.temperatures["last"]  # the weights in memory are the last
+        pl_module.hparams["temperature"] = self.temperatures["last"]
+        if not trainer.is_global_zero:
+            return
+        files = {"best": _best_path(trainer), "last": _last_path(trainer)}
+        for name, path in files.items():
+            if path is not None and path.is_file():
+                set_temperature(path, self.temperatures[name])
+        logits, targets = found["best"]
+        before = expected_calibration_error(logits, targets)
+        after = expected_calibration_error(logits, targets, self.temperatures["best"])
+        rank_zero_info(
+            f"temperature scaling: T = {self.temperatures['best']:.3f} (best epoch), "
+            f"{self.temperatures['last']:.3f} (last); val ECE {before:.4f} -> {after:.4f}, "
+            "stored in the checkpoints' hyperparameters."
+        )
+
+
+def set_temperature(path: str | Path, temperature: float) -> None:
+    """Store ``temperature`` in a checkpoint's hyperparameters (atomically rewritten)."""
+    checkpoint = load_checkpoint(path)
+    checkpoint.setdefault("hyper_parameters", {})["temperature"] = float(temperature)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+
+
+def _cat(parts: Sequence[torch.Tensor], width: int | None, device: torch.device) -> torch.Tensor:
+    if parts:
+        return torch.cat(list(parts))
+    return torch.empty((0, width) if width else (0,), device=device)
+
+
+def _best_path(trainer: L.Trainer) -> Path | None:
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+        return Path(callback.best_model_path)
+    return None
+
+
+def _last_path(trainer: L.Trainer) -> Path | None:
+    from alexnet_lit.fault_tolerance import last_checkpoint_path
+
+    return last_checkpoint_path(trainer)
