@@ -294,6 +294,7 @@ class ValidationImages(L.Callback):
         if trainer.sanity_checking:
             return
         confusion = self._confusion.compute(trainer)  # on every rank: it is a collective
+        folder = run_dir(trainer)  # a collective too
         logger = _tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
             return
@@ -335,10 +336,12 @@ class ValidationImages(L.Callback):
                 labels += ["Grad-CAM\n(predicted class)"] * len(chunk)
         grid = image_grid(np.stack(tiles), labels, columns=columns, tile=self.tile)
         logger.experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
+        grid.save(folder / "val_misclassified.png")  # the latest epoch's, for the run's report
 
 
 class EvaluationReport(L.Callback):
-    """On ``validate`` and ``test``, write a per-class report, the confusion matrix and the
+    """On ``validate``, ``test`` and after each validation epoch of a fit (the latest one
+    stays), write a per-class report, the confusion matrix and the
     reliability diagram into the run directory: ``{stage}_report.csv``,
     ``{stage}_confused_pairs.csv``, ``{stage}_report.md`` (with the expected calibration error
     before and after the checkpoint's temperature), ``{stage}_confusion_matrix.png`` and
@@ -381,13 +384,14 @@ class EvaluationReport(L.Callback):
         temperature = float(getattr(pl_module, "temperature", 1.0))
         raw = calibration.expected_calibration_error(logits, targets)
         scaled = calibration.expected_calibration_error(logits, targets, temperature)
-        note = (
-            f"Expected calibration error ({calibration.BINS} bins): {raw:.4f} raw, {scaled:.4f} "
-            f"with the checkpoint's temperature {temperature:.3f}."
-            if temperature != 1.0
-            else f"Expected calibration error ({calibration.BINS} bins): {raw:.4f} (raw; the "
-            "checkpoint has no fitted temperature)."
-        )
+        bins = f"Expected calibration error ({calibration.BINS} bins)"
+        if temperature != 1.0:
+            note = f"{bins}: {raw:.4f} raw, {scaled:.4f} with the checkpoint's temperature "
+            note += f"{temperature:.3f}."
+        elif trainer.state.fn == "fit":
+            note = f"{bins}: {raw:.4f} (raw; the temperature is fitted when the fit ends)."
+        else:
+            note = f"{bins}: {raw:.4f} (raw; the checkpoint has no fitted temperature)."
         title = f"{stage} report ({trainer.state.fn.value}, {int(confusion.sum())} images)"
         self.paths = write_report(
             confusion, pl_module.hparams.class_names, out_dir, stage, title, self.top_pairs,
@@ -401,20 +405,21 @@ class EvaluationReport(L.Callback):
             f"{stage} reliability",
         )
         self.ece = {"raw": raw, "calibrated": scaled, "temperature": temperature}
-        rank_zero_info(f"{stage} report: {self.paths['markdown']}")
+        if trainer.state.fn != "fit":
+            rank_zero_info(f"{stage} report: {self.paths['markdown']}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":
+        if not trainer.sanity_checking:  # validate, and each of a fit's validation epochs
             self._start(trainer, pl_module)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if trainer.state.fn == "validate":
+        if not trainer.sanity_checking:
             self._update(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":
+        if not trainer.sanity_checking:  # a fit's report is its latest epoch's
             self._write(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

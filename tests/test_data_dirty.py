@@ -22,7 +22,7 @@ from alexnet_lit.cli import cli_main
 from alexnet_lit.data import DataConfigError, ImageFolderDataModule
 from alexnet_lit.data.datasets import BadImage, SkippingCollate
 from alexnet_lit.data.doctor import check_data_main
-from alexnet_lit.data.folders import split_train_val
+from alexnet_lit.data.folders import shared_between_splits, split_train_val
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.samplers import BalancedSampler
 from alexnet_lit.transforms import EvalPreset, TrainPreset, normalize
@@ -81,6 +81,27 @@ def test_doctor_json_reports_every_case(dirty, capsys):
     assert any("5 unreadable" in e for e in report["errors"])
     assert any("more than one split" in e for e in report["errors"])
     assert any("2 file(s) that are not images" in w for w in report["warnings"])
+
+
+def test_files_shared_between_splits_are_found_reading_only_same_size_files(tmp_path, monkeypatch):
+    def write(name: str, data: bytes) -> Path:
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    leak_train, leak_val = write("t_leak", b"AAAA"), write("v_leak", b"AAAA")
+    same_size_train, same_size_val = write("t_other", b"BBBB"), write("v_other", b"CCCC")
+    within = [write("t_copy1", b"DDDDDD"), write("t_copy2", b"DDDDDD")]  # one split only
+    unique = write("v_unique", b"E" * 9)
+    read = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self) or real_read_bytes(self))
+    files = {
+        "train": [leak_train, same_size_train, *within],
+        "val": [leak_val, same_size_val, unique],
+    }
+    assert shared_between_splits(files) == [[str(leak_train), str(leak_val)]]
+    # Only the files whose size occurs in both splits were read.
+    assert set(read) == {leak_train, leak_val, same_size_train, same_size_val}
 
 
 def test_doctor_text_report_and_exit_codes(dirty, tmp_path, capsys):

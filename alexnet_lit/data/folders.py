@@ -90,6 +90,42 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(infos)
 
 
+def digest(data: bytes) -> str:
+    """The fingerprint duplicate searches compare: 128 bits of BLAKE2b."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def shared_between_splits(files: Mapping[str, Sequence[Path]]) -> list[list[str]]:
+    """Groups of byte-identical files that occur in more than one split (a leak that inflates
+    validation accuracy), each sorted, in path order.
+
+    Identical files have equal sizes, so only files whose size occurs in two splits are read:
+    a stat per file, and the bytes of a small fraction of a real dataset.
+    """
+    sizes: dict[int, list[tuple[str, Path]]] = {}
+    for split, paths in files.items():
+        for path in paths:
+            try:
+                sizes.setdefault(os.stat(path).st_size, []).append((split, Path(path)))
+            except OSError:
+                continue  # gone since the scan: nothing to compare
+    by_digest: dict[str, list[tuple[str, Path]]] = {}
+    for entries in sizes.values():
+        if len({split for split, _ in entries}) < 2:
+            continue
+        for split, path in entries:
+            try:
+                by_digest.setdefault(digest(path.read_bytes()), []).append((split, path))
+            except OSError:
+                continue
+    groups = [
+        sorted(str(path) for _, path in entries)
+        for entries in by_digest.values()
+        if len({split for split, _ in entries}) > 1
+    ]
+    return sorted(groups)
+
+
 def scan_files(
     files: Sequence[Path], hash_files: bool = False, decode: bool = False, desc: str = "scanning"
 ) -> tuple[dict[Path, ImageInfo], list[tuple[Path, str]], list[tuple[Path, str]], dict]:
@@ -120,7 +156,7 @@ def scan_files(
         if verdict.info is not None:
             infos[path] = verdict.info
             if data is not None:
-                hashes[path] = hashlib.blake2b(data, digest_size=16).hexdigest()
+                hashes[path] = digest(data)
         elif verdict.problem == "unreadable":
             unreadable.append((path, verdict.reason))
         else:

@@ -1,0 +1,392 @@
+"""One page per run: ``report.html``, a self-contained file that says what happened.
+
+It is assembled from the run folder alone (``config.yaml``, ``run.json``, the TensorBoard events,
+the evaluation files, ``skipped_images.csv``, the checkpoints' hyperparameters), so
+``python scripts/report.py RUN_DIR`` rebuilds it at any time. Every picture is inlined as a PNG
+data URI and nothing is fetched: it opens from an e-mail attachment. The HTML comes from a
+Jinja2 template with autoescaping on, so a file or class name cannot inject markup.
+"""
+
+import base64
+import csv
+import datetime
+import io
+import json
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.utilities import rank_zero_info
+
+from alexnet_lit.data.folders import shared_between_splits
+from alexnet_lit.errors import UserError
+from alexnet_lit.runs import open_text, printable, run_dir
+
+REPORT = "report.html"
+RUN_RECORD = "run.json"
+SKIPPED_ROWS_SHOWN = 50
+
+
+def record_run(folder: Path, trainer: L.Trainer) -> None:
+    """Write ``run.json``: the command line, the start, the subcommand and checkpoint, and the
+    data's classes with images per split (what the report needs that config.yaml lacks)."""
+    data = trainer.datamodule
+    counts: dict[str, dict[str, int]] = {}
+    files: dict[str, list[Path]] = {}
+    if data is not None and hasattr(data, "samples"):
+        for split, dataset in getattr(data, "datasets", {}).items():
+            per_class = Counter(data.class_names[t] for _, t in dataset.samples if t >= 0)
+            counts[split] = {name: per_class.get(name, 0) for name in data.class_names}
+            paths = [Path(path) for path, _ in dataset.samples]
+            if split != "predict" and paths not in files.values():  # test may be val/ itself
+                files[split] = paths
+    record = {
+        "command": shlex.join(sys.argv),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "subcommand": str(trainer.state.fn.value),
+        "ckpt_path": None if trainer.ckpt_path is None else str(Path(trainer.ckpt_path).resolve()),
+        "data_dir": None if data is None else str(getattr(data, "data_dir", "")),
+        "class_names": None if data is None else list(getattr(data, "class_names", [])),
+        "images_per_class": counts,
+        # Checked where this run loads two splits (a fit's train and val); None elsewhere.
+        "shared_between_splits": shared_between_splits(files) if len(files) > 1 else None,
+        "device": str(trainer.strategy.root_device),
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+class RunReport(L.Callback):
+    """Write ``report.html`` into the run folder at the end of ``fit``, ``validate`` and
+    ``test`` (rank 0), refresh the report of the run whose checkpoint a validate/test used, and
+    after a fit print where its results went. List it after ``TemperatureScaling`` so the
+    report shows the fitted temperature."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._folder = run_dir(trainer)  # on every rank: a collective under DDP
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_folder(trainer):
+            record_run(self._folder, trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate" and self._has_folder(trainer):
+            record_run(self._folder, trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_folder(trainer):
+            record_run(self._folder, trainer)
+
+    def _has_folder(self, trainer: L.Trainer) -> bool:
+        # fast_dev_run and logger-less runs have no run folder with a config: no report.
+        return trainer.is_global_zero and (self._folder / "config.yaml").is_file()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._has_folder(trainer):
+            return
+        path = build_report(self._folder)
+        summary = result_summary(self._folder)
+        best = summary.get("best_val_acc")
+        lines = ["", "Done."]
+        if best is not None:
+            lines.append(f"  best val/acc {best:.4f} (epoch {summary['best_epoch']})")
+        if summary.get("best_checkpoint"):
+            lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
+        lines += [f"  report: {path}", "  dashboards: tensorboard --logdir lightning_logs"]
+        print(printable("\n".join(lines)), flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate" and self._has_folder(trainer):
+            self._evaluated(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_folder(trainer):
+            self._evaluated(trainer)
+
+    def _evaluated(self, trainer: L.Trainer) -> None:
+        path = build_report(self._folder)
+        rank_zero_info(f"report: {path}")
+        source = _source_run(trainer.ckpt_path)
+        if source is not None and source.resolve() != self._folder.resolve():
+            build_report(source)  # the trained run's page lists this evaluation too
+
+
+def _source_run(ckpt_path: str | None) -> Path | None:
+    """The run folder a checkpoint was written in (``RUN/checkpoints/x.ckpt``), if any."""
+    if not ckpt_path:
+        return None
+    folder = Path(ckpt_path).resolve().parents[1]
+    return folder if (folder / "config.yaml").is_file() else None
+
+
+# --- reading a run folder ------------------------------------------------------------------
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags().get("scalars", [])
+    }
+
+
+def result_summary(folder: Path) -> dict[str, Any]:
+    """Best val/acc and its epoch, final val/loss and ECE, and the best checkpoint's path."""
+    scalars = _scalars(folder)
+    summary: dict[str, Any] = {}
+    accuracies = [value for _, value in scalars.get("val/acc", [])]
+    if accuracies:
+        best = max(range(len(accuracies)), key=accuracies.__getitem__)
+        summary.update(best_val_acc=accuracies[best], best_epoch=best, epochs=len(accuracies))
+    for tag, key in (("val/loss", "final_val_loss"), ("val/ece", "final_val_ece")):
+        if scalars.get(tag):
+            summary[key] = scalars[tag][-1][1]
+    best_files = sorted((folder / "checkpoints").glob("best-*.ckpt"))
+    if best_files:
+        summary["best_checkpoint"] = str(best_files[-1])
+        summary["temperature"] = _temperature(best_files[-1])
+    return summary
+
+
+def _temperature(checkpoint: Path) -> float | None:
+    from alexnet_lit.checkpoints import load_checkpoint
+
+    try:
+        hparams = load_checkpoint(checkpoint, mmap=True).get("hyper_parameters", {})
+    except UserError:
+        return None
+    return hparams.get("temperature")
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open_text(path, "r") as file:
+        return list(csv.DictReader(file))
+
+
+def _png(path: Path) -> str | None:
+    """A PNG file as a data URI, or None when it is not there."""
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figure_uri(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _curves(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, str]]:
+    """Loss, accuracy and learning-rate curves per epoch, as inlined PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("Loss", [("train/loss_epoch", "train"), ("val/loss", "val")]),
+        ("Accuracy", [("train/acc", "train"), ("val/acc", "val")]),
+        ("Learning rate", [(tag, tag) for tag in scalars if tag.startswith("lr-")]),
+    ]
+    curves = []
+    for title, series in panels:
+        present = [(tag, label) for tag, label in series if scalars.get(tag)]
+        if not present:
+            continue
+        figure, axes = plt.subplots(figsize=(4.2, 3), dpi=90)
+        for tag, label in present:
+            values = [value for _, value in scalars[tag]]
+            axes.plot(range(len(values)), values, marker="o", markersize=3, label=label)
+        axes.set_xlabel("epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.set_title(title)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        curves.append({"title": title, "src": _figure_uri(figure)})
+    return curves
+
+
+def _evaluation(folder: Path, stage: str, title: str) -> dict[str, Any] | None:
+    rows = _csv(folder / f"{stage}_report.csv")
+    if not rows:
+        return None
+    markdown = folder / f"{stage}_report.md"
+    notes = []
+    if markdown.is_file():
+        lines = [line for line in markdown.read_text(errors="replace").splitlines() if line]
+        notes = [line for line in lines[1:3] if not line.startswith("|")]
+    return {
+        "title": title,
+        "notes": notes,
+        "classes": rows,
+        "pairs": _csv(folder / f"{stage}_confused_pairs.csv"),
+        "confusion": _png(folder / f"{stage}_confusion_matrix.png"),
+        "reliability": _png(folder / f"{stage}_reliability.png"),
+        "misclassified": _png(folder / f"{stage}_misclassified.png"),
+    }
+
+
+def _later_evaluations(folder: Path) -> list[dict[str, Any]]:
+    """The validate/test runs (sibling folders) whose checkpoint came from ``folder``."""
+    found = []
+    for sibling in sorted(folder.parent.glob("*/")):
+        record = _record(sibling)
+        ckpt = record.get("ckpt_path")
+        if sibling == folder or not ckpt or record.get("subcommand") not in ("validate", "test"):
+            continue
+        if Path(ckpt).resolve().parents[1] != folder.resolve():
+            continue
+        stage = "val" if record["subcommand"] == "validate" else "test"
+        evaluation = _evaluation(sibling, stage, f"{record['subcommand']} in {sibling.name}")
+        if evaluation is not None:
+            evaluation["checkpoint"] = ckpt
+            found.append(evaluation)
+    return found
+
+
+def _record(folder: Path) -> dict[str, Any]:
+    path = folder / RUN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _settings(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """The config's key settings as (name, value) pairs."""
+    trainer, model, data = (config.get(key) or {} for key in ("trainer", "model", "data"))
+    optimizer = model.get("optimizer") or {}
+    init = optimizer.get("init_args") or {} if isinstance(optimizer, dict) else {}
+    scheduler = model.get("lr_scheduler")
+    name = (
+        optimizer.get("class_path", "?").rsplit(".", 1)[-1]
+        if isinstance(optimizer, dict)
+        else optimizer
+    )
+    pairs = [
+        ("optimizer", f"{name} (lr {init.get('lr', '?')})"),
+        (
+            "scheduler",
+            "none"
+            if not scheduler
+            else str(scheduler.get("class_path", scheduler)).rsplit(".", 1)[-1],
+        ),
+        ("epochs", str(trainer.get("max_epochs"))),
+        ("batch size", str(data.get("batch_size"))),
+        ("image size", str(data.get("image_size") or "the preset's")),
+        ("augmentation", str(data.get("augment", "tutorial"))),
+        ("loader", str(data.get("backend", "pil"))),
+        ("precision", str(trainer.get("precision") or "32-true")),
+        ("accelerator", f"{trainer.get('accelerator')} x {trainer.get('devices')}"),
+        ("seed", str(config.get("seed_everything"))),
+    ]
+    return pairs
+
+
+def _imbalance(counts: dict[str, int]) -> str:
+    values = [n for n in counts.values()]
+    if not values or min(values) == 0:
+        return "n/a (a class without images)"
+    return f"{max(values) / min(values):.2f}:1"
+
+
+def _data_section(folder: Path, record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    skipped = _csv(folder / "skipped_images.csv")
+    reasons = Counter(row.get("reason", "").split(" (")[0] for row in skipped)
+    split_files = [
+        name for name in ("split_train.txt", "split_val.txt") if (folder / name).is_file()
+    ]
+    return {
+        "skipped": skipped[:SKIPPED_ROWS_SHOWN],
+        "skipped_total": len(skipped),
+        "reasons": reasons.most_common(),
+        "duplicates": record.get("shared_between_splits"),
+        "split_files": [str(folder / name) for name in split_files],
+    }
+
+
+def build_report(folder: str | Path) -> Path:
+    """Write ``folder/report.html`` from the run folder's files; returns its path.
+
+    Raises:
+        UserError: ``folder`` is not a run folder (no ``config.yaml``).
+    """
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    folder = Path(folder)
+    config_path = folder / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(
+            f"'{folder}' is not a run folder (it has no config.yaml); pass a "
+            "lightning_logs/version_N folder."
+        )
+    config = yaml.safe_load(config_path.read_text()) or {}
+    record = _record(folder)
+    counts = record.get("images_per_class", {})
+    classes = record.get("class_names") or sorted({n for split in counts.values() for n in split})
+    subcommand = record.get("subcommand", "fit")
+    stage = {"validate": "val", "test": "test"}.get(subcommand)
+    evaluations = [
+        e
+        for e in (
+            _evaluation(
+                folder,
+                "val",
+                "validation (the latest epoch)" if subcommand == "fit" else "validation",
+            ),
+            _evaluation(folder, "test", "test"),
+        )
+        if e is not None
+    ]
+    environment = Environment(
+        loader=PackageLoader("alexnet_lit", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+    environment.filters["printable"] = printable
+    html = environment.get_template("report.html.j2").render(
+        folder=str(folder),
+        name=folder.name,
+        record=record,
+        subcommand=subcommand,
+        settings=_settings(config),
+        classes=classes,
+        splits=list(counts),
+        counts=counts,
+        imbalance={split: _imbalance(c) for split, c in counts.items()},
+        summary=result_summary(folder),
+        curves=_curves(_scalars(folder)),
+        evaluations=evaluations,
+        later=_later_evaluations(folder) if subcommand == "fit" else [],
+        data=_data_section(folder, record, config),
+        reproduce=f"python scripts/train.py {subcommand} --config {shlex.quote(str(config_path))}",
+        stage=stage,
+        generated=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+    out = folder / REPORT
+    with open_text(out) as file:
+        file.write(html)
+    return out
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``scripts/report.py RUN_DIR``: rebuild a run's report.html."""
+    import argparse
+
+    from alexnet_lit.errors import exit_code_of
+
+    parser = argparse.ArgumentParser(description="Rebuild a run's report.html from its folder.")
+    parser.add_argument("run_dir", type=Path, help="a lightning_logs/version_N folder")
+    args = parser.parse_args(argv)
+    return exit_code_of(lambda: print(f"wrote {build_report(args.run_dir)}"))

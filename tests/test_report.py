@@ -1,0 +1,210 @@
+"""report.html: one self-contained page per run, parsed, and opened in a real headless browser."""
+
+import base64
+import contextlib
+import io
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_lit.cli import cli_main
+from alexnet_lit.report import report_main
+from tests.conftest import make_image_folder
+from tests.helpers import cli_args, fit_args
+
+HOSTILE = "<img src=x onerror=alert(1)>"  # a class folder's name: must never become markup
+SECTIONS = ["run", "result", "curves", "evaluation", "data", "reproduce"]
+
+
+class Page(HTMLParser):
+    """Collects a page's section ids, image sources, link targets and tags."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("href", "src"):
+            if key in attrs and tag != "img":
+                self.links.append(attrs[key])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """A 2-epoch fit whose data has a class named like markup and a val image copied from train,
+    then a test of its checkpoint."""
+    tmp = tmp_path_factory.mktemp("report")
+    data = make_image_folder(tmp / "data", classes=["ant", HOSTILE, "cat"])
+    shutil.copy(data / "train" / "ant" / "img_0.jpg", data / "val" / "ant" / "leak.jpg")
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(tmp)
+        fit = cli_main(fit_args(data, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2"))
+        last = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        cli_main(cli_args("test", data, f"--ckpt_path={last}"))
+    return {"root": tmp, "fit": tmp / "lightning_logs" / "version_0", "cli": fit, "out": out}
+
+
+def parse(path: Path) -> tuple[str, Page]:
+    html = path.read_text(encoding="utf-8")
+    page = Page()
+    page.feed(html)
+    return html, page
+
+
+@pytest.mark.slow
+def test_the_report_has_every_section_and_only_inlined_pictures(run):
+    html, page = parse(run["fit"] / "report.html")
+    assert page.sections == SECTIONS
+    assert len(page.images) >= 6  # curves, confusion matrices, reliability, mistakes
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as picture:
+            picture.load()
+            assert picture.width > 50 and picture.height > 50
+    assert not page.links  # no stylesheet, script or anything else to fetch
+    assert not [tag for tag, _ in page.tags if tag in ("script", "link", "iframe")]
+    assert "http://" not in html and "https://" not in html
+    # The hostile class name is shown, escaped, and is never a tag of the page.
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and HOSTILE not in html
+    assert not [attrs for tag, attrs in page.tags if "onerror" in attrs]
+    # What a reader needs: the result, the checkpoint, the command that re-runs it.
+    assert "best <code>val/acc</code>" in html and "best-epoch=" in html
+    assert f"python scripts/train.py fit --config {run['fit'] / 'config.yaml'}" in html
+    assert "test in version_1" in html  # refreshed by the later test of its checkpoint
+    leak = f"<code>{run['root'] / 'data/train/ant/img_0.jpg'}</code> = <code>"
+    assert "1 group(s) of byte-identical images span more than one split" in html and leak in html
+
+
+@pytest.mark.slow
+def test_a_fit_ends_with_a_summary_of_where_its_results_went(run):
+    out = run["out"].getvalue()
+    best = run["cli"].trainer.checkpoint_callback
+    epoch = int(Path(best.best_model_path).name.split("best-epoch=")[1][:2])
+    assert f"best val/acc {float(best.best_model_score):.4f} (epoch {epoch})" in out
+    assert "best checkpoint: lightning_logs/version_0/checkpoints/best-epoch=" in out
+    assert "report: lightning_logs/version_0/report.html" in out
+    assert "tensorboard --logdir lightning_logs" in out
+
+
+def test_the_report_is_rebuilt_from_the_run_folder_alone(run, capsys):
+    report = run["fit"] / "report.html"
+    before = report.read_text(encoding="utf-8")
+    report.unlink()
+    assert report_main([str(run["fit"])]) == 0
+    assert capsys.readouterr().out.startswith("wrote ")
+    after = report.read_text(encoding="utf-8")
+
+    # The same page, but for the time it was written at.
+    def undated(html: str) -> str:
+        return re.sub(r"report written [^<]*", "", html)
+
+    assert undated(after) == undated(before)
+
+
+def test_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{tmp_path}' is not a run folder")
+
+
+# Chromium's own background requests (time, sign-in, safe browsing), which never come from a page.
+BROWSER_HOSTS = ("google.com", "gstatic.com", "googleapis.com", "googleusercontent.com")
+
+
+class RequestRecorder:
+    """A TCP listener on loopback that records the first line of every request made to it:
+    the browser's proxy, so that each request the page makes is seen (and none is forwarded)."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.requests: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                continue
+            connection.settimeout(1)
+            try:
+                self.requests.append(connection.recv(512).split(b"\r\n")[0].decode("latin-1"))
+            except OSError:
+                self.requests.append("?")
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.server.close()
+
+    def from_the_page(self) -> list[str]:
+        """The requests that are not Chromium's own background ones."""
+
+        def host(line: str) -> str:
+            target = line.split(" ")[1] if " " in line else line
+            return target.split("://")[-1].split("/")[0].split(":")[0]
+
+        return [line for line in self.requests if not host(line).endswith(BROWSER_HOSTS)]
+
+
+def render(browser: str, page: Path, screenshot: Path) -> list[str]:
+    """Open ``page`` in headless Chromium, screenshot it; returns the page's own requests."""
+    proxy = RequestRecorder()
+    try:
+        result = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-default-apps", "--disable-extensions",
+             f"--proxy-server=http://127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>",
+             "--window-size=1200,1600", f"--screenshot={screenshot}", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    return proxy.from_the_page()
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_headless_browser_without_a_network_request(run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip(
+            "no Chromium here (.ci/run installs Debian's chromium); apt-get install chromium"
+        )
+    # The check itself: a page that does fetch something is caught.
+    fetching = tmp_path / "fetching.html"
+    fetching.write_text('<img src="http://example.invalid/pixel.png">')
+    assert render(browser, fetching, tmp_path / "fetching.png") == [
+        "GET http://example.invalid/pixel.png HTTP/1.1"
+    ]
+    screenshot = tmp_path / "report.png"
+    assert render(browser, run["fit"] / "report.html", screenshot) == []  # asked for nothing
+    with Image.open(screenshot) as picture:
+        pixels = np.asarray(picture.convert("L"), dtype=np.float32)
+    assert pixels.std() > 20  # text, tables and pictures, not a blank page
+    assert (pixels < 100).mean() > 0.01  # some dark ink: the page rendered its content
