@@ -22,28 +22,20 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
+from torchvision import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's package
 
 from alexnet_lit import ImageFolderDataModule
 from scripts.bench.benchmark import cpu_description, make_photo_folder
+from scripts.bench.tutorial_loop import tutorial_transforms
 
 BATCH = 32
 
 
 def tutorial_loader(root: Path) -> DataLoader:
     """The tutorial's training ImageFolder and transforms, with one persistent worker."""
-    normalize = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    dataset = datasets.ImageFolder(root / "train", transform=train_tf)
+    dataset = datasets.ImageFolder(root / "train", transform=tutorial_transforms()[0])
     return DataLoader(dataset, BATCH, shuffle=True, num_workers=1, persistent_workers=True)
 
 

@@ -44,6 +44,23 @@ def tutorial_alexnet(input_channel: int, class_num: int) -> nn.Sequential:
     )
 
 
+def tutorial_transforms() -> tuple[transforms.Compose, transforms.Compose]:
+    """The tutorial's train and val transforms: a random crop at validation too."""
+    normalize = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(224), transforms.ToTensor(), normalize]
+    )
+    return train_tf, val_tf
+
+
 def run_tutorial(
     data_dir: str | Path,
     epochs: int = 10,
@@ -57,18 +74,7 @@ def run_tutorial(
     """
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     print(device)
-    normalize = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    val_tf = transforms.Compose(
-        [transforms.RandomResizedCrop(224), transforms.ToTensor(), normalize]
-    )
+    train_tf, val_tf = tutorial_transforms()
     train_root, val_root = Path(data_dir, "train"), Path(data_dir, "val")
     assert train_root.exists() and val_root.exists(), f"{data_dir} path does not exist."
     train_set = datasets.ImageFolder(train_root, transform=train_tf)
