@@ -134,12 +134,16 @@ def gather_uneven(trainer: L.Trainer, tensor: torch.Tensor) -> torch.Tensor:
 
 
 class TemperatureScaling(L.Callback):
-    """After ``fit``, fit one temperature on the validation logits of the best epoch (by
-    ``val/acc``, as the best checkpoint) and of the last one, and store each in its checkpoint's
-    hyperparameters (``temperature``), so prediction reports calibrated probabilities.
+    """Fit one temperature on each validation epoch's logits and store it in the checkpoints
+    written from those weights (hyperparameter ``temperature``): the best checkpoint (by
+    ``val/acc``) carries the one fitted on its epoch, ``last.ckpt`` the latest epoch's, so
+    prediction reports calibrated probabilities. Nothing is rewritten after the fit.
 
     The logits come from the fit's own validation epochs (no extra pass), gathered from every
-    process; only rank 0 rewrites the files.
+    process, so every rank fits the same temperature. A checkpoint saved between validations
+    (mid-epoch, on SIGTERM) keeps the temperature the model already had. ``save_weights_only``
+    checkpoints skip callbacks' ``on_save_checkpoint``; those files are given their temperature
+    when the fit ends.
 
     Args:
         monitor: The metric the best checkpoint is chosen by (higher is better).
@@ -148,9 +152,10 @@ class TemperatureScaling(L.Callback):
     def __init__(self, monitor: str = "val/acc") -> None:
         self.monitor = monitor
         self._epoch: dict[str, list[torch.Tensor]] = {"logits": [], "targets": []}
-        self._best: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The latest validation's fit, and the best epoch's: step, temperature, ECE before/after.
+        self._latest: dict[str, float] | None = None
+        self._best: dict[str, float] | None = None
         self._best_score = -float("inf")
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self.temperatures: dict[str, float] = {}
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -173,31 +178,47 @@ class TemperatureScaling(L.Callback):
             gather_uneven(trainer, logits).cpu(),
             gather_uneven(trainer, targets).cpu(),
         )
-        self._last = (logits, targets)
+        self._epoch = {"logits": [], "targets": []}
+        if len(targets) == 0:
+            return
+        temperature = fit_temperature(logits, targets)
+        self._latest = {
+            "step": trainer.global_step,
+            "temperature": temperature,
+            "before": expected_calibration_error(logits, targets),
+            "after": expected_calibration_error(logits, targets, temperature),
+        }
         score = trainer.callback_metrics.get(self.monitor)
         if score is not None and float(score) > self._best_score:  # as ModelCheckpoint(mode=max)
-            self._best_score, self._best = float(score), (logits, targets)
+            self._best_score, self._best = float(score), self._latest
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # ModelCheckpoint saves after the validation (on_validation_end): the same weights.
+        if self._latest is not None and self._latest["step"] == trainer.global_step:
+            hparams = checkpoint.setdefault("hyper_parameters", {})
+            hparams["temperature"] = self._latest["temperature"]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last is None:
+        if self._latest is None:
             return
-        found = {"last": self._last, "best": self._best or self._last}
-        self.temperatures = {name: fit_temperature(*pair) for name, pair in found.items()}
+        best = self._best or self._latest
+        self.temperatures = {"best": best["temperature"], "last": self._latest["temperature"]}
         pl_module.temperature = self.temperatures["last"]  # the weights in memory are the last
         pl_module.hparams["temperature"] = self.temperatures["last"]
         if not trainer.is_global_zero:
             return
-        files = {"best": _best_path(trainer), "last": _last_path(trainer)}
-        for name, path in files.items():
-            if path is not None and path.is_file():
-                set_temperature(path, self.temperatures[name])
-        logits, targets = found["best"]
-        before = expected_calibration_error(logits, targets)
-        after = expected_calibration_error(logits, targets, self.temperatures["best"])
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
+                path = callback.best_model_path  # with no monitor: the latest file it wrote
+                name = "last" if callback.monitor is None else "best"
+                if path and Path(path).is_file():
+                    set_temperature(path, self.temperatures[name])
         rank_zero_info(
             f"temperature scaling: T = {self.temperatures['best']:.3f} (best epoch), "
-            f"{self.temperatures['last']:.3f} (last); val ECE {before:.4f} -> {after:.4f}, "
-            "stored in the checkpoints' hyperparameters."
+            f"{self.temperatures['last']:.3f} (last); val ECE {best['before']:.4f} -> "
+            f"{best['after']:.4f}, stored in the checkpoints' hyperparameters."
         )
 
 
@@ -212,16 +233,3 @@ def _cat(parts: Sequence[torch.Tensor], width: int | None, device: torch.device)
     if parts:
         return torch.cat(list(parts))
     return torch.empty((0, width) if width else (0,), device=device)
-
-
-def _best_path(trainer: L.Trainer) -> Path | None:
-    callback = trainer.checkpoint_callback
-    if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
-        return Path(callback.best_model_path)
-    return None
-
-
-def _last_path(trainer: L.Trainer) -> Path | None:
-    from alexnet_lit.fault_tolerance import last_checkpoint_path
-
-    return last_checkpoint_path(trainer)

@@ -389,7 +389,7 @@ class EvaluationReport(L.Callback):
             note = f"{bins}: {raw:.4f} raw, {scaled:.4f} with the checkpoint's temperature "
             note += f"{temperature:.3f}."
         elif trainer.state.fn == "fit":
-            note = f"{bins}: {raw:.4f} (raw; the temperature is fitted when the fit ends)."
+            note = f"{bins}: {raw:.4f} (raw; this epoch's checkpoints carry a fitted temperature)."
         else:
             note = f"{bins}: {raw:.4f} (raw; the checkpoint has no fitted temperature)."
         title = f"{stage} report ({trainer.state.fn.value}, {int(confusion.sum())} images)"

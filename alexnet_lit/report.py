@@ -52,6 +52,7 @@ def record_run(folder: Path, trainer: L.Trainer) -> None:
         "data_dir": None if data is None else str(getattr(data, "data_dir", "")),
         "class_names": None if data is None else list(getattr(data, "class_names", [])),
         "images_per_class": counts,
+        "image_size": getattr(data, "image_size", None),
         # Checked where this run loads two splits (a fit's train and val); None elsewhere.
         "shared_between_splits": shared_between_splits(files) if len(files) > 1 else None,
         "device": str(trainer.strategy.root_device),
@@ -264,8 +265,9 @@ def _record(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _settings(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """The config's key settings as (name, value) pairs."""
+def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The key settings as (name, value) pairs: the config's, and what they resolved to
+    (``run.json``: an image size or precision left to the preset or to ``fast.yaml``)."""
     trainer, model, data = (config.get(key) or {} for key in ("trainer", "model", "data"))
     optimizer = model.get("optimizer") or {}
     init = optimizer.get("init_args") or {} if isinstance(optimizer, dict) else {}
@@ -285,10 +287,10 @@ def _settings(config: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("epochs", str(trainer.get("max_epochs"))),
         ("batch size", str(data.get("batch_size"))),
-        ("image size", str(data.get("image_size") or "the preset's")),
+        ("image size", str(record.get("image_size") or data.get("image_size") or "the preset's")),
         ("augmentation", str(data.get("augment", "tutorial"))),
         ("loader", str(data.get("backend", "pil"))),
-        ("precision", str(trainer.get("precision") or "32-true")),
+        ("precision", str(record.get("precision") or trainer.get("precision") or "32-true")),
         ("accelerator", f"{trainer.get('accelerator')} x {trainer.get('devices')}"),
         ("seed", str(config.get("seed_everything"))),
     ]
@@ -360,7 +362,7 @@ def build_report(folder: str | Path) -> Path:
         name=folder.name,
         record=record,
         subcommand=subcommand,
-        settings=_settings(config),
+        settings=_settings(config, record),
         classes=classes,
         splits=list(counts),
         counts=counts,

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from alexnet_lit.calibration import fit_temperature
 from alexnet_lit.cli import cli_main
+from alexnet_lit.inference import load_model, predict_probs
 from alexnet_lit.report import report_main
 from tests.conftest import make_image_folder
 from tests.helpers import cli_args, fit_args
@@ -208,3 +211,22 @@ def test_the_report_renders_in_a_headless_browser_without_a_network_request(run,
         pixels = np.asarray(picture.convert("L"), dtype=np.float32)
     assert pixels.std() > 20  # text, tables and pictures, not a blank page
     assert (pixels < 100).mean() > 0.01  # some dark ink: the page rendered its content
+
+
+@pytest.mark.slow
+def test_each_checkpoint_carries_the_temperature_fitted_on_its_own_weights(run):
+    checkpoints = run["fit"] / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    val = run["root"] / "data" / "val"
+    samples = [
+        (path, index)
+        for index, name in enumerate(sorted(p.name for p in val.iterdir()))
+        for path in sorted((val / name).iterdir())
+    ]
+    targets = torch.tensor([target for _, target in samples])
+    for ckpt in (best, checkpoints / "last.ckpt"):
+        model = load_model(ckpt)
+        # log-softmax: the logits up to a constant per row, which a temperature ignores.
+        logits = predict_probs(model, samples).log()
+        assert model.temperature != 1.0
+        assert model.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-3)
