@@ -42,7 +42,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     if len(targets) == 0:
         return 1.0
     log_t = torch.zeros(1, requires_grad=True)  # T = exp(log_t) stays positive
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([log_t], max_iter=50, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
