@@ -32,6 +32,12 @@ def _in_fit(trainer: L.Trainer) -> bool:
     return trainer.state.fn == "fit" and not trainer.sanity_checking
 
 
+def _evaluates(trainer: L.Trainer) -> bool:
+    """Whether a validation epoch is one EvaluationReport writes: not the sanity check, and not
+    a ``fast_dev_run``, which has no run folder."""
+    return not trainer.sanity_checking and not trainer.fast_dev_run
+
+
 def _step(trainer: L.Trainer) -> int:
     """The step Lightning logs scalars at, so that pictures line up with them. Lightning has no
     public name for it: this is what its own LearningRateMonitor and logger connector read."""
@@ -409,17 +415,17 @@ class EvaluationReport(L.Callback):
             rank_zero_info(f"{stage} report: {self.paths['markdown']}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:  # validate, and each of a fit's validation epochs
+        if _evaluates(trainer):  # validate, and each of a fit's validation epochs
             self._start(trainer, pl_module)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if not trainer.sanity_checking:
+        if _evaluates(trainer):
             self._update(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:  # a fit's report is its latest epoch's
+        if _evaluates(trainer):  # a fit's report is its latest epoch's
             self._write(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -12,6 +12,7 @@ import csv
 import datetime
 import io
 import json
+import re
 import shlex
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alexnet_lit.data.folders import shared_between_splits
 from alexnet_lit.errors import UserError
@@ -36,14 +37,10 @@ def record_run(folder: Path, trainer: L.Trainer) -> None:
     data's classes with images per split (what the report needs that config.yaml lacks)."""
     data = trainer.datamodule
     counts: dict[str, dict[str, int]] = {}
-    files: dict[str, list[Path]] = {}
     if data is not None and hasattr(data, "samples"):
         for split, dataset in getattr(data, "datasets", {}).items():
             per_class = Counter(data.class_names[t] for _, t in dataset.samples if t >= 0)
             counts[split] = {name: per_class.get(name, 0) for name in data.class_names}
-            paths = [Path(path) for path, _ in dataset.samples]
-            if split != "predict" and paths not in files.values():  # test may be val/ itself
-                files[split] = paths
     record = {
         "command": shlex.join(sys.argv),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -53,14 +50,29 @@ def record_run(folder: Path, trainer: L.Trainer) -> None:
         "class_names": None if data is None else list(getattr(data, "class_names", [])),
         "images_per_class": counts,
         "image_size": getattr(data, "image_size", None),
-        # Checked where this run loads two splits (a fit's train and val); None elsewhere.
-        "shared_between_splits": shared_between_splits(files) if len(files) > 1 else None,
+        # Filled in when a fit ends (record_shared_files); None where it was not checked.
+        "shared_between_splits": None,
         "device": str(trainer.strategy.root_device),
         "world_size": trainer.world_size,
         "precision": str(trainer.precision),
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def record_shared_files(folder: Path, trainer: L.Trainer) -> None:
+    """Add to ``run.json`` the files this run's splits share byte for byte (a fit's train and
+    val). After the fit, not before it: on a large dataset the search reads some files."""
+    data = trainer.datamodule
+    files: dict[str, list[Path]] = {}
+    for split, dataset in getattr(data, "datasets", {}).items():
+        paths = [Path(path) for path, _ in getattr(dataset, "samples", [])]
+        if split != "predict" and paths not in files.values():  # test may be val/ itself
+            files[split] = paths
+    if len(files) > 1:
+        record = _record(folder)
+        record["shared_between_splits"] = shared_between_splits(files)
+        (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 class RunReport(L.Callback):
@@ -91,7 +103,9 @@ class RunReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._has_folder(trainer):
             return
-        path = build_report(self._folder)
+        path = self._build(self._folder, trainer)
+        if path is None:
+            return
         summary = result_summary(self._folder)
         best = summary.get("best_val_acc")
         lines = ["", "Done."]
@@ -111,11 +125,23 @@ class RunReport(L.Callback):
             self._evaluated(trainer)
 
     def _evaluated(self, trainer: L.Trainer) -> None:
-        path = build_report(self._folder)
-        rank_zero_info(f"report: {path}")
+        path = self._build(self._folder)
+        if path is not None:
+            rank_zero_info(f"report: {path}")
         source = _source_run(trainer.ckpt_path)
         if source is not None and source.resolve() != self._folder.resolve():
-            build_report(source)  # the trained run's page lists this evaluation too
+            self._build(source)  # the trained run's page lists this evaluation too
+
+    @staticmethod
+    def _build(folder: Path, fit: L.Trainer | None = None) -> Path | None:
+        # The run itself is over and saved: a page that cannot be built must not fail it.
+        try:
+            if fit is not None:
+                record_shared_files(folder, fit)
+            return build_report(folder)
+        except Exception as err:  # whatever a damaged run folder raises
+            rank_zero_warn(f"report.html not written in {folder}: {type(err).__name__}: {err}")
+            return None
 
 
 def _source_run(ckpt_path: str | None) -> Path | None:
@@ -144,18 +170,28 @@ def result_summary(folder: Path) -> dict[str, Any]:
     """Best val/acc and its epoch, final val/loss and ECE, and the best checkpoint's path."""
     scalars = _scalars(folder)
     summary: dict[str, Any] = {}
-    accuracies = [value for _, value in scalars.get("val/acc", [])]
+    accuracies = scalars.get("val/acc", [])
     if accuracies:
-        best = max(range(len(accuracies)), key=accuracies.__getitem__)
-        summary.update(best_val_acc=accuracies[best], best_epoch=best, epochs=len(accuracies))
+        step, value = max(
+            accuracies, key=lambda point: point[1]
+        )  # the first best, as ModelCheckpoint
+        # Lightning logs "epoch" at every step it logs: the best's epoch, whatever the schedule.
+        epoch = dict(scalars.get("epoch", [])).get(step, accuracies.index((step, value)))
+        summary.update(best_val_acc=value, best_epoch=int(epoch), epochs=len(accuracies))
     for tag, key in (("val/loss", "final_val_loss"), ("val/ece", "final_val_ece")):
         if scalars.get(tag):
             summary[key] = scalars[tag][-1][1]
-    best_files = sorted((folder / "checkpoints").glob("best-*.ckpt"))
+    best_files = sorted((folder / "checkpoints").glob("best-*.ckpt"), key=_checkpoint_rank)
     if best_files:
         summary["best_checkpoint"] = str(best_files[-1])
         summary["temperature"] = _temperature(best_files[-1])
     return summary
+
+
+def _checkpoint_rank(path: Path) -> tuple[float, float]:
+    """Sorts ``best-epoch=EE-val_acc=A.AAAA[-vN].ckpt`` files by score, then age: best last."""
+    match = re.search(r"val_acc=(\d+(?:\.\d+)?)", path.name)
+    return (float(match.group(1)) if match else -1.0, path.stat().st_mtime)
 
 
 def _temperature(checkpoint: Path) -> float | None:

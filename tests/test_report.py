@@ -229,4 +229,11 @@ def test_each_checkpoint_carries_the_temperature_fitted_on_its_own_weights(run):
         # log-softmax: the logits up to a constant per row, which a temperature ignores.
         logits = predict_probs(model, samples).log()
         assert model.temperature != 1.0
-        assert model.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-3)
+
+        def nll(temperature: float, logits: torch.Tensor = logits) -> float:
+            return float(torch.nn.functional.cross_entropy(logits / temperature, targets))
+
+        # The stored temperature is the best one for these weights' logits (on a tiny run the
+        # optimum can be flat, so compare the loss it reaches, not the value).
+        assert nll(model.temperature) <= nll(fit_temperature(logits, targets)) + 1e-4
+        assert nll(model.temperature) < nll(1.0)

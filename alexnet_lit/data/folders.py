@@ -7,7 +7,7 @@ images.
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from alexnet_lit.data.images import (
 )
 
 SPLITS = ("train", "val", "test")
+# How much of a file the duplicate search compares before it reads the whole file.
+HEAD_BYTES = 4096
 # Folders with fewer files scan without a progress bar.
 PROGRESS_MIN_FILES = 500
 
@@ -99,31 +101,41 @@ def shared_between_splits(files: Mapping[str, Sequence[Path]]) -> list[list[str]
     """Groups of byte-identical files that occur in more than one split (a leak that inflates
     validation accuracy), each sorted, in path order.
 
-    Identical files have equal sizes, so only files whose size occurs in two splits are read:
-    a stat per file, and the bytes of a small fraction of a real dataset.
+    Identical files have equal sizes and equal first bytes, so a file is read whole only when
+    another split has one of its size that starts the same: a stat per file, the first 4 KiB of
+    the few that share a size across splits, and all of only the likely copies.
     """
-    sizes: dict[int, list[tuple[str, Path]]] = {}
+
+    def across(groups: Iterable[list[tuple[str, Path]]]) -> Iterator[list[tuple[str, Path]]]:
+        return (g for g in groups if len({split for split, _ in g}) > 1)
+
+    def regroup(
+        groups: Iterable[list[tuple[str, Path]]], key: Callable[[Path], str]
+    ) -> list[list[tuple[str, Path]]]:
+        """Split each group by ``key``; groups never merge."""
+        out: dict[tuple[int, str], list[tuple[str, Path]]] = {}
+        for number, group in enumerate(groups):
+            for split, path in group:
+                try:
+                    out.setdefault((number, key(path)), []).append((split, path))
+                except OSError:
+                    continue  # gone or unreadable since the scan: nothing to compare
+        return list(out.values())
+
+    def head(path: Path) -> str:
+        with open(path, "rb") as file:
+            return digest(file.read(HEAD_BYTES))
+
+    by_size: dict[int, list[tuple[str, Path]]] = {}
     for split, paths in files.items():
         for path in paths:
             try:
-                sizes.setdefault(os.stat(path).st_size, []).append((split, Path(path)))
-            except OSError:
-                continue  # gone since the scan: nothing to compare
-    by_digest: dict[str, list[tuple[str, Path]]] = {}
-    for entries in sizes.values():
-        if len({split for split, _ in entries}) < 2:
-            continue
-        for split, path in entries:
-            try:
-                by_digest.setdefault(digest(path.read_bytes()), []).append((split, path))
+                by_size.setdefault(os.stat(path).st_size, []).append((split, Path(path)))
             except OSError:
                 continue
-    groups = [
-        sorted(str(path) for _, path in entries)
-        for entries in by_digest.values()
-        if len({split for split, _ in entries}) > 1
-    ]
-    return sorted(groups)
+    by_head = regroup(across(by_size.values()), head)
+    same = regroup(across(by_head), lambda path: digest(path.read_bytes()))
+    return sorted(sorted(str(path) for _, path in group) for group in across(same))
 
 
 def scan_files(
