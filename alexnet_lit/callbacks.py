@@ -310,10 +310,10 @@ class ValidationImages(L.Callback):
         logger.experiment.add_image(
             "val/confusion_matrix", np.asarray(picture), step, dataformats="HWC"
         )
-        if self._mistakes is None:
-            return
-        wrong = self._mistakes["score"] > 0
-        if not wrong.any():
+        wrong = None if self._mistakes is None else self._mistakes["score"] > 0
+        if wrong is None or not wrong.any():
+            # No mistake this epoch: the report must not show an earlier epoch's.
+            (folder / "val_misclassified.png").unlink(missing_ok=True)
             return
         network = getattr(pl_module, "model", None)
         heat = None
