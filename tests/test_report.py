@@ -23,7 +23,8 @@ from alexnet_lit.report import report_main
 from tests.conftest import make_image_folder
 from tests.helpers import cli_args, fit_args
 
-HOSTILE = "<img src=x onerror=alert(1)>"  # a class folder's name: must never become markup
+# A class folder's name (no "/" can be in one): it must never become markup.
+HOSTILE = "<script>alert(1)<img src=x onerror=alert(1)>"
 SECTIONS = ["run", "result", "curves", "evaluation", "data", "reproduce"]
 
 
@@ -86,7 +87,8 @@ def test_the_report_has_every_section_and_only_inlined_pictures(run):
     assert not [tag for tag, _ in page.tags if tag in ("script", "link", "iframe")]
     assert "http://" not in html and "https://" not in html
     # The hostile class name is shown, escaped, and is never a tag of the page.
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html and HOSTILE not in html
+    assert "&lt;script&gt;alert(1)&lt;img src=x onerror=alert(1)&gt;" in html
+    assert HOSTILE not in html and "<script" not in html
     assert not [attrs for tag, attrs in page.tags if "onerror" in attrs]
     # What a reader needs: the result, the checkpoint, the command that re-runs it.
     assert "best <code>val/acc</code>" in html and "best-epoch=" in html
