@@ -158,6 +158,14 @@ class TemperatureScaling(L.Callback):
         self._best_score = -float("inf")
         self.temperatures: dict[str, float] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every full checkpoint, so a resumed fit still knows the best epoch's fit.
+        return {"best_score": self._best_score, "best": self._best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._best_score = float(state_dict.get("best_score", -float("inf")))
+        self._best = state_dict.get("best")
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch = {"logits": [], "targets": []}
 

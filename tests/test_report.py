@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from alexnet_lit.calibration import fit_temperature
+from alexnet_lit.checkpoints import load_checkpoint
 from alexnet_lit.cli import cli_main
 from alexnet_lit.inference import load_model, predict_probs
 from alexnet_lit.report import report_main
@@ -239,3 +240,7 @@ def test_each_checkpoint_carries_the_temperature_fitted_on_its_own_weights(run):
         # optimum can be flat, so compare the loss it reaches, not the value).
         assert nll(model.temperature) <= nll(fit_temperature(logits, targets)) + 1e-4
         assert nll(model.temperature) < nll(1.0)
+    # A resumed fit knows the best epoch's temperature: it is in the full checkpoint's state.
+    state = load_checkpoint(checkpoints / "last.ckpt")["callbacks"]
+    (scaling,) = [value for key, value in state.items() if key.startswith("TemperatureScaling")]
+    assert scaling["best"]["temperature"] == load_model(best).temperature
