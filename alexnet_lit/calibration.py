@@ -9,7 +9,6 @@ the negative log-likelihood): the predicted class never changes, only how sure t
 it is.
 """
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +132,36 @@ def gather_uneven(trainer: L.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[rank, :n] for rank, n in enumerate(sizes)])
 
 
+class EpochLogits:
+    """One evaluation epoch's logits ``[N, num_classes]`` and targets ``[N]``: collected per batch
+    on this process, then gathered from every process."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._logits: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(targets):  # empty when every image of the batch was unreadable
+            self._logits.append(logits.detach().float())
+            self._targets.append(targets)
+
+    def gather(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every process's logits and targets, on the CPU; a collective: call it on every rank."""
+        device, width = pl_module.device, pl_module.hparams.num_classes
+        logits = torch.cat(self._logits) if self._logits else torch.empty(0, width)
+        targets = torch.cat(self._targets) if self._targets else torch.empty(0)
+        self.reset()
+        return (
+            gather_uneven(trainer, logits.to(device)).cpu(),
+            gather_uneven(trainer, targets.long().to(device)).cpu(),
+        )
+
+
 class TemperatureScaling(L.Callback):
     """Fit one temperature on each validation epoch's logits and store it in the checkpoints
     written from those weights (hyperparameter ``temperature``): the best checkpoint (by
@@ -151,7 +180,7 @@ class TemperatureScaling(L.Callback):
 
     def __init__(self, monitor: str = "val/acc") -> None:
         self.monitor = monitor
-        self._epoch: dict[str, list[torch.Tensor]] = {"logits": [], "targets": []}
+        self._epoch = EpochLogits()
         # The latest validation's fit, and the best epoch's: step, temperature, ECE before/after.
         self._latest: dict[str, float] | None = None
         self._best: dict[str, float] | None = None
@@ -167,26 +196,18 @@ class TemperatureScaling(L.Callback):
         self._best = state_dict.get("best")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch = {"logits": [], "targets": []}
+        self._epoch.reset()
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx=0
     ) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or len(batch[1]) == 0:
-            return
-        self._epoch["logits"].append(outputs["logits"].float())
-        self._epoch["targets"].append(batch[1])
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._epoch.update(outputs["logits"], batch[1])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        logits = _cat(self._epoch["logits"], pl_module.hparams.num_classes, pl_module.device)
-        targets = _cat(self._epoch["targets"], None, pl_module.device).long()
-        logits, targets = (
-            gather_uneven(trainer, logits).cpu(),
-            gather_uneven(trainer, targets).cpu(),
-        )
-        self._epoch = {"logits": [], "targets": []}
+        logits, targets = self._epoch.gather(trainer, pl_module)
         if len(targets) == 0:
             return
         temperature = fit_temperature(logits, targets)
@@ -235,9 +256,3 @@ def set_temperature(path: str | Path, temperature: float) -> None:
     checkpoint = load_checkpoint(path)
     checkpoint.setdefault("hyper_parameters", {})["temperature"] = float(temperature)
     AtomicCheckpointIO().save_checkpoint(checkpoint, path)
-
-
-def _cat(parts: Sequence[torch.Tensor], width: int | None, device: torch.device) -> torch.Tensor:
-    if parts:
-        return torch.cat(list(parts))
-    return torch.empty((0, width) if width else (0,), device=device)

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from alexnet_lit import calibration
 from alexnet_lit.explain import grad_cam, overlay
 from alexnet_lit.reports import image_grid, render_confusion_matrix, short_name, write_report
 from alexnet_lit.runs import run_dir
@@ -360,31 +361,23 @@ class EvaluationReport(L.Callback):
     def __init__(self, top_pairs: int = 10) -> None:
         self.top_pairs = top_pairs
         self._confusion = _ConfusionCounter()
-        self._logits: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
+        self._logits = calibration.EpochLogits()
         self.paths: dict[str, Path] = {}
         self.ece: dict[str, float] = {}
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._confusion.reset(pl_module.hparams.num_classes, pl_module.device)
-        self._logits, self._targets = [], []
+        self._logits.reset()
 
     def _update(self, outputs: Any, batch: Any) -> None:
         if len(batch[1]):  # empty when every image of the batch was unreadable
             self._confusion.update(outputs["logits"], batch[1])
-            self._logits.append(outputs["logits"].float())
-            self._targets.append(batch[1])
+            self._logits.update(outputs["logits"], batch[1])
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from alexnet_lit import calibration
-
         confusion = self._confusion.compute(trainer)
         out_dir = run_dir(trainer)  # a collective too, like compute
-        num_classes = pl_module.hparams.num_classes
-        logits = torch.cat(self._logits) if self._logits else torch.empty(0, num_classes)
-        targets = torch.cat(self._targets) if self._targets else torch.empty(0)
-        logits = calibration.gather_uneven(trainer, logits.to(pl_module.device)).cpu()
-        targets = calibration.gather_uneven(trainer, targets.long().to(pl_module.device)).cpu()
+        logits, targets = self._logits.gather(trainer, pl_module)  # and this
         if not trainer.is_global_zero:
             return
         temperature = float(getattr(pl_module, "temperature", 1.0))
