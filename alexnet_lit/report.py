@@ -146,9 +146,10 @@ class RunReport(L.Callback):
 
 def _source_run(ckpt_path: str | None) -> Path | None:
     """The run folder a checkpoint was written in (``RUN/checkpoints/x.ckpt``), if any."""
-    if not ckpt_path:
+    parents = Path(ckpt_path).resolve().parents if ckpt_path else []
+    if len(parents) < 2:  # no path, or a file too near the root to be in a run folder
         return None
-    folder = Path(ckpt_path).resolve().parents[1]
+    folder = parents[1]
     return folder if (folder / "config.yaml").is_file() else None
 
 
@@ -166,15 +167,17 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def result_summary(folder: Path) -> dict[str, Any]:
-    """Best val/acc and its epoch, final val/loss and ECE, and the best checkpoint's path."""
-    scalars = _scalars(folder)
+def result_summary(
+    folder: Path, scalars: dict[str, list[tuple[int, float]]] | None = None
+) -> dict[str, Any]:
+    """Best val/acc and its epoch, final val/loss and ECE, and the best checkpoint's path;
+    ``scalars`` are the run's event file's, when already read."""
+    scalars = _scalars(folder) if scalars is None else scalars
     summary: dict[str, Any] = {}
     accuracies = scalars.get("val/acc", [])
     if accuracies:
-        step, value = max(
-            accuracies, key=lambda point: point[1]
-        )  # the first best, as ModelCheckpoint
+        # The first best, as ModelCheckpoint keeps it.
+        step, value = max(accuracies, key=lambda point: point[1])
         # Lightning logs "epoch" at every step it logs: the best's epoch, whatever the schedule.
         epoch = dict(scalars.get("epoch", [])).get(step, accuracies.index((step, value)))
         summary.update(best_val_acc=value, best_epoch=int(epoch), epochs=len(accuracies))
@@ -284,9 +287,9 @@ def _later_evaluations(folder: Path) -> list[dict[str, Any]]:
     for sibling in sorted(folder.parent.glob("*/")):
         record = _record(sibling)
         ckpt = record.get("ckpt_path")
-        if sibling == folder or not ckpt or record.get("subcommand") not in ("validate", "test"):
+        if sibling == folder or record.get("subcommand") not in ("validate", "test"):
             continue
-        if Path(ckpt).resolve().parents[1] != folder.resolve():
+        if _source_run(ckpt) != folder.resolve():
             continue
         stage = "val" if record["subcommand"] == "validate" else "test"
         evaluation = _evaluation(sibling, stage, f"{record['subcommand']} in {sibling.name}")
@@ -334,13 +337,13 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
 
 
 def _imbalance(counts: dict[str, int]) -> str:
-    values = [n for n in counts.values()]
+    values = list(counts.values())
     if not values or min(values) == 0:
         return "n/a (a class without images)"
     return f"{max(values) / min(values):.2f}:1"
 
 
-def _data_section(folder: Path, record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+def _data_section(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     skipped = _csv(folder / "skipped_images.csv")
     reasons = Counter(row.get("reason", "").split(" (")[0] for row in skipped)
     split_files = [
@@ -388,6 +391,7 @@ def build_report(folder: str | Path) -> Path:
         )
         if e is not None
     ]
+    scalars = _scalars(folder)  # the event file, read once
     environment = Environment(
         loader=PackageLoader("alexnet_lit", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
@@ -403,11 +407,11 @@ def build_report(folder: str | Path) -> Path:
         splits=list(counts),
         counts=counts,
         imbalance={split: _imbalance(c) for split, c in counts.items()},
-        summary=result_summary(folder),
-        curves=_curves(_scalars(folder)),
+        summary=result_summary(folder, scalars),
+        curves=_curves(scalars),
         evaluations=evaluations,
         later=_later_evaluations(folder) if subcommand == "fit" else [],
-        data=_data_section(folder, record, config),
+        data=_data_section(folder, record),
         reproduce=f"python scripts/train.py {subcommand} --config {shlex.quote(str(config_path))}",
         stage=stage,
         generated=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
