@@ -76,22 +76,18 @@ def explain_files(
     files, named ``NNNNN_<stem>.png`` after each image's place in ``paths``."""
     from tqdm import tqdm
 
-    from alexnet_lit.inference import _batches
+    from alexnet_lit.inference import eval_batches
     from alexnet_lit.runs import printable
-    from alexnet_lit.transforms import normalize
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preprocessing = model.hparams["preprocessing"]
     names = model.hparams["class_names"]
-    device = next(model.parameters()).device
     written = []
     with tqdm(total=len(paths), unit="img", desc="grad-cam", disable=not progress) as bar:
-        for batch, probs in _batches(model, paths, batch_size, num_workers, temperature):
+        for batch, images, probs in eval_batches(
+            model, paths, batch_size, num_workers, temperature
+        ):
             if len(batch.indices):
-                images = normalize(
-                    batch.images.to(device), preprocessing["mean"], preprocessing["std"]
-                )
                 confidence, predicted = probs.max(dim=1)
                 heat = grad_cam(model.model, images, predicted).cpu().numpy()
                 pixels = batch.images.numpy()

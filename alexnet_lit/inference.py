@@ -142,15 +142,23 @@ def predict_probs(
     """Class probabilities ``[N, num_classes]`` of ``(path, label)`` samples with the model's
     eval preprocessing, ``softmax(logits / temperature)``; a row of NaN for an unreadable image."""
     probs = torch.full((len(samples), model.hparams["num_classes"]), float("nan"))
-    for batch, batch_probs in _batches(
+    for batch, _, batch_probs in eval_batches(
         model, [p for p, _ in samples], batch_size, num_workers, temperature
     ):
         probs[batch.indices] = batch_probs.float().cpu()
     return probs
 
 
-def _batches(model, paths, batch_size, num_workers, temperature=1.0):
-    """``(LoadedBatch, probs)`` for the images at ``paths``, in order, through the eval preset."""
+def eval_batches(
+    model: LitAlexNet,
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    temperature: float = 1.0,
+) -> Iterator[tuple[LoadedBatch, torch.Tensor, torch.Tensor]]:
+    """``(LoadedBatch, inputs, probs)`` for the images at ``paths``, in order, through the eval
+    preset: ``inputs`` the normalized network input ``[B, C, S, S]`` on the model's device,
+    ``probs`` ``softmax(logits / temperature)``."""
     preprocessing = model.hparams["preprocessing"]
     device = next(model.parameters()).device
     dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
@@ -170,7 +178,7 @@ def _batches(model, paths, batch_size, num_workers, temperature=1.0):
             logits = (
                 model(images) if len(images) else images.new_empty(0, model.hparams["num_classes"])
             )
-            yield batch, (logits.float() / temperature).softmax(dim=1)
+            yield batch, images, (logits.float() / temperature).softmax(dim=1)
 
 
 def iter_predictions(
@@ -186,7 +194,7 @@ def iter_predictions(
     probabilities are ``softmax(logits / temperature)``."""
     class_names = model.hparams["class_names"]
     with tqdm(total=len(paths), unit="img", disable=not progress) as bar:
-        for batch, probs in _batches(model, paths, batch_size, num_workers, temperature):
+        for batch, _, probs in eval_batches(model, paths, batch_size, num_workers, temperature):
             for _, row in batch_rows(batch, probs, paths, class_names, top_k):
                 yield row
             bar.update(len(batch.indices) + len(batch.skipped))
