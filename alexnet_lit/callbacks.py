@@ -41,7 +41,9 @@ def _evaluates(trainer: L.Trainer) -> bool:
 
 def _step(trainer: L.Trainer) -> int:
     """The step Lightning logs scalars at, so that pictures line up with them. Lightning has no
-    public name for it: this is what its own LearningRateMonitor and logger connector read."""
+    public name for it: this is what its own LearningRateMonitor and logger connector read.
+    ``trainer.global_step`` is not it: the epoch-end validation logs before this counter moves,
+    one step behind ``global_step``, and a resume adjusts it on its own."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
