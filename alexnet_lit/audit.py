@@ -19,21 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from alexnet_lit.errors import DataConfigError, UserError
-from alexnet_lit.runs import open_text, printable
+from alexnet_lit.runs import next_run_folder, open_text, printable
 
 Samples = list[tuple[Path, int]]
 AUDIT_INSTALL = "pip install -e '.[audit]'"
-
-
-def next_run_folder(root: str | Path = "lightning_logs") -> Path:
-    """Create and return ``root/version_N`` for the next free N, numbered as TensorBoardLogger
-    numbers a fit's run folders."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
-    folder = root / f"version_{max(taken, default=-1) + 1}"
-    folder.mkdir()
-    return folder
 
 
 def instantiate(fit_args: Sequence[str], run: Path, name: str):

@@ -28,6 +28,16 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def next_run_folder(root: str | Path = "lightning_logs") -> Path:
+    """Create and return ``root/version_N`` for the next free N, the folder a fit's default
+    TensorBoardLogger would take (its own numbering), for commands that are not one fit."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    folder = Path(TensorBoardLogger(save_dir=root, name="").log_dir)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def open_text(path: str | Path, mode: str = "w") -> IO[str]:
     """Open a text file for the project's outputs: UTF-8, and any file name (or other string)
     that is not valid UTF-8 written as its original bytes. ``newline=""`` suits ``csv``."""
