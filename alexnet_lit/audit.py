@@ -130,7 +130,7 @@ def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) ->
     run = next_run_folder()
     cli = instantiate(fit_args, run, "fold_0")
     data = cli.datamodule
-    samples, class_names = data.index.labelled("train"), data.class_names
+    samples, class_names = data.samples("train"), data.class_names
     splits = stratified_folds([t for _, t in samples], folds, data.hparams.seed, class_names)
     pred_probs = np.full((len(samples), len(class_names)), np.nan)
     for k, (train_idx, held_idx) in enumerate(splits):
@@ -257,13 +257,16 @@ def learning_curve(
     run = next_run_folder()
     results, samples = [], None
     for seed in seeds:
+        subsets = None
         for fraction in fractions:
             cli = instantiate(
                 [*fit_args, f"--seed_everything={seed}"], run, f"f{fraction:g}_s{seed}"
             )
             if samples is None:
-                samples = cli.datamodule.index.labelled("train")
-            subset = nested_subsets(samples, fractions, seed)[fraction]
+                samples = cli.datamodule.samples("train")
+            if subsets is None:  # this seed's nested subsets, once
+                subsets = nested_subsets(samples, fractions, seed)
+            subset = subsets[fraction]
             print(f"learning curve: {len(subset)} training images ({fraction:g}), seed {seed}")
             model = fit_on(cli, subset)
             results.append(
