@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from alexnet_lit.errors import CheckpointError
+from alexnet_lit.errors import CheckpointError, first_line
 
 # Where the CLI's runs keep their checkpoints, under a logger folder such as lightning_logs/.
 RUN_PATTERNS = {"best": "*/checkpoints/best*.ckpt", "last": "*/checkpoints/last.ckpt"}
@@ -46,7 +46,7 @@ def load_checkpoint(
     except Exception as err:
         raise CheckpointError(
             f"checkpoint '{path}' is not a readable PyTorch file ({type(err).__name__}: "
-            f"{_first_line(err)}); check the file."
+            f"{first_line(err)}); check the file."
         ) from err
 
 
@@ -161,8 +161,3 @@ def _tensor_bytes(value: Any) -> int:
     if isinstance(value, list | tuple):
         return sum(_tensor_bytes(v) for v in value)
     return 0
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""

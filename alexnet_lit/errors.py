@@ -24,6 +24,12 @@ class InferenceError(UserError):
     """A path, option or device given to prediction or export that cannot be used."""
 
 
+def first_line(err: object) -> str:
+    """The first line of an exception's (or a message's) text, for a one-line reason."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def exit_code_of(main: Callable[[], object]) -> int:
     """Run a script's ``main``: 0 when it returns, 2 with one ``error:`` line on stderr when it
     raises a :class:`UserError`."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet_lit.errors import DataConfigError
+from alexnet_lit.errors import DataConfigError, first_line
 
 INSTALL = "pip install -e '.[dali]'"
 # "Failed to decode sample #2 : /data/train/cat/x.jpg", in DALI's error text.
@@ -43,7 +43,7 @@ def require_dali():
     except Exception as err:  # ImportError, or a library that fails to load on this machine
         raise DataConfigError(
             f"data.backend: dali needs NVIDIA DALI, which cannot be imported here "
-            f"({type(err).__name__}: {_first_line(err)}); install it with {INSTALL} "
+            f"({type(err).__name__}: {first_line(err)}); install it with {INSTALL} "
             f"({wheel_name()}, Linux only), or set data.backend: pil."
         ) from err
     dali_major = int(getattr(dali, "__cuda_version__", 0)) // 1000
@@ -238,8 +238,3 @@ class DALILoader:
 def _failed_path(err: BaseException) -> str | None:
     found = _FAILED_SAMPLE.findall(str(err))
     return found[-1] if found else None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""

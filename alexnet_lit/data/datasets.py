@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from alexnet_lit.errors import first_line
+
 
 class BadImage(NamedTuple):
     """What the dataset returns, instead of a sample, for an image that fails to load."""
@@ -24,8 +26,7 @@ class BadImage(NamedTuple):
 
 def bad_image(index: int, path: str | Path, err: Exception) -> BadImage:
     """The record of the image at ``index`` that raised ``err`` while loading."""
-    lines = str(err).strip().splitlines()
-    return BadImage(index, str(path), f"{type(err).__name__}: {lines[0] if lines else ''}")
+    return BadImage(index, str(path), f"{type(err).__name__}: {first_line(err)}")
 
 
 class LoadedBatch(NamedTuple):

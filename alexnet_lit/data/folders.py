@@ -22,6 +22,7 @@ from alexnet_lit.data.images import (
     probe,
     sniff_format,
 )
+from alexnet_lit.errors import first_line
 
 SPLITS = ("train", "val", "test")
 # How much of a file the duplicate search compares before it reads the whole file.
@@ -162,8 +163,7 @@ def scan_files(
             try:
                 load_image(path)
             except Exception as err:  # whatever Pillow raises for broken pixel data
-                lines = str(err).strip().splitlines()
-                reason = f"fails to decode ({type(err).__name__}: {lines[0] if lines else ''})"
+                reason = f"fails to decode ({type(err).__name__}: {first_line(err)})"
                 verdict = Verdict(problem="unreadable", reason=reason)
         if verdict.info is not None:
             infos[path] = verdict.info

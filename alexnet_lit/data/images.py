@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from alexnet_lit.errors import first_line
+
 # Entries that operating systems and tools drop into datasets; never classes, never samples.
 # Any name starting with a dot (.DS_Store, .ipynb_checkpoints, ._photo.jpg) is hidden too.
 SYSTEM_NAMES = {
@@ -159,8 +161,7 @@ def _bomb_reason(message: str) -> str:
 
 
 def _first_line(err: object) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return first_line(err) or type(err).__name__
 
 
 def open_image(path: str | Path) -> Image.Image:
