@@ -53,11 +53,13 @@ class Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    """A 2-epoch fit whose data has a class named like markup and a val image copied from train,
-    then a test of its checkpoint."""
+    """A 2-epoch fit whose data has a class named like markup, a val image copied from train
+    and a truncated training JPEG, then a test of its checkpoint."""
     tmp = tmp_path_factory.mktemp("report")
     data = make_image_folder(tmp / "data", classes=["ant", HOSTILE, "cat"])
     shutil.copy(data / "train" / "ant" / "img_0.jpg", data / "val" / "ant" / "leak.jpg")
+    whole = (data / "train" / "cat" / "img_0.jpg").read_bytes()
+    (data / "train" / "cat" / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.chdir(tmp)
@@ -95,6 +97,9 @@ def test_the_report_has_every_section_and_only_inlined_pictures(run):
     assert "best <code>val/acc</code>" in html and "best-epoch=" in html
     assert f"python scripts/train.py fit --config {run['fit'] / 'config.yaml'}" in html
     assert "test in version_1" in html  # refreshed by the later test of its checkpoint
+    # The data section: what the scan left out and why, and what train and val share.
+    assert "1 image(s) left out as unreadable" in html
+    assert f"<code>{run['root'] / 'data/train/cat/truncated.jpg'}</code>" in html
     leak = f"<code>{run['root'] / 'data/train/ant/img_0.jpg'}</code> = <code>"
     assert "1 group(s) of byte-identical images span more than one split" in html and leak in html
 
