@@ -1,4 +1,5 @@
-"""Checkpoint files: the one safe loader, the finder of a run's best or last file, atomic saves.
+"""Checkpoint files: the one safe loader, the one finder of a run's best or last file, atomic
+saves.
 
 Every command that reads a checkpoint (the CLI's ``--ckpt_path``, ``predict.py``, ``export.py``,
 the tutorial importer, the notebook) goes through :func:`load_checkpoint`, which loads tensors and
@@ -8,6 +9,7 @@ plain data only (``weights_only=True``): a file that would run code when unpickl
 import errno
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,8 +20,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from alexnet_lit.errors import CheckpointError, first_line
 
-# Where the CLI's runs keep their checkpoints, under a logger folder such as lightning_logs/.
-RUN_PATTERNS = {"best": "*/checkpoints/best*.ckpt", "last": "*/checkpoints/last.ckpt"}
+# A run's checkpoints: RUN/checkpoints/best-epoch=EE-val_acc=A.AAAA[-vN].ckpt and last.ckpt.
+BEST_PATTERN = "best*.ckpt"
+LAST_NAME = "last.ckpt"
+_SCORE = re.compile(r"val_acc=(\d+(?:\.\d+)?)")
 
 
 def load_checkpoint(
@@ -59,24 +63,49 @@ def unsafe_checkpoint_message(path: str | Path) -> str:
     )
 
 
+def best_checkpoint(run: str | Path) -> Path | None:
+    """A run folder's best checkpoint: the ``best*.ckpt`` with the highest ``val_acc=`` in its
+    name (the newest among equals, and the newest when the names carry no score)."""
+
+    def rank(path: Path) -> tuple[float, float]:
+        match = _SCORE.search(path.name)
+        return (float(match.group(1)) if match else -1.0, path.stat().st_mtime)
+
+    found = sorted(Path(run, "checkpoints").glob(BEST_PATTERN), key=rank)
+    return found[-1] if found else None
+
+
 def find_checkpoint(
     roots: Iterable[str | Path] = ("lightning_logs",), which: Literal["best", "last"] = "best"
 ) -> Path:
-    """The newest (by modification time) ``version_*/checkpoints/best-*.ckpt`` or ``last.ckpt``
-    under any of ``roots`` (logger folders such as ``lightning_logs``).
+    """The ``best`` (:func:`best_checkpoint`) or ``last.ckpt`` of the newest run under any of
+    ``roots`` (logger folders such as ``lightning_logs``): the run whose such file was written
+    last.
 
     Raises:
-        CheckpointError: There is none.
+        CheckpointError: No run there has one.
     """
     roots = [Path(root) for root in roots]
-    found = [ckpt for root in roots for ckpt in root.glob(RUN_PATTERNS[which])]
+    name = BEST_PATTERN if which == "best" else LAST_NAME
+    found = [ckpt for root in roots for ckpt in root.glob(f"*/checkpoints/{name}")]
     if not found:
         searched = ", ".join(f"'{root}'" for root in roots)
-        name = "best-*.ckpt" if which == "best" else "last.ckpt"
         raise CheckpointError(
             f"no */checkpoints/{name} under {searched}; train first, or pass the checkpoint's path."
         )
-    return max(found, key=lambda ckpt: ckpt.stat().st_mtime)
+    newest = max(found, key=lambda ckpt: ckpt.stat().st_mtime)
+    return best_checkpoint(newest.parent.parent) if which == "best" else newest
+
+
+def checkpoint_temperature(path: str | Path | None) -> float | None:
+    """The fitted temperature a checkpoint carries, read without loading its tensors; None when
+    there is no such file or it records none."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return load_checkpoint(path, mmap=True).get("hyper_parameters", {}).get("temperature")
+    except CheckpointError:
+        return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,7 +1,8 @@
 """Mistakes a user can make and fix, each explained in one sentence.
 
-The command-line entry points print the message of a :class:`UserError` as one ``error:`` line
-and exit with status 2, instead of a traceback.
+Every command-line entry point (``scripts/*.py``) ends on one the same way, through
+:func:`run_main` (or, for the LightningCLI, :func:`print_error`): one ``error:`` line on stderr
+and exit status 2, instead of a traceback.
 """
 
 import sys
@@ -30,12 +31,17 @@ def first_line(err: object) -> str:
     return lines[0] if lines else ""
 
 
-def exit_code_of(main: Callable[[], object]) -> int:
+def print_error(message: object) -> None:
+    """Print ``error: MESSAGE`` on stderr, the one line a user's mistake ends in."""
+    print(f"error: {message}", file=sys.stderr)
+
+
+def run_main(main: Callable[[], object]) -> int:
     """Run a script's ``main``: 0 when it returns, 2 with one ``error:`` line on stderr when it
     raises a :class:`UserError`."""
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
     return 0

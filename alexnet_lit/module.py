@@ -13,19 +13,22 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassCalibrationError,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchvision.transforms import v2
 
 from alexnet_lit.checkpoints import unsafe_checkpoint_message
 from alexnet_lit.errors import CheckpointError, DataConfigError
+from alexnet_lit.metrics import EpochOutputs, expected_calibration_error
 from alexnet_lit.model import AlexNet
-from alexnet_lit.schedules import scheduler_interval
-from alexnet_lit.transforms import batch_mix, preprocessing_record
+from alexnet_lit.preprocessing import preprocessing_record
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+# Schedules whose convention is one step per optimizer step, not per epoch (and any scheduler
+# that says so with an ``interval = "step"`` attribute, as WarmupCosineLR does).
+PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 
 
 def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
@@ -61,8 +64,8 @@ class LitAlexNet(L.LightningModule):
         channels_last: Keep weights and inputs in channels-last memory format, which oneDNN
             and cuDNN convolutions run faster in (``configs/default.yaml`` turns it on).
         temperature: Prediction reports ``softmax(logits / temperature)``. 1 is the raw model;
-            after a fit, ``TemperatureScaling`` stores the one fitted on the validation set in
-            the checkpoints, and loading a checkpoint adopts it.
+            ``TemperatureScaling`` sets the one fitted on each validation epoch, so every
+            checkpoint saved from those weights carries it, and loading a checkpoint adopts it.
     """
 
     def __init__(
@@ -112,7 +115,7 @@ class LitAlexNet(L.LightningModule):
                 "mixup_alpha": mixup_alpha,
                 "cutmix_alpha": cutmix_alpha,
                 "channels_last": channels_last,
-                "temperature": temperature,
+                "temperature": float(temperature),
             }
         )
         self.optimizer = optimizer
@@ -128,7 +131,6 @@ class LitAlexNet(L.LightningModule):
         # MixUp/CutMix of training batches: soft targets for the loss, None when both are off.
         self.batch_mix = batch_mix(num_classes, mixup_alpha, cutmix_alpha)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.temperature = float(temperature)
         self.model.to(memory_format=self.memory_format)
         # One metric set per stage, so their states never mix.
         self.train_metrics = self._stage_metrics(num_classes)
@@ -136,6 +138,10 @@ class LitAlexNet(L.LightningModule):
         self.test_metrics = self._stage_metrics(num_classes, macro=True)
         self.val_acc_best = MaxMetric()
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        # Each evaluation epoch's logits, collected once for every callback that reads them.
+        self.eval_outputs = nn.ModuleDict(
+            {stage: EpochOutputs(num_classes) for stage in ("val", "test")}
+        )
 
     @staticmethod
     def _stage_metrics(num_classes: int, macro: bool = False) -> nn.ModuleDict:
@@ -146,8 +152,6 @@ class LitAlexNet(L.LightningModule):
             metrics["precision_macro"] = MulticlassPrecision(num_classes, average="macro")
             metrics["recall_macro"] = MulticlassRecall(num_classes, average="macro")
             metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
-            # Expected calibration error of the raw softmax (torchmetrics applies it to logits).
-            metrics["ece"] = MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
         return nn.ModuleDict(metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +179,7 @@ class LitAlexNet(L.LightningModule):
             # A torchmetrics mean syncs its sums once per epoch, so it is exact under DDP with
             # unequal shards (Lightning's sync_dist mean truncates the averaged sample count).
             self.eval_loss[stage].update(loss, weight=len(targets))
+            self.eval_outputs[stage].update(logits, targets)
             self.log(f"{stage}/loss", self.eval_loss[stage], on_epoch=True, prog_bar=True)
         for name, metric in getattr(self, f"{stage}_metrics").items():
             metric(logits, targets)
@@ -194,9 +199,13 @@ class LitAlexNet(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "val")
 
+    def on_validation_epoch_start(self) -> None:
+        self.eval_outputs["val"].reset()
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # the sanity check's few batches are not an epoch
             return
+        self._log_calibration("val")
         self.val_acc_best(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute())
 
@@ -205,10 +214,23 @@ class LitAlexNet(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "test")
 
+    def on_test_epoch_start(self) -> None:
+        self.eval_outputs["test"].reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_calibration("test")
+
+    def _log_calibration(self, stage: str) -> None:
+        # Every process computes the gathered outputs here (a collective), once per epoch.
+        outputs = self.eval_outputs[stage].compute()
+        if len(outputs.targets):
+            ece = expected_calibration_error(outputs.logits, outputs.targets)
+            self.log(f"{stage}/ece", ece, rank_zero_only=True)
+
     def predict_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict:
         images = batch[0]  # (images, targets) or the DataModule's LoadedBatch
         logits = self(images)
-        probs = (logits.float() / self.temperature).softmax(dim=1)  # calibrated
+        probs = (logits.float() / self.hparams.temperature).softmax(dim=1)  # calibrated
         confidence, predicted = probs.max(dim=1)
         return {"probs": probs, "predicted": predicted, "confidence": confidence, "logits": logits}
 
@@ -288,8 +310,7 @@ class LitAlexNet(L.LightningModule):
         adopt the temperature fitted for it."""
         trained = checkpoint.get("hyper_parameters", {})
         if "temperature" in trained:
-            self.temperature = float(trained["temperature"])
-            self.hparams["temperature"] = self.temperature
+            self.hparams["temperature"] = float(trained["temperature"])
         for key, what in (("class_names", "class names"), ("preprocessing", "preprocessing")):
             value, here = trained.get(key), self.hparams[key]
             if value is not None and value != here:
@@ -298,6 +319,22 @@ class LitAlexNet(L.LightningModule):
                     f"but the data gives {here}; pass the run's config.yaml with --config (or "
                     "the matching --data.* options)."
                 )
+
+
+def batch_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+    """MixUp and/or CutMix for a batch of ``(images, integer labels)``; None when both are 0.
+
+    The returned transform maps ``(images [B,C,H,W], labels [B])`` to mixed images and soft
+    labels ``[B, num_classes]``; with both alphas set, each batch gets one of the two at random.
+    """
+    mixes = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def _total_steps_unset(factory: Callable) -> bool:
@@ -310,3 +347,10 @@ def _total_steps_unset(factory: Callable) -> bool:
     except (TypeError, ValueError):
         return False
     return parameter is not None and parameter.default is None
+
+
+def scheduler_interval(scheduler: object) -> str:
+    """``"step"`` for schedules defined per optimizer step, else ``"epoch"``."""
+    if getattr(scheduler, "interval", None) == "step" or isinstance(scheduler, PER_STEP_SCHEDULERS):
+        return "step"
+    return "epoch"

@@ -1,4 +1,5 @@
-"""The run folder (``lightning_logs/version_N``) and how text files are written into it.
+"""The run folder (``lightning_logs/version_N``): where it is, how text and CSV files are written
+into it and read back, and how its logged scalars are read.
 
 File names on Linux are bytes; Python hands the ones that are not valid UTF-8 over as strings
 with "surrogate escapes" (PEP 383). Every text file the project writes (CSV, TXT, Markdown)
@@ -8,24 +9,37 @@ aborts a write. JSON escapes them instead (``\\udcXX``, which ``json.loads`` tur
 same string).
 """
 
+import csv
 import os
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
+
+
+# The run folder of each trainer's current stage, resolved once (see run_dir).
+_RESOLVED: "weakref.WeakKeyDictionary[L.Trainer, tuple[str, Path]]" = weakref.WeakKeyDictionary()
 
 
 def run_dir(trainer: L.Trainer) -> Path:
     """The folder of the trainer's run: its logger's ``log_dir`` (``lightning_logs/version_N``),
     the logger's ``save_dir`` for other loggers, else ``trainer.default_root_dir``.
 
-    Rank 0's folder on every process: under DDP this is a collective call (``Trainer.log_dir``
-    broadcasts it), so every rank must make it, even where only rank 0 then writes.
+    Rank 0's folder on every process. It is resolved once per stage (``fit``, ``validate``, ...)
+    and then remembered: resolving is a collective under DDP (``Trainer.log_dir`` broadcasts
+    it), which the DataModule's ``setup`` makes on every process before any callback asks.
     """
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    stage = str(trainer.state.fn)
+    resolved = _RESOLVED.get(trainer)
+    if resolved is None or resolved[0] != stage:
+        resolved = _RESOLVED[trainer] = (stage, Path(trainer.log_dir or trainer.default_root_dir))
+    return resolved[1]
 
 
 def next_run_folder(root: str | Path = "lightning_logs") -> Path:
@@ -48,3 +62,52 @@ def printable(text: str | Path) -> str:
     """``text`` (a path, or a message holding paths) for a terminal, a picture or a web page:
     the bytes of a file name that are not valid UTF-8 shown as ``\\xNN``."""
     return os.fsencode(text).decode(ENCODING, "backslashreplace")
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> int:
+    """Write ``rows`` as a CSV file with a header (floats to 4 decimals, missing cells empty);
+    returns the number of rows."""
+    count = 0
+    with open_text(path) as file:
+        writer = csv.DictWriter(file, fieldnames=list(fields), restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
+            count += 1
+    return count
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file the project wrote, by column; ``[]`` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open_text(path, "r") as file:
+        return list(csv.DictReader(file))
+
+
+def read_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run logged to TensorBoard, as ``tag -> [(step, value), ...]`` in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})  # 0: all
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags().get("scalars", [])
+    }
+
+
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The trainer's TensorBoard logger, if it has one."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs scalars at, so that pictures line up with them.
+
+    Lightning has no public name for it: this is what its own LearningRateMonitor and logger
+    connector read. ``trainer.global_step`` is not it: the epoch-end validation logs before this
+    counter moves, one step behind ``global_step``, and a resume adjusts it on its own.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -9,7 +9,7 @@ Writes label_issues.csv and label_issues.png into lightning_logs/version_N/.
 
 import sys
 
-from alexnet_lit.audit import find_label_issues_main
+from alexnet_lit.training.audits import find_label_issues_main
 
 if __name__ == "__main__":
     sys.exit(find_label_issues_main())

@@ -9,7 +9,7 @@ one-line reading of the curve.
 
 import sys
 
-from alexnet_lit.audit import learning_curve_main
+from alexnet_lit.training.audits import learning_curve_main
 
 if __name__ == "__main__":
     sys.exit(learning_curve_main())

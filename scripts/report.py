@@ -5,7 +5,7 @@ python scripts/report.py lightning_logs/version_N
 
 import sys
 
-from alexnet_lit.report import report_main
+from alexnet_lit.evaluation.run_page import report_main
 
 if __name__ == "__main__":
     sys.exit(report_main())

@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory) -> Path:
     It holds ``data/`` and ``lightning_logs/version_0/`` with ``config.yaml`` and one weights-only
     ``checkpoints/best-*.ckpt`` (~187 MB instead of two ~560 MB files with Adam's state).
     """
-    from alexnet_lit.cli import cli_main
+    from alexnet_lit.training.cli import cli_main
 
     root = tmp_path_factory.mktemp("tiny_run")
     data = make_image_folder(root / "data")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alexnet_lit.cli import cli_main
+from alexnet_lit.training.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")

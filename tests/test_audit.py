@@ -1,7 +1,6 @@
 """Trust the model: calibration, Grad-CAM, suspicious labels and the learning curve."""
 
 import csv
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,13 +10,18 @@ import torch
 from PIL import Image
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.audit import learning_curve_main, nested_subsets, reading
-from alexnet_lit.calibration import expected_calibration_error, fit_temperature, set_temperature
-from alexnet_lit.explain import grad_cam
-from alexnet_lit.inference import load_model
-from alexnet_lit.transforms import preprocessing_record
-from scripts.find_label_issues import find_label_issues_main
-from scripts.predict import main as predict_main
+from alexnet_lit.checkpoints import load_checkpoint
+from alexnet_lit.evaluation.calibration import fit_temperature
+from alexnet_lit.evaluation.gradcam import grad_cam
+from alexnet_lit.inference.predict import load_model, predict_main
+from alexnet_lit.metrics import expected_calibration_error
+from alexnet_lit.preprocessing import preprocessing_record
+from alexnet_lit.training.audits import (
+    find_label_issues_main,
+    learning_curve_main,
+    nested_subsets,
+    reading,
+)
 from tests.helpers import fit_args
 
 # --- calibration ---------------------------------------------------------------------------
@@ -44,17 +48,18 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_predictions_are_calibrated_unless_asked_not_to(tiny_ckpt, tiny_run, tmp_path):
     ckpt = tmp_path / "scaled.ckpt"
-    shutil.copy(tiny_ckpt, ckpt)
-    set_temperature(ckpt, 2.5)
+    checkpoint = load_checkpoint(tiny_ckpt)
+    checkpoint["hyper_parameters"]["temperature"] = 2.5
+    torch.save(checkpoint, ckpt)
     model = load_model(ckpt)
-    assert model.temperature == 2.5  # loading adopts the stored temperature
+    assert model.hparams.temperature == 2.5  # loading adopts the stored temperature
     images = tiny_run / "data" / "val"
     for flag, temperature in (([], 2.5), (["--no-calibration"], 1.0)):
         out = tmp_path / f"t{temperature}.csv"
         assert predict_main(["--ckpt", str(ckpt), str(images), "--out", str(out), *flag]) == 0
         rows = read_rows(out)
         from alexnet_lit.data.images import load_image
-        from alexnet_lit.transforms import eval_transform
+        from alexnet_lit.data.presets import eval_transform
 
         preprocess = eval_transform(**model.hparams.preprocessing)
         x = preprocess(load_image(rows[0]["path"])).unsqueeze(0)

@@ -10,9 +10,9 @@ import yaml
 from PIL import Image
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit import precision as precision_module
-from alexnet_lit.cli import cli_main
-from alexnet_lit.transforms import eval_transform
+from alexnet_lit.data.presets import eval_transform
+from alexnet_lit.training import precision as precision_module
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import CLASSES, make_image_folder
 from tests.helpers import cli_args, cli_error_line, fit_args, run_script
 

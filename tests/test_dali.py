@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from alexnet_lit import ImageFolderDataModule
-from alexnet_lit.cli import cli_main
 from alexnet_lit.data import dali as dali_backend
 from alexnet_lit.data.dali import DALILoader, DALIPreset
 from alexnet_lit.errors import DataConfigError
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
 from tests.helpers import cli_error_line, fit_args
 

@@ -18,14 +18,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.cli import cli_main
 from alexnet_lit.data import DataConfigError, ImageFolderDataModule
 from alexnet_lit.data.datasets import BadImage, SkippingCollate
 from alexnet_lit.data.doctor import check_data_main
-from alexnet_lit.data.folders import shared_between_splits, split_train_val
+from alexnet_lit.data.folders import identical_files, split_train_val
 from alexnet_lit.data.images import load_image
+from alexnet_lit.data.presets import EvalPreset, TrainPreset
 from alexnet_lit.data.samplers import BalancedSampler
-from alexnet_lit.transforms import EvalPreset, TrainPreset, normalize
+from alexnet_lit.preprocessing import normalize
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
 from tests.dirty_data import CLASSES, make_dirty_folder
 from tests.helpers import ROOT, cli_error_line, fit_args
@@ -99,9 +100,13 @@ def test_files_shared_between_splits_are_found_reading_only_likely_copies(tmp_pa
         "train": [leak_train, same_size_train, *within],
         "val": [leak_val, same_size_val, unique],
     }
-    assert shared_between_splits(files) == [[str(leak_train), str(leak_val)]]
+    across = identical_files(files, across_splits=True)
+    assert [[path for _, path in group] for _, group in across] == [[leak_train, leak_val]]
     # Read whole: only the files whose size and first bytes another split shares.
     assert set(read) == {leak_train, leak_val}
+    # Without across_splits, the copies within one split are found too (the doctor's search).
+    every = [[path for _, path in group] for _, group in identical_files(files)]
+    assert every == [[leak_train, leak_val], within]
 
 
 def test_doctor_text_report_and_exit_codes(dirty, tmp_path, capsys):

@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.cli import cli_main
 from alexnet_lit.data import ImageFolderDataModule, default_num_workers
 from alexnet_lit.data.samplers import UnpaddedDistributedSampler
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import CLASSES, make_image_folder
 from tests.helpers import cli_args
 

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet_lit.export import METADATA_KEY
-from alexnet_lit.inference import load_model
-from scripts.export import main as export_main
+from alexnet_lit.inference.export import METADATA_KEY, export_main
+from alexnet_lit.inference.predict import load_model
 from tests.conftest import CLASSES
 
 

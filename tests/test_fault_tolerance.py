@@ -16,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from alexnet_lit import LitAlexNet
 from alexnet_lit import checkpoints as checkpoints_module
 from alexnet_lit.checkpoints import AtomicCheckpointIO
-from alexnet_lit.cli import cli_main
 from alexnet_lit.errors import CheckpointError
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, cli_error_line, run_script
 from tests.helpers import fit_args as tiny_fit_args
@@ -218,7 +218,9 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
                 "trainer": {
                     "enable_checkpointing": False,
                     "logger": False,
-                    "callbacks": [{"class_path": "alexnet_lit.fault_tolerance.RNGStateCheckpoint"}],
+                    "callbacks": [
+                        {"class_path": "alexnet_lit.training.fault_tolerance.RNGStateCheckpoint"}
+                    ],
                 }
             }
         )

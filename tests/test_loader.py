@@ -11,9 +11,10 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms import functional as TF
 
 from alexnet_lit import ImageFolderDataModule
-from alexnet_lit import transforms as presets
+from alexnet_lit.data import presets
 from alexnet_lit.data.images import load_image
-from alexnet_lit.transforms import EvalPreset, TrainPreset, normalize
+from alexnet_lit.data.presets import EvalPreset, TrainPreset
+from alexnet_lit.preprocessing import normalize
 from tests.conftest import make_image_folder
 from tests.dirty_data import mode_images
 

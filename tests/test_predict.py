@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.checkpoints import find_checkpoint
-from alexnet_lit.cli import cli_main
+from alexnet_lit.checkpoints import best_checkpoint, find_checkpoint
 from alexnet_lit.data.images import load_image
+from alexnet_lit.data.presets import eval_transform
 from alexnet_lit.errors import CheckpointError
-from alexnet_lit.inference import load_model
-from alexnet_lit.transforms import eval_transform
-from scripts.predict import main as predict_main
+from alexnet_lit.inference.predict import load_model, predict_main
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import CLASSES, make_image_folder
 from tests.helpers import DEFAULT_CONFIG, ROOT, cli_error_line
 
@@ -135,7 +134,8 @@ def test_cli_predict_under_ddp_writes_each_image_once(tiny_run, tiny_ckpt, tmp_p
     out = tmp_path / "ddp.csv"
     overlay = tmp_path / "writer.yaml"
     overlay.write_text(
-        "trainer:\n  callbacks:\n    - class_path: alexnet_lit.inference.PredictionCSVWriter\n"
+        "trainer:\n  callbacks:\n"
+        "    - class_path: alexnet_lit.inference.predict.PredictionCSVWriter\n"
         f"      init_args: {{output_path: {out}, top_k: 2}}\n"
     )
     result = subprocess.run(
@@ -167,18 +167,22 @@ def test_cli_predict_refuses_preprocessing_other_than_the_checkpoints(
     assert "'image_size': 96" in line and "'image_size': 224" in line and "--config" in line
 
 
-def test_find_best_checkpoint_picks_the_newest_best(tmp_path):
+def test_one_finder_newest_run_then_its_best_by_score_or_its_last(tmp_path):
     logs = tmp_path / "lightning_logs"
     for version, mtime in (("version_0", 100), ("version_1", 300), ("version_2", 200)):
         folder = logs / version / "checkpoints"
         folder.mkdir(parents=True)
-        for name, offset in (("best-epoch=01.ckpt", 0), ("last.ckpt", 50)):
+        names = [("best-epoch=01-val_acc=0.5000.ckpt", 0), ("last.ckpt", 50)]
+        if version == "version_1":  # a better, older file beside a newer, worse one
+            names.append(("best-epoch=00-val_acc=0.7500.ckpt", -10))
+        for name, offset in names:
             (folder / name).touch()
             os.utime(folder / name, (mtime + offset, mtime + offset))
     newest = logs / "version_1" / "checkpoints"
-    assert find_checkpoint([logs], "best") == newest / "best-epoch=01.ckpt"
+    assert find_checkpoint([logs], "best") == newest / "best-epoch=00-val_acc=0.7500.ckpt"
+    assert best_checkpoint(newest.parent) == newest / "best-epoch=00-val_acc=0.7500.ckpt"
     assert find_checkpoint([logs], "last") == newest / "last.ckpt"
-    with pytest.raises(CheckpointError, match=r"no \*/checkpoints/best-\*\.ckpt under"):
+    with pytest.raises(CheckpointError, match=r"no \*/checkpoints/best\*\.ckpt under"):
         find_checkpoint([tmp_path / "elsewhere"], "best")
 
 

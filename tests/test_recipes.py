@@ -14,9 +14,9 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.cli import cli_main
 from alexnet_lit.data import ImageFolderDataModule
-from alexnet_lit.schedules import WarmupCosineLR
+from alexnet_lit.training.cli import cli_main
+from alexnet_lit.training.schedules import WarmupCosineLR
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, fit_args
 

@@ -7,10 +7,9 @@ import torch
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.errors import CheckpointError
-from alexnet_lit.inference import load_model
-from scripts.export import main as export_main
-from scripts.import_seed_checkpoint import main as import_main
-from scripts.predict import main as predict_main
+from alexnet_lit.inference.export import export_main
+from alexnet_lit.inference.predict import load_model, predict_main
+from alexnet_lit.inference.tutorial_weights import import_main
 from tests.conftest import make_image_folder
 from tests.helpers import cli_args, cli_error_line
 

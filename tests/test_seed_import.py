@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.cli import cli_main
+from alexnet_lit.inference.predict import predict_main
+from alexnet_lit.inference.tutorial_weights import import_main
+from alexnet_lit.training.cli import cli_main
 from scripts.bench.tutorial_loop import tutorial_alexnet
-from scripts.import_seed_checkpoint import main as import_main
-from scripts.predict import main as predict_main
 from tests.conftest import CLASSES, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from alexnet_lit.cli import cli_main
-from alexnet_lit.reports import most_confused, per_class_metrics, render_confusion_matrix
+from alexnet_lit.evaluation.class_report import most_confused, per_class_metrics
+from alexnet_lit.evaluation.pictures import render_confusion_matrix
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
 from tests.helpers import DEFAULT_CONFIG
 
@@ -279,9 +280,8 @@ def test_confusion_matrix_picture_stays_bounded(num_classes):
 
 
 def test_grayscale_inputs_become_rgb_pictures():
-    from alexnet_lit.callbacks import to_pixels
-    from alexnet_lit.reports import image_grid
-    from alexnet_lit.transforms import preprocessing_record
+    from alexnet_lit.evaluation.pictures import image_grid, to_pixels
+    from alexnet_lit.preprocessing import preprocessing_record
 
     images = torch.linspace(-1, 1, 2 * 40 * 40).reshape(2, 1, 40, 40)
     preprocessing = preprocessing_record(in_channels=1)  # mean 0.5, std 0.5
@@ -297,7 +297,7 @@ def test_epoch_time_counts_training_batches_not_what_follows_validation(monkeypa
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from alexnet_lit import callbacks
+    from alexnet_lit.training import callbacks
 
     clock = [0.0]
 

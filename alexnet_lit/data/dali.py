@@ -69,7 +69,7 @@ def wheel_name() -> str:
 
 @dataclass(frozen=True)
 class DALIPreset:
-    """The preset values of the PIL path, for a DALI pipeline (see :mod:`alexnet_lit.transforms`).
+    """The preset values of the PIL path, for a DALI pipeline (see :mod:`alexnet_lit.data.presets`).
 
     ``train`` selects the random crop (``crop_scale``, torchvision's aspect ratios) and flip;
     otherwise the deterministic resize of the short side to ``resize_size`` and center crop.

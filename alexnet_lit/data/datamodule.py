@@ -10,20 +10,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from alexnet_lit import transforms
 from alexnet_lit.data.dali import DALILoader, DALIPreset, require_dali
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.demo import DEMO_CLASSES, DEMO_PRESET, demo_dir, write_digits_demo
 from alexnet_lit.data.folders import class_count_table, image_files, imbalance_ratio
-from alexnet_lit.data.index import FolderIndex, read_class_names
+from alexnet_lit.data.index import FolderIndex, class_counts, read_class_names
+from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_erasing
 from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
+from alexnet_lit.preprocessing import IMAGE_SIZE, normalize, preprocessing_record
 from alexnet_lit.runs import open_text, run_dir
-from alexnet_lit.transforms import EvalPreset, Preset, TrainPreset
 
 # Augmentation preset where image_size, crop_scale or hflip are left unset (None) on your data.
-TUTORIAL_PRESET = {"image_size": transforms.IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
+TUTORIAL_PRESET = {"image_size": IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
 # The train/val split made from train/ when there is no val/, saved into the run folder.
 SPLIT_FILES = {"train": "split_train.txt", "val": "split_val.txt"}
 
@@ -138,7 +138,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.image_size = preset["image_size"] if image_size is None else image_size
         self.crop_scale = preset["crop_scale"] if crop_scale is None else tuple(crop_scale)
         self.hflip = preset["hflip"] if hflip is None else hflip
-        self.preprocessing = transforms.preprocessing_record(self.image_size, in_channels)
+        self.preprocessing = preprocessing_record(self.image_size, in_channels)
         self.datasets: dict[str, ImageListDataset] = {}
         self.skipped = SkippedImages(on_bad_image)
         self.index = FolderIndex(self.data_dir, self.class_names, self.skipped, val_split, seed)
@@ -154,7 +154,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Cross-entropy class weights for ``balance: loss`` (linked into the model), else None."""
         if self.hparams.balance != "loss":
             return None
-        counts = list(self.index.class_counts("train").values())
+        counts = list(class_counts(self.samples("train"), self.class_names).values())
         total = sum(counts)
         return [total / (self.num_classes * count) for count in counts]
 
@@ -179,9 +179,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             write_digits_demo(self.data_dir)
 
     def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.run_dir is None:
-            self.run_dir = run_dir(self.trainer)  # here, where every rank runs: a collective
-            self.skipped.start(self.run_dir, self.trainer.global_rank)
+        if self.trainer is not None:
+            folder = run_dir(self.trainer)  # every process runs setup: resolved here, once a stage
+            if self.run_dir is None:
+                self.run_dir = folder
+                self.skipped.start(folder, self.trainer.global_rank)
         if self.hparams.num_workers is None and self.trainer is not None:
             # With several processes per machine (DDP), each gets its share of the CPUs.
             self.num_workers = default_num_workers(self.trainer.num_devices)
@@ -230,12 +232,9 @@ class ImageFolderDataModule(L.LightningDataModule):
                         file.write(f"{path.relative_to(self.data_dir).as_posix()}\n")
 
     def _report_class_counts(self) -> None:
-        counts = {}
-        for split in ("train", "val"):
-            per_class = dict.fromkeys(self.class_names, 0)
-            for _, target in self.samples(split):
-                per_class[self.class_names[target]] += 1
-            counts[split] = per_class
+        counts = {
+            split: class_counts(self.samples(split), self.class_names) for split in ("train", "val")
+        }
         ratio = imbalance_ratio(counts["train"])
         ratio_text = "n/a" if ratio is None else f"{ratio:.2f}:1"
         rank_zero_info(
@@ -355,9 +354,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         images = batch[0]
         if images.dtype != torch.uint8:  # already the network's input
             return batch
-        images = transforms.normalize(images, self.preprocessing["mean"], self.preprocessing["std"])
+        images = normalize(images, self.preprocessing["mean"], self.preprocessing["std"])
         if self.hparams.augment == "strong" and self.trainer is not None and self.trainer.training:
-            images = transforms.random_erasing(images)
+            images = random_erasing(images)
         if isinstance(batch, LoadedBatch):
             return batch._replace(images=images)
         return images, batch[1]

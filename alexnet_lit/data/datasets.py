@@ -45,7 +45,7 @@ class ImageListDataset(Dataset):
     Args:
         samples: ``(path, class_index)`` pairs; the index is -1 for unlabelled images.
         read: Turns one file into the network's input, e.g. ``TrainPreset(...).read`` (a uint8
-            ``[S, S, C]`` tensor; see :mod:`alexnet_lit.transforms`).
+            ``[S, S, C]`` tensor; see :mod:`alexnet_lit.data.presets`).
         skip_bad: Return a :class:`BadImage` for an image that fails to load instead of raising;
             :class:`SkippingCollate` sets it aside.
     """

@@ -7,7 +7,7 @@
 import json
 import statistics
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from alexnet_lit.data.folders import (
     SPLITS,
     SplitScan,
     class_count_table,
+    identical_files,
     imbalance_ratio,
     scan_split,
 )
@@ -28,8 +29,9 @@ IMBALANCE_WARNING = 5.0
 def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
     """Scan a dataset folder and return the doctor's report as plain data (JSON-ready).
 
-    The checks read headers and hash bytes; ``decode`` also decodes every image, which finds
-    the few broken files whose header and end marker look fine (and is much slower).
+    The checks read headers, and compare the bytes of files of equal size; ``decode`` also
+    decodes every image, which finds the few broken files whose header and end marker look fine
+    (and is much slower).
 
     ``errors`` make the dataset unusable as is (exit code 1 in ``check_data.py``): no train
     classes, a train class without a usable image, val/test classes not in train, unreadable
@@ -39,11 +41,7 @@ def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
     root = Path(root)
     report: dict[str, Any] = {"path": str(root), "splits": {}, "errors": [], "warnings": []}
     errors, warnings = report["errors"], report["warnings"]
-    scans = {
-        s: scan_split(root / s, hash_files=True, decode=decode)
-        for s in SPLITS
-        if (root / s).is_dir()
-    }
+    scans = {s: scan_split(root / s, decode=decode) for s in SPLITS if (root / s).is_dir()}
     if "train" not in scans:
         errors.append(f"'{root / 'train'}' does not exist; put training images in train/<class>/.")
     for split, scan in scans.items():
@@ -127,16 +125,12 @@ def _split_summary(scan: SplitScan) -> dict[str, Any]:
 
 
 def _duplicates(scans: Mapping[str, SplitScan]) -> tuple[list[dict], dict[str, list[list[str]]]]:
-    by_hash: dict[str, list[tuple[str, Path]]] = defaultdict(list)
-    for split, scan in scans.items():
-        for path, digest in scan.hashes.items():
-            by_hash[digest].append((split, path))
+    images = {
+        split: [p for paths in scan.images.values() for p in paths] for split, scan in scans.items()
+    }
     across, within = [], {split: [] for split in scans}
-    for digest, entries in sorted(by_hash.items(), key=lambda item: str(item[1][0][1])):
-        if len(entries) < 2:
-            continue
-        splits = {split for split, _ in entries}
-        if len(splits) > 1:
+    for digest, entries in identical_files(images):
+        if len({split for split, _ in entries}) > 1:
             across.append({"hash": digest, "paths": [str(path) for _, path in entries]})
         else:
             within[entries[0][0]].append([str(path) for _, path in entries])

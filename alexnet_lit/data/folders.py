@@ -7,7 +7,7 @@ images.
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from alexnet_lit.data.images import (
     is_hidden,
     load_image,
     probe,
-    sniff_format,
 )
 from alexnet_lit.errors import first_line
 
@@ -43,7 +42,6 @@ class SplitScan:
         not_images: ``(path, reason)`` of other files, ignored.
         hidden: Hidden and system entries that were ignored (not descended into).
         outside_classes: Files directly in the split folder, in no class folder; ignored.
-        hashes: Image path -> hash of its bytes (only when scanned with ``hash_files``).
     """
 
     root: Path
@@ -53,7 +51,6 @@ class SplitScan:
     not_images: list[tuple[Path, str]] = field(default_factory=list)
     hidden: list[Path] = field(default_factory=list)
     outside_classes: list[Path] = field(default_factory=list)
-    hashes: dict[Path, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {name: len(paths) for name, paths in self.images.items()}
@@ -89,7 +86,7 @@ def image_files(folder: Path) -> list[Path]:
 
 def list_images(folder: Path) -> list[Path]:
     """Usable images under ``folder`` (recursively, sorted), by content; hidden entries skipped."""
-    infos, _, _, _ = scan_files(walk_files(Path(folder), []))
+    infos, _, _ = scan_files(walk_files(Path(folder), []))
     return sorted(infos)
 
 
@@ -98,67 +95,57 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def shared_between_splits(files: Mapping[str, Sequence[Path]]) -> list[list[str]]:
-    """Groups of byte-identical files that occur in more than one split (a leak that inflates
-    validation accuracy), each sorted, in path order.
+def identical_files(
+    files: Mapping[str, Sequence[Path]], across_splits: bool = False
+) -> list[tuple[str, list[tuple[str, Path]]]]:
+    """Groups of byte-identical files among the splits' ``files``, as ``(digest, [(split, path),
+    ...])`` sorted by their first path; ``across_splits`` keeps only the groups that occur in
+    more than one split (a leak that inflates validation accuracy).
 
     Identical files have equal sizes and equal first bytes, so a file is read whole only when
-    another split has one of its size that starts the same: a stat per file, the first 4 KiB of
-    the few that share a size across splits, and all of only the likely copies.
+    another file of its size starts the same: a stat per file, the first 4 KiB of the few that
+    share a size, and all of only the likely copies.
     """
 
-    def across(groups: Iterable[list[tuple[str, Path]]]) -> Iterator[list[tuple[str, Path]]]:
-        return (g for g in groups if len({split for split, _ in g}) > 1)
+    def kept(group: list[tuple[str, Path]]) -> bool:
+        return len(group) > 1 and (not across_splits or len({split for split, _ in group}) > 1)
 
     def regroup(
-        groups: Iterable[list[tuple[str, Path]]], key: Callable[[Path], str]
-    ) -> list[list[tuple[str, Path]]]:
-        """Split each group by ``key``; groups never merge."""
-        out: dict[tuple[int, str], list[tuple[str, Path]]] = {}
+        groups: Iterable[list[tuple[str, Path]]], key: Callable[[Path], object]
+    ) -> dict[tuple[int, object], list[tuple[str, Path]]]:
+        """Split each group by ``key``, keeping the groups that still count; groups never merge."""
+        out: dict[tuple[int, object], list[tuple[str, Path]]] = {}
         for number, group in enumerate(groups):
             for split, path in group:
                 try:
                     out.setdefault((number, key(path)), []).append((split, path))
                 except OSError:
                     continue  # gone or unreadable since the scan: nothing to compare
-        return list(out.values())
+        return {k: group for k, group in out.items() if kept(group)}
 
     def head(path: Path) -> str:
         with open(path, "rb") as file:
             return digest(file.read(HEAD_BYTES))
 
-    by_size: dict[int, list[tuple[str, Path]]] = {}
-    for split, paths in files.items():
-        for path in paths:
-            try:
-                by_size.setdefault(os.stat(path).st_size, []).append((split, Path(path)))
-            except OSError:
-                continue
-    by_head = regroup(across(by_size.values()), head)
-    same = regroup(across(by_head), lambda path: digest(path.read_bytes()))
-    return sorted(sorted(str(path) for _, path in group) for group in across(same))
+    everything = [(split, Path(path)) for split, paths in files.items() for path in paths]
+    by_size = regroup([everything], lambda path: os.stat(path).st_size)
+    by_head = regroup(by_size.values(), head)
+    same = regroup(by_head.values(), lambda path: digest(path.read_bytes()))
+    groups = [(key[1], sorted(group, key=lambda e: str(e[1]))) for key, group in same.items()]
+    return sorted(groups, key=lambda g: str(g[1][0][1]))
 
 
 def scan_files(
-    files: Sequence[Path], hash_files: bool = False, decode: bool = False, desc: str = "scanning"
-) -> tuple[dict[Path, ImageInfo], list[tuple[Path, str]], list[tuple[Path, str]], dict]:
-    """Probe files: ``(infos, unreadable, not_images, hashes)``; a progress bar on many files.
+    files: Sequence[Path], decode: bool = False, desc: str = "scanning"
+) -> tuple[dict[Path, ImageInfo], list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Probe files: ``(infos, unreadable, not_images)``; a progress bar on many files.
 
     ``decode`` also decodes every image that passes the cheap checks (slow; finds the rest).
     """
-    infos, unreadable, not_images, hashes = {}, [], [], {}
+    infos, unreadable, not_images = {}, [], []
     show = len(files) >= PROGRESS_MIN_FILES
     for path in tqdm(files, desc=desc, unit="file", disable=None if show else True, leave=False):
-        data = None
-        if hash_files:
-            try:
-                with open(path, "rb") as file:
-                    if sniff_format(file.read(16)) is not None:
-                        file.seek(0)
-                        data = file.read()
-            except OSError:
-                pass  # probe() reports it
-        verdict = probe(path, data)
+        verdict = probe(path)
         if verdict.info is not None and decode:
             try:
                 load_image(path)
@@ -167,21 +154,18 @@ def scan_files(
                 verdict = Verdict(problem="unreadable", reason=reason)
         if verdict.info is not None:
             infos[path] = verdict.info
-            if data is not None:
-                hashes[path] = digest(data)
         elif verdict.problem == "unreadable":
             unreadable.append((path, verdict.reason))
         else:
             not_images.append((path, verdict.reason))
-    return infos, unreadable, not_images, hashes
+    return infos, unreadable, not_images
 
 
-def scan_split(split_dir: Path, hash_files: bool = False, decode: bool = False) -> SplitScan:
+def scan_split(split_dir: Path, decode: bool = False) -> SplitScan:
     """Scan ``split_dir/<class>/**`` with cheap checks (headers, not pixels).
 
     Args:
         split_dir: A split folder such as ``dataset/train``.
-        hash_files: Also hash each image's bytes (for the doctor's duplicate search).
         decode: Also decode each image (slow); see :func:`scan_files`.
     """
     scan = SplitScan(Path(split_dir))
@@ -195,8 +179,8 @@ def scan_split(split_dir: Path, hash_files: bool = False, decode: bool = False) 
         else:
             scan.outside_classes.append(path)
     files = [path for paths in files_by_class.values() for path in paths]
-    infos, scan.unreadable, scan.not_images, scan.hashes = scan_files(
-        files, hash_files, decode, desc=f"scanning {split_dir.name}/"
+    infos, scan.unreadable, scan.not_images = scan_files(
+        files, decode, desc=f"scanning {split_dir.name}/"
     )
     scan.infos = infos
     scan.images = {

@@ -12,6 +12,16 @@ from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
 
 
+def class_counts(samples: Sequence[tuple[Path, int]], class_names: Sequence[str]) -> dict[str, int]:
+    """Images per class of ``(path, class_index)`` samples, every class named (unlabelled
+    samples, index -1, are not counted)."""
+    counts = dict.fromkeys(class_names, 0)
+    for _, target in samples:
+        if target >= 0:
+            counts[class_names[target]] += 1
+    return counts
+
+
 def read_class_names(root: Path) -> list[str]:
     """The class folders of ``root/train``, sorted; at least two of them must hold files.
 
@@ -87,13 +97,6 @@ class FolderIndex:
         if split not in self._samples:
             self._samples[split] = self._as_samples(self._checked_images(split))
         return self._samples[split]
-
-    def class_counts(self, split: str) -> dict[str, int]:
-        """Images per class of a split, every class named."""
-        counts = dict.fromkeys(self.class_names, 0)
-        for _, target in self.labelled(split):
-            counts[self.class_names[target]] += 1
-        return counts
 
     def _scan(self, split: str) -> SplitScan:
         if split in self._scans:

@@ -41,7 +41,7 @@ TUTORIAL_SCRIPT = BENCHMARK_SCRIPT.with_name("tutorial_loop.py")
 if str(REPO) not in sys.path:  # run as a script: import the checkout under test
     sys.path.insert(0, str(REPO))
 
-from alexnet_lit.precision import cpu_bf16_flags, native_mixed_precision  # noqa: E402
+from alexnet_lit.training.precision import cpu_bf16_flags, native_mixed_precision  # noqa: E402
 
 
 @dataclass(frozen=True)

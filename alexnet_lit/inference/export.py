@@ -1,14 +1,18 @@
-"""Export a checkpoint's AlexNet (ONNX, TorchScript, torch.export) and check it against PyTorch."""
+"""Export a checkpoint's AlexNet (ONNX, TorchScript, torch.export) and check it against PyTorch.
+``scripts/export.py`` is its command line.
+"""
 
+import argparse
 import json
+from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alexnet_lit.errors import InferenceError
-from alexnet_lit.inference import load_model
+from alexnet_lit.errors import InferenceError, run_main
+from alexnet_lit.inference.predict import load_model
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
@@ -138,3 +142,24 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
             f"{TOLERANCE}); do not use it and report this."
         )
     return difference
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/export.py``: exit code 0, or 2 with one line for a user's mistake."""
+    parser = argparse.ArgumentParser(
+        description="Export a checkpoint to ONNX, TorchScript or torch.export and check it "
+        "against PyTorch."
+    )
+    parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="file to write (.onnx, .pt, .pt2)")
+    args = parser.parse_args(argv)
+
+    def main() -> None:
+        difference = export_checkpoint(args.ckpt, args.format, args.out)
+        print(
+            f"wrote {args.out}; max abs difference from PyTorch on random input (batch 1 and 3): "
+            f"{difference:.3g} (limit {TOLERANCE})"
+        )
+
+    return run_main(main)

@@ -1,12 +1,9 @@
-"""Learning-rate schedules that torch does not ship, and how the module steps each schedule."""
+"""Learning-rate schedules that torch does not ship."""
 
 import math
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
-
-# Schedules whose convention is one step per optimizer step, not per epoch.
-PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 
 
 class WarmupCosineLR(LRScheduler):
@@ -66,10 +63,3 @@ class WarmupCosineLR(LRScheduler):
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(self.last_epoch)  # last_epoch counts steps here
         return [base_lr * factor for base_lr in self.base_lrs]
-
-
-def scheduler_interval(scheduler: object) -> str:
-    """``"step"`` for schedules defined per optimizer step, else ``"epoch"``."""
-    if getattr(scheduler, "interval", None) == "step" or isinstance(scheduler, PER_STEP_SCHEDULERS):
-        return "step"
-    return "epoch"

@@ -8,11 +8,9 @@ Jinja2 template with autoescaping on, so a file or class name cannot inject mark
 """
 
 import base64
-import csv
 import datetime
 import io
 import json
-import re
 import shlex
 import sys
 from collections import Counter
@@ -21,11 +19,13 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from alexnet_lit.data.folders import shared_between_splits
+from alexnet_lit.checkpoints import best_checkpoint, checkpoint_temperature
+from alexnet_lit.data.folders import identical_files, imbalance_ratio
+from alexnet_lit.data.index import class_counts
 from alexnet_lit.errors import UserError
-from alexnet_lit.runs import open_text, printable, run_dir
+from alexnet_lit.evaluation.pictures import figure
+from alexnet_lit.runs import open_text, printable, read_csv, read_scalars
 
 REPORT = "report.html"
 RUN_RECORD = "run.json"
@@ -39,8 +39,8 @@ def record_run(folder: Path, trainer: L.Trainer) -> None:
     counts: dict[str, dict[str, int]] = {}
     if data is not None and hasattr(data, "samples"):
         for split, dataset in getattr(data, "datasets", {}).items():
-            per_class = Counter(data.class_names[t] for _, t in dataset.samples if t >= 0)
-            counts[split] = {name: per_class.get(name, 0) for name in data.class_names}
+            if split != "predict":
+                counts[split] = class_counts(dataset.samples, data.class_names)
     record = {
         "command": shlex.join(sys.argv),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -71,80 +71,12 @@ def record_shared_files(folder: Path, trainer: L.Trainer) -> None:
             files[split] = paths
     if len(files) > 1:
         record = _record(folder)
-        record["shared_between_splits"] = shared_between_splits(files)
+        groups = identical_files(files, across_splits=True)
+        record["shared_between_splits"] = [[str(p) for _, p in group] for _, group in groups]
         (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-class RunReport(L.Callback):
-    """Write ``report.html`` into the run folder at the end of ``fit``, ``validate`` and
-    ``test`` (rank 0), refresh the report of the run whose checkpoint a validate/test used, and
-    after a fit print where its results went. List it after ``TemperatureScaling`` so the
-    report shows the fitted temperature."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._folder = run_dir(trainer)  # on every rank: a collective under DDP
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._has_folder(trainer):
-            record_run(self._folder, trainer)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate" and self._has_folder(trainer):
-            record_run(self._folder, trainer)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._has_folder(trainer):
-            record_run(self._folder, trainer)
-
-    def _has_folder(self, trainer: L.Trainer) -> bool:
-        # fast_dev_run and logger-less runs have no run folder with a config: no report.
-        return trainer.is_global_zero and (self._folder / "config.yaml").is_file()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._has_folder(trainer):
-            return
-        path = self._build(self._folder, trainer)
-        if path is None:
-            return
-        summary = result_summary(self._folder)
-        best = summary.get("best_val_acc")
-        lines = ["", "Done."]
-        if best is not None:
-            lines.append(f"  best val/acc {best:.4f} (epoch {summary['best_epoch']})")
-        if summary.get("best_checkpoint"):
-            lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
-        lines += [f"  report: {path}", "  dashboards: tensorboard --logdir lightning_logs"]
-        print(printable("\n".join(lines)), flush=True)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate" and self._has_folder(trainer):
-            self._evaluated(trainer)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._has_folder(trainer):
-            self._evaluated(trainer)
-
-    def _evaluated(self, trainer: L.Trainer) -> None:
-        path = self._build(self._folder)
-        if path is not None:
-            rank_zero_info(f"report: {path}")
-        source = _source_run(trainer.ckpt_path)
-        if source is not None and source.resolve() != self._folder.resolve():
-            self._build(source)  # the trained run's page lists this evaluation too
-
-    @staticmethod
-    def _build(folder: Path, fit: L.Trainer | None = None) -> Path | None:
-        # The run itself is over and saved: a page that cannot be built must not fail it.
-        try:
-            if fit is not None:
-                record_shared_files(folder, fit)
-            return build_report(folder)
-        except Exception as err:  # whatever a damaged run folder raises
-            rank_zero_warn(f"report.html not written in {folder}: {type(err).__name__}: {err}")
-            return None
-
-
-def _source_run(ckpt_path: str | None) -> Path | None:
+def source_run(ckpt_path: str | None) -> Path | None:
     """The run folder a checkpoint was written in (``RUN/checkpoints/x.ckpt``), if any."""
     parents = Path(ckpt_path).resolve().parents if ckpt_path else []
     if len(parents) < 2:  # no path, or a file too near the root to be in a run folder
@@ -156,87 +88,58 @@ def _source_run(ckpt_path: str | None) -> Path | None:
 # --- reading a run folder ------------------------------------------------------------------
 
 
-def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
-    events.Reload()
-    return {
-        tag: [(event.step, event.value) for event in events.Scalars(tag)]
-        for tag in events.Tags().get("scalars", [])
-    }
-
-
 def result_summary(
     folder: Path, scalars: dict[str, list[tuple[int, float]]] | None = None
 ) -> dict[str, Any]:
-    """Best val/acc and its epoch, final val/loss and ECE, and the best checkpoint's path;
-    ``scalars`` are the run's event file's, when already read."""
-    scalars = _scalars(folder) if scalars is None else scalars
+    """Best val/acc (the module's ``val/acc_best``) and the 0-based epoch it was first reached,
+    final val/loss and ECE, and the best checkpoint with its temperature; ``scalars`` are the
+    run's logged scalars, when already read."""
+    scalars = read_scalars(folder) if scalars is None else scalars
     summary: dict[str, Any] = {}
     accuracies = scalars.get("val/acc", [])
-    if accuracies:
-        # The first best, as ModelCheckpoint keeps it.
-        step, value = max(accuracies, key=lambda point: point[1])
-        # Lightning logs "epoch" at every step it logs: the best's epoch, whatever the schedule.
-        epoch = dict(scalars.get("epoch", [])).get(step, accuracies.index((step, value)))
+    best = scalars.get("val/acc_best", [])
+    if accuracies and best:
+        value = best[-1][1]
+        # The first epoch that reached it, as ModelCheckpoint keeps it; Lightning logs "epoch"
+        # at every step it logs, so this holds whatever the validation schedule.
+        step = next((s for s, v in accuracies if v >= value), accuracies[-1][0])
+        epoch = dict(scalars.get("epoch", [])).get(step, 0)
         summary.update(best_val_acc=value, best_epoch=int(epoch), epochs=len(accuracies))
     for tag, key in (("val/loss", "final_val_loss"), ("val/ece", "final_val_ece")):
         if scalars.get(tag):
             summary[key] = scalars[tag][-1][1]
-    best_files = sorted((folder / "checkpoints").glob("best-*.ckpt"), key=_checkpoint_rank)
-    if best_files:
-        summary["best_checkpoint"] = str(best_files[-1])
-        summary["temperature"] = _temperature(best_files[-1])
+    best_file = best_checkpoint(folder)
+    if best_file is not None:
+        summary["best_checkpoint"] = str(best_file)
+        summary["temperature"] = checkpoint_temperature(best_file)
     return summary
 
 
-def _checkpoint_rank(path: Path) -> tuple[float, float]:
-    """Sorts ``best-epoch=EE-val_acc=A.AAAA[-vN].ckpt`` files by score, then age: best last."""
-    match = re.search(r"val_acc=(\d+(?:\.\d+)?)", path.name)
-    return (float(match.group(1)) if match else -1.0, path.stat().st_mtime)
-
-
-def _temperature(checkpoint: Path) -> float | None:
-    from alexnet_lit.checkpoints import load_checkpoint
-
-    try:
-        hparams = load_checkpoint(checkpoint, mmap=True).get("hyper_parameters", {})
-    except UserError:
-        return None
-    return hparams.get("temperature")
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open_text(path, "r") as file:
-        return list(csv.DictReader(file))
+def fit_summary(folder: Path, page: Path) -> str:
+    """What a fit prints when it ends: its best val/acc, best checkpoint and where to look."""
+    summary = result_summary(folder)
+    lines = ["", "Done."]
+    if summary.get("best_val_acc") is not None:
+        lines.append(
+            f"  best val/acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']})"
+        )
+    if summary.get("best_checkpoint"):
+        lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
+    lines += [f"  report: {page}", "  dashboards: tensorboard --logdir lightning_logs"]
+    return "\n".join(lines)
 
 
 def _png(path: Path) -> str | None:
     """A PNG file as a data URI, or None when it is not there."""
-    if not path.is_file():
-        return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return _uri(path.read_bytes()) if path.is_file() else None
 
 
-def _figure_uri(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _curves(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, str]]:
     """Loss, accuracy and learning-rate curves per epoch, as inlined PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         ("Loss", [("train/loss_epoch", "train"), ("val/loss", "val")]),
         ("Accuracy", [("train/acc", "train"), ("val/acc", "val")]),
@@ -247,37 +150,42 @@ def _curves(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, str]]
         present = [(tag, label) for tag, label in series if scalars.get(tag)]
         if not present:
             continue
-        figure, axes = plt.subplots(figsize=(4.2, 3), dpi=90)
-        for tag, label in present:
-            values = [value for _, value in scalars[tag]]
-            axes.plot(range(len(values)), values, marker="o", markersize=3, label=label)
-        axes.set_xlabel("epoch")
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.set_title(title)
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        curves.append({"title": title, "src": _figure_uri(figure)})
+        buffer = io.BytesIO()
+        with figure((4.2, 3), buffer, dpi=90) as axes:
+            for tag, label in present:
+                values = [value for _, value in scalars[tag]]
+                axes.plot(range(len(values)), values, marker="o", markersize=3, label=label)
+            axes.set_xlabel("epoch")
+            axes.xaxis.get_major_locator().set_params(integer=True)
+            axes.set_title(title)
+            axes.grid(True, alpha=0.3)
+            axes.legend(fontsize=8)
+        curves.append({"title": title, "src": _uri(buffer.getvalue())})
     return curves
 
 
 def _evaluation(folder: Path, stage: str, title: str) -> dict[str, Any] | None:
-    rows = _csv(folder / f"{stage}_report.csv")
-    if not rows:
+    rows = read_csv(folder / f"{stage}_report.csv")
+    summary_file = folder / f"{stage}_report.json"
+    if not rows or not summary_file.is_file():
         return None
-    markdown = folder / f"{stage}_report.md"
-    notes = []
-    if markdown.is_file():
-        lines = [line for line in markdown.read_text(errors="replace").splitlines() if line]
-        notes = [line for line in lines[1:3] if not line.startswith("|")]
+    summary = json.loads(summary_file.read_text())
+    notes = [
+        f"{summary['images']} images, accuracy {summary['accuracy']:.4f}; macro precision "
+        f"{summary['macro_precision']:.4f}, recall {summary['macro_recall']:.4f}, F1 "
+        f"{summary['macro_f1']:.4f}."
+    ]
+    if summary.get("calibration"):
+        notes.append(summary["calibration"]["note"])
     return {
         "title": title,
         "notes": notes,
         "classes": rows,
-        "pairs": _csv(folder / f"{stage}_confused_pairs.csv"),
+        "pairs": read_csv(folder / f"{stage}_confused_pairs.csv"),
         "confusion": _png(folder / f"{stage}_confusion_matrix.png"),
         "reliability": _png(folder / f"{stage}_reliability.png"),
-        "misclassified": _png(folder / f"{stage}_misclassified.png"),
+        # Only the fit's validation epochs draw the mistakes.
+        "misclassified": _png(folder / "val_misclassified.png") if stage == "val" else None,
     }
 
 
@@ -289,7 +197,7 @@ def _later_evaluations(folder: Path) -> list[dict[str, Any]]:
         ckpt = record.get("ckpt_path")
         if sibling == folder or record.get("subcommand") not in ("validate", "test"):
             continue
-        if _source_run(ckpt) != folder.resolve():
+        if source_run(ckpt) != folder.resolve():
             continue
         stage = "val" if record["subcommand"] == "validate" else "test"
         evaluation = _evaluation(sibling, stage, f"{record['subcommand']} in {sibling.name}")
@@ -337,14 +245,12 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
 
 
 def _imbalance(counts: dict[str, int]) -> str:
-    values = list(counts.values())
-    if not values or min(values) == 0:
-        return "n/a (a class without images)"
-    return f"{max(values) / min(values):.2f}:1"
+    ratio = imbalance_ratio(counts)
+    return "n/a (a class without images)" if ratio is None else f"{ratio:.2f}:1"
 
 
 def _data_section(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
-    skipped = _csv(folder / "skipped_images.csv")
+    skipped = read_csv(folder / "skipped_images.csv")
     reasons = Counter(row.get("reason", "").split(" (")[0] for row in skipped)
     split_files = [
         name for name in ("split_train.txt", "split_val.txt") if (folder / name).is_file()
@@ -358,8 +264,9 @@ def _data_section(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_report(folder: str | Path) -> Path:
-    """Write ``folder/report.html`` from the run folder's files; returns its path.
+def build_report(folder: str | Path, fit: L.Trainer | None = None) -> Path:
+    """Write ``folder/report.html`` from the run folder's files; returns its path. ``fit``: the
+    trainer of a fit that just ended, whose splits are searched for shared files first.
 
     Raises:
         UserError: ``folder`` is not a run folder (no ``config.yaml``).
@@ -367,6 +274,8 @@ def build_report(folder: str | Path) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     folder = Path(folder)
+    if fit is not None:
+        record_shared_files(folder, fit)
     config_path = folder / "config.yaml"
     if not config_path.is_file():
         raise UserError(
@@ -391,9 +300,9 @@ def build_report(folder: str | Path) -> Path:
         )
         if e is not None
     ]
-    scalars = _scalars(folder)  # the event file, read once
+    scalars = read_scalars(folder)  # the event file, read once
     environment = Environment(
-        loader=PackageLoader("alexnet_lit", "templates"),
+        loader=PackageLoader("alexnet_lit.evaluation", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
     )
     environment.filters["printable"] = printable
@@ -426,9 +335,9 @@ def report_main(argv: list[str] | None = None) -> int:
     """``scripts/report.py RUN_DIR``: rebuild a run's report.html."""
     import argparse
 
-    from alexnet_lit.errors import exit_code_of
+    from alexnet_lit.errors import run_main
 
     parser = argparse.ArgumentParser(description="Rebuild a run's report.html from its folder.")
     parser.add_argument("run_dir", type=Path, help="a lightning_logs/version_N folder")
     args = parser.parse_args(argv)
-    return exit_code_of(lambda: print(f"wrote {build_report(args.run_dir)}"))
+    return run_main(lambda: print(f"wrote {build_report(args.run_dir)}"))

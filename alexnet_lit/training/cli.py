@@ -13,13 +13,33 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from alexnet_lit.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
 from alexnet_lit.data import ImageFolderDataModule
-from alexnet_lit.errors import UserError
-from alexnet_lit.fault_tolerance import NonFiniteLossError
-from alexnet_lit.inference import PredictionCSVWriter
+from alexnet_lit.errors import UserError, print_error
+from alexnet_lit.inference.predict import PredictionCSVWriter
 from alexnet_lit.module import LitAlexNet
-from alexnet_lit.precision import native_mixed_precision
+from alexnet_lit.training.fault_tolerance import NonFiniteLossError
+from alexnet_lit.training.precision import native_mixed_precision
 
 _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+# Classes a config may name by their path before the package was grouped into data/, training/,
+# evaluation/ and inference/: a run's saved config.yaml that names one is told the new path.
+MOVED = {
+    "alexnet_lit.callbacks.EpochTimer": "alexnet_lit.training.callbacks.EpochTimer",
+    "alexnet_lit.callbacks.HyperparametersToTensorBoard": (
+        "alexnet_lit.training.callbacks.HyperparametersToTensorBoard"
+    ),
+    "alexnet_lit.callbacks.ValidationImages": "alexnet_lit.evaluation.callbacks.ValidationImages",
+    "alexnet_lit.callbacks.EvaluationReport": "alexnet_lit.evaluation.callbacks.EvaluationReport",
+    "alexnet_lit.calibration.TemperatureScaling": (
+        "alexnet_lit.evaluation.callbacks.TemperatureScaling"
+    ),
+    "alexnet_lit.report.RunReport": "alexnet_lit.evaluation.callbacks.RunReport",
+    "alexnet_lit.fault_tolerance.": "alexnet_lit.training.fault_tolerance.",
+    "alexnet_lit.tools.": "alexnet_lit.training.finders.",
+    "alexnet_lit.schedules.": "alexnet_lit.training.schedules.",
+    "alexnet_lit.inference.PredictionCSVWriter": (
+        "alexnet_lit.inference.predict.PredictionCSVWriter"
+    ),
+}
 
 
 class AlexNetCLI(LightningCLI):
@@ -127,12 +147,30 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
     except NonFiniteLossError as err:
         _exit_with(str(err), code=1)
     except ArgumentError as err:
+        moved = _moved_class_path(str(err), sys.argv[1:] if args is None else args)
+        if moved:
+            _exit_with(moved)
         # jsonargparse puts the key on the first line and the reason on the second.
         message = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
         message = message.rstrip(".")
         _exit_with(f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys.")
 
 
+def _moved_class_path(message: str, args: list[str]) -> str | None:
+    """The one line for a config that names a class by its old path, or None."""
+    for old, new in MOVED.items():
+        if old not in message:
+            continue
+        start = message.index(old)
+        name = message[start:].split()[0].strip("'\",.;:")
+        renamed = new + name[len(old) :] if old.endswith(".") else new
+        configs = [a for a in args if a.endswith((".yaml", ".yml")) and Path(a).is_file()]
+        where = next((c for c in configs if name in Path(c).read_text(errors="replace")), None)
+        where = f"'{where}'" if where else "the config"
+        return f"{where} names {name}, which is now {renamed}; replace it there."
+    return None
+
+
 def _exit_with(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print_error(message)
     raise SystemExit(code)

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 
+from alexnet_lit.evaluation.pictures import close_and_save
 from alexnet_lit.runs import run_dir
 
 
@@ -50,7 +51,7 @@ class LRFinder(LearningRateFinder):
         finder = self.optimal_lr
         if finder is None:  # skipped, e.g. under fast_dev_run
             return
-        folder = run_dir(trainer)  # on every rank: a collective under DDP
+        folder = run_dir(trainer)
         if trainer.is_global_zero:  # one writer
             folder.mkdir(parents=True, exist_ok=True)
             suggestion = finder.suggestion()
@@ -67,16 +68,13 @@ class LRFinder(LearningRateFinder):
         import matplotlib
 
         matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
-
         figure = finder.plot(suggest=finder.suggestion() is not None)
         axes = figure.axes[0]
         axes.set_title("LR range test (loss vs learning rate)")
         losses = [loss for loss in finder.results["loss"] if math.isfinite(loss)]
         if losses and max(losses) > 2 * losses[0]:  # keep a divergent tail from flattening it
             axes.set_ylim(min(losses) * 0.95, 2 * losses[0])
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
+        close_and_save(figure, path, dpi=100)
 
 
 class BatchSizeSearch(BatchSizeFinder):
@@ -109,7 +107,7 @@ class BatchSizeSearch(BatchSizeFinder):
         super().scale_batch_size(trainer, pl_module)
         if self.optimal_batch_size is None:
             return
-        folder = run_dir(trainer)  # on every rank: a collective under DDP
+        folder = run_dir(trainer)
         if trainer.is_global_zero:  # one writer
             folder.mkdir(parents=True, exist_ok=True)
             result = {"batch_size": self.optimal_batch_size, "mode": self.mode}

@@ -7,7 +7,6 @@ subfolder of it. Those models are means to an end: no checkpoint is written.
 """
 
 import argparse
-import csv
 import math
 import statistics
 from collections import defaultdict
@@ -18,8 +17,8 @@ import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from alexnet_lit.errors import DataConfigError, UserError
-from alexnet_lit.runs import next_run_folder, open_text, printable
+from alexnet_lit.errors import DataConfigError, UserError, run_main
+from alexnet_lit.runs import next_run_folder, printable, write_csv
 
 Samples = list[tuple[Path, int]]
 AUDIT_INSTALL = "pip install -e '.[audit]'"
@@ -28,7 +27,7 @@ AUDIT_INSTALL = "pip install -e '.[audit]'"
 def instantiate(fit_args: Sequence[str], run: Path, name: str):
     """The CLI of ``train.py fit FIT_ARGS``, instantiated but not run, logging to ``run/name``
     and without ModelCheckpoint callbacks."""
-    from alexnet_lit.cli import cli_main
+    from alexnet_lit.training.cli import cli_main
 
     logger = [
         "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
@@ -124,7 +123,7 @@ def label_issue_rows(
 def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) -> Path:
     """Train one model per fold, score each held-out fold, rank the likely label errors, and
     write ``label_issues.csv`` and ``label_issues.png``; returns the run folder."""
-    from alexnet_lit.inference import predict_probs
+    from alexnet_lit.inference.predict import predict_probs
 
     require_cleanlab()  # before any training
     run = next_run_folder()
@@ -142,11 +141,8 @@ def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) ->
         model = fit_on(cli, [samples[i] for i in train_idx], held)
         pred_probs[held_idx] = predict_probs(model, held).numpy()
     rows = label_issue_rows(samples, pred_probs, class_names)
-    with open_text(run / "label_issues.csv") as file:
-        fields = ["rank", "path", "given", "suggested", "suggested_prob", "given_prob"]
-        writer = csv.DictWriter(file, fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    fields = ["rank", "path", "given", "suggested", "suggested_prob", "given_prob"]
+    write_csv(run / "label_issues.csv", rows, fields)
     _suspects_grid(rows[:top], run / "label_issues.png")
     scored = int((~np.isnan(pred_probs).any(axis=1)).sum())
     print(f"{len(rows)} likely label issue(s) among {scored} training images ({folds}-fold "
@@ -164,7 +160,7 @@ def _suspects_grid(rows: Sequence[dict], out: Path, tile: int = 112) -> None:
     from PIL import Image
 
     from alexnet_lit.data.images import load_image
-    from alexnet_lit.reports import image_grid
+    from alexnet_lit.evaluation.pictures import image_grid
 
     pictures, captions = [], []
     for row in rows:
@@ -189,9 +185,7 @@ def find_label_issues_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     parser.add_argument("--top", type=int, default=10, help="suspects printed and pictured")
     own, fit_args = split_args(argv, parser)
-    from alexnet_lit.errors import exit_code_of
-
-    return exit_code_of(lambda: find_label_issues(fit_args, own.folds, own.top))
+    return run_main(lambda: find_label_issues(fit_args, own.folds, own.top))
 
 
 # --- the learning curve --------------------------------------------------------------------
@@ -277,10 +271,10 @@ def learning_curve(
                     "best_val_acc": float(model.val_acc_best.compute()),
                 }
             )
-    with open_text(run / "learning_curve.csv") as file:
-        writer = csv.DictWriter(file, ["fraction", "seed", "train_images", "best_val_acc"])
-        writer.writeheader()
-        writer.writerows({**r, "best_val_acc": f"{r['best_val_acc']:.4f}"} for r in results)
+    rows = ({**r, "fraction": str(r["fraction"])} for r in results)  # 0.5, 1.0
+    write_csv(
+        run / "learning_curve.csv", rows, ["fraction", "seed", "train_images", "best_val_acc"]
+    )
     points: dict[int, list[float]] = defaultdict(list)
     for result in results:
         points[result["train_images"]].append(result["best_val_acc"])
@@ -297,26 +291,20 @@ def learning_curve(
 
 
 def _plot_curve(points: dict[int, list[float]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    from alexnet_lit.evaluation.pictures import figure
 
     sizes = sorted(points)
     means = [statistics.mean(points[s]) for s in sizes]
     sds = [statistics.stdev(points[s]) if len(points[s]) > 1 else 0.0 for s in sizes]
-    figure, axes = plt.subplots(figsize=(5.6, 4), dpi=100)
-    axes.errorbar(sizes, means, yerr=sds, marker="o", capsize=4)
-    axes.set_xscale("log")
-    axes.set_xticks(sizes, [str(s) for s in sizes])
-    axes.minorticks_off()
-    axes.set_xlabel("training images (log scale)")
-    axes.set_ylabel("best val/acc, mean ± sd over seeds")
-    axes.set_title("Learning curve")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
+    with figure((5.6, 4), out) as axes:
+        axes.errorbar(sizes, means, yerr=sds, marker="o", capsize=4)
+        axes.set_xscale("log")
+        axes.set_xticks(sizes, [str(s) for s in sizes])
+        axes.minorticks_off()
+        axes.set_xlabel("training images (log scale)")
+        axes.set_ylabel("best val/acc, mean ± sd over seeds")
+        axes.set_title("Learning curve")
+        axes.grid(True, alpha=0.3)
 
 
 def learning_curve_main(argv: Sequence[str] | None = None) -> int:
@@ -328,6 +316,4 @@ def learning_curve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     own, fit_args = split_args(argv, parser)
-    from alexnet_lit.errors import exit_code_of
-
-    return exit_code_of(lambda: learning_curve(fit_args, own.fractions, own.seeds))
+    return run_main(lambda: learning_curve(fit_args, own.fractions, own.seeds))

@@ -22,13 +22,8 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
 from alexnet_lit.data.images import open_image, shown_size, to_rgb_or_l
+from alexnet_lit.preprocessing import IMAGE_SIZE, MEAN, RESIZE_RATIO, STD, normalize
 
-# The tutorial's normalization: maps [0, 1] to [-1, 1].
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
-IMAGE_SIZE = 224
-# Eval resizes the short side to 256 for a 224 crop (torchvision's ratio) and scales with size.
-RESIZE_RATIO = 256 / 224
 # RandomResizedCrop's aspect-ratio range, torchvision's default.
 CROP_RATIO = (3 / 4, 4 / 3)
 # Training augmentation presets: "tutorial" is crop + flip; "strong" adds TrivialAugmentWide and
@@ -38,41 +33,6 @@ AUGMENT_PRESETS = ("tutorial", "strong")
 JPEG_SCALES = (8, 4, 2)
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
-
-
-def preprocessing_record(
-    image_size: int = IMAGE_SIZE,
-    in_channels: int = 3,
-    mean: Sequence[float] = MEAN,
-    std: Sequence[float] = STD,
-) -> dict[str, Any]:
-    """Everything needed to rebuild the eval preset, as plain data for a checkpoint."""
-    return {
-        "image_size": int(image_size),
-        "resize_size": round(image_size * RESIZE_RATIO),
-        "in_channels": int(in_channels),
-        "mean": [float(m) for m in mean[:in_channels]],
-        "std": [float(s) for s in std[:in_channels]],
-    }
-
-
-def normalize(
-    images: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    memory_format: torch.memory_format = torch.channels_last,
-) -> torch.Tensor:
-    """``uint8 [B, H, W, C]`` (as presets make them) -> the network's float32 ``[B, C, H, W]``
-    input, ``(x / 255 - mean) / std``, on the images' device.
-
-    The values of torchvision's ``ToDtype(float32, scale=True)`` + ``Normalize``, in one
-    conversion and one multiply-add per batch; channels-last by default, the memory layout
-    oneDNN and cuDNN convolutions run fastest in (and the one ``[B, H, W, C]`` already has).
-    """
-    std_ = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    mean_ = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    floats = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=memory_format)
-    return floats.mul_(1.0 / (255.0 * std_)).sub_(mean_ / std_)
 
 
 class Preset:
@@ -237,19 +197,3 @@ def random_erasing(images: torch.Tensor, p: float = 0.25) -> torch.Tensor:
     random rectangle (with probability ``p``), on the images' device."""
     erase = v2.RandomErasing(p=p)
     return torch.stack([erase(image) for image in images])
-
-
-def batch_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
-    """MixUp and/or CutMix for a batch of ``(images, integer labels)``; None when both are 0.
-
-    The returned transform maps ``(images [B,C,H,W], labels [B])`` to mixed images and soft
-    labels ``[B, num_classes]``; with both alphas set, each batch gets one of the two at random.
-    """
-    mixes = []
-    if mixup_alpha > 0:
-        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -1,15 +1,18 @@
-"""Turn the tutorial's saved ``state_dict`` (``alexnet.pt``) into a LitAlexNet checkpoint."""
+"""Turn the tutorial's saved ``state_dict`` (``alexnet.pt``) into a LitAlexNet checkpoint.
+``scripts/import_seed_checkpoint.py`` is its command line.
+"""
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning
 
 from alexnet_lit.checkpoints import AtomicCheckpointIO, load_checkpoint
-from alexnet_lit.errors import CheckpointError, InferenceError
+from alexnet_lit.errors import CheckpointError, InferenceError, run_main
 from alexnet_lit.model import convert_seed_state_dict
 from alexnet_lit.module import LitAlexNet
-from alexnet_lit.transforms import IMAGE_SIZE, MEAN, STD, preprocessing_record
+from alexnet_lit.preprocessing import IMAGE_SIZE, MEAN, STD, preprocessing_record
 
 
 def seed_checkpoint(seed_path: str | Path, class_names: Sequence[str]) -> dict:
@@ -66,3 +69,24 @@ def import_seed_checkpoint(
     checkpoint = seed_checkpoint(seed_path, class_names)
     AtomicCheckpointIO().save_checkpoint(checkpoint, out)
     return Path(out)
+
+
+def import_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/import_seed_checkpoint.py``: exit code 0, or 2 with one line for a mistake."""
+    parser = argparse.ArgumentParser(
+        description="Convert the tutorial's alexnet.pt (a state_dict) into a checkpoint this "
+        "project can use."
+    )
+    parser.add_argument("seed", help="the state_dict file saved by the tutorial's script")
+    parser.add_argument(
+        "--classes", nargs="+", required=True,
+        help="class names in the tutorial's order (its ImageFolder's sorted folder names)",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="checkpoint file to write (.ckpt)")
+    args = parser.parse_args(argv)
+
+    def main() -> None:
+        out = import_seed_checkpoint(args.seed, args.classes, args.out)
+        print(f"wrote {out} ({len(args.classes)} classes: {', '.join(args.classes)})")
+
+    return run_main(main)

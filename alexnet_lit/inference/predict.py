@@ -1,5 +1,8 @@
-"""Use a trained checkpoint: load it as a model, predict image files in batches, write CSV rows."""
+"""Use a trained checkpoint: load it as a model, predict image files in batches, write CSV rows,
+and draw what the network looked at (``--explain``). ``scripts/predict.py`` is its command line.
+"""
 
+import argparse
 import csv
 import inspect
 import os
@@ -12,12 +15,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from alexnet_lit.checkpoints import load_checkpoint
+from alexnet_lit.data.datamodule import default_num_workers
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.folders import image_files
-from alexnet_lit.errors import CheckpointError, InferenceError
+from alexnet_lit.data.presets import EvalPreset
+from alexnet_lit.errors import CheckpointError, InferenceError, run_main
+from alexnet_lit.evaluation.gradcam import grad_cam, overlay
+from alexnet_lit.evaluation.pictures import image_grid
 from alexnet_lit.module import LitAlexNet
-from alexnet_lit.runs import open_text, run_dir
-from alexnet_lit.transforms import EvalPreset, normalize
+from alexnet_lit.preprocessing import normalize
+from alexnet_lit.runs import open_text, printable, run_dir
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LitAlexNet:
@@ -132,44 +139,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def predict_probs(
-    model: LitAlexNet,
-    samples: Sequence[tuple[Path, int]],
-    batch_size: int = 32,
-    num_workers: int = 0,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Class probabilities ``[N, num_classes]`` of ``(path, label)`` samples with the model's
-    eval preprocessing, ``softmax(logits / temperature)``; a row of NaN for an unreadable image."""
-    probs = torch.full((len(samples), model.hparams["num_classes"]), float("nan"))
-    for batch, _, batch_probs in eval_batches(
-        model, [p for p, _ in samples], batch_size, num_workers, temperature
-    ):
-        probs[batch.indices] = batch_probs.float().cpu()
-    return probs
-
-
-def eval_batches(
-    model: LitAlexNet,
-    paths: Sequence[Path],
-    batch_size: int = 32,
-    num_workers: int = 0,
-    temperature: float = 1.0,
-) -> Iterator[tuple[LoadedBatch, torch.Tensor, torch.Tensor]]:
-    """``(LoadedBatch, inputs, probs)`` for the images at ``paths``, in order, through the eval
-    preset: ``inputs`` the normalized network input ``[B, C, S, S]`` on the model's device,
-    ``probs`` ``softmax(logits / temperature)``."""
+def eval_loader(
+    model: LitAlexNet, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0
+) -> DataLoader:
+    """Batches of the images at ``paths``, in order, through the model's eval preset
+    (:class:`LoadedBatch`: an image that fails to load is set aside with its reason)."""
     preprocessing = model.hparams["preprocessing"]
     device = next(model.parameters()).device
     dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
     side = preprocessing["image_size"]
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=SkippingCollate((side, side, preprocessing["in_channels"])),
         pin_memory=device.type == "cuda",
     )
+
+
+def eval_batches(
+    model: LitAlexNet, loader: DataLoader, temperature: float = 1.0
+) -> Iterator[tuple[LoadedBatch, torch.Tensor, torch.Tensor]]:
+    """``(LoadedBatch, inputs, probs)`` of each batch of an :func:`eval_loader`: ``inputs`` the
+    normalized network input ``[B, C, S, S]`` on the model's device, ``probs``
+    ``softmax(logits / temperature)``."""
+    preprocessing = model.hparams["preprocessing"]
+    device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
         for batch in loader:
@@ -181,23 +176,70 @@ def eval_batches(
             yield batch, images, (logits.float() / temperature).softmax(dim=1)
 
 
+def predict_probs(
+    model: LitAlexNet, samples: Sequence[tuple[Path, int]], temperature: float = 1.0
+) -> torch.Tensor:
+    """Class probabilities ``[N, num_classes]`` of ``(path, label)`` samples with the model's
+    eval preprocessing, ``softmax(logits / temperature)``; a row of NaN for an unreadable image."""
+    probs = torch.full((len(samples), model.hparams["num_classes"]), float("nan"))
+    loader = eval_loader(model, [path for path, _ in samples])
+    for batch, _, batch_probs in eval_batches(model, loader, temperature):
+        probs[batch.indices] = batch_probs.float().cpu()
+    return probs
+
+
 def iter_predictions(
     model: LitAlexNet,
-    paths: Sequence[Path],
+    loader: DataLoader,
     top_k: int = 3,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    progress: bool = True,
     temperature: float = 1.0,
+    progress: bool = True,
 ) -> Iterator[dict[str, str]]:
-    """Yield one CSV row per path, in order, streaming images through a DataLoader in batches;
-    probabilities are ``softmax(logits / temperature)``."""
+    """Yield one CSV row per image of an :func:`eval_loader`, in order; probabilities are
+    ``softmax(logits / temperature)``."""
     class_names = model.hparams["class_names"]
+    paths = [path for path, _ in loader.dataset.samples]
     with tqdm(total=len(paths), unit="img", disable=not progress) as bar:
-        for batch, _, probs in eval_batches(model, paths, batch_size, num_workers, temperature):
+        for batch, _, probs in eval_batches(model, loader, temperature):
             for _, row in batch_rows(batch, probs, paths, class_names, top_k):
                 yield row
             bar.update(len(batch.indices) + len(batch.skipped))
+
+
+def explain_files(
+    model: LitAlexNet,
+    loader: DataLoader,
+    out_dir: str | Path,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> list[Path]:
+    """Write one PNG per readable image of an :func:`eval_loader` into ``out_dir``: the Grad-CAM
+    of the predicted class over the image as the network saw it, captioned with the class and
+    its confidence. Returns the files, named ``NNNNN_<stem>.png`` after each image's place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = model.hparams["class_names"]
+    paths = [path for path, _ in loader.dataset.samples]
+    side = model.hparams["preprocessing"]["image_size"]
+    written = []
+    with tqdm(total=len(paths), unit="img", desc="grad-cam", disable=not progress) as bar:
+        for batch, images, probs in eval_batches(model, loader, temperature):
+            if len(batch.indices):
+                confidence, predicted = probs.max(dim=1)
+                heat = grad_cam(model.model, images, predicted).cpu().numpy()
+                pixels = batch.images.numpy()
+                if pixels.shape[-1] == 1:
+                    pixels = pixels.repeat(3, axis=-1)
+                for j, index in enumerate(batch.indices.tolist()):
+                    caption = printable(f"{names[int(predicted[j])]} ({float(confidence[j]):.2f})")
+                    picture = image_grid(
+                        overlay(pixels[j], heat[j])[None], [caption], tile=side, pad=0
+                    )
+                    path = out_dir / f"{index:05d}_{Path(paths[index]).stem}.png"
+                    picture.save(path)
+                    written.append(path)
+            bar.update(len(batch.indices) + len(batch.skipped))
+    return written
 
 
 def write_predictions_csv(rows: Iterable[dict[str, str]], out: str | Path, top_k: int) -> int:
@@ -293,23 +335,6 @@ class PredictionCSVWriter(BasePredictionWriter):
             Path(self._part_handle.name).unlink(missing_ok=True)
 
 
-def run_data_dir(ckpt: str | Path) -> Path | None:
-    """The ``data.data_dir`` recorded in the run's ``config.yaml`` next to a CLI checkpoint.
-
-    Returns the built-in demo's folder for a run on the demo data, and None when the checkpoint
-    is not inside a CLI run directory.
-    """
-    import yaml
-
-    from alexnet_lit.data.demo import demo_dir
-
-    config = Path(ckpt).resolve().parents[1] / "config.yaml"
-    if not config.is_file():
-        return None
-    data_dir = (yaml.safe_load(config.read_text()).get("data") or {}).get("data_dir")
-    return demo_dir() if data_dir is None else Path(os.path.expanduser(data_dir))
-
-
 def predict_files(
     ckpt: str | Path,
     inputs: Sequence[str | Path],
@@ -353,11 +378,66 @@ def predict_files(
             failed += bool(row["error"])
             yield row
 
-    temperature = model.temperature if calibrated else 1.0
-    rows = iter_predictions(model, paths, top_k, batch_size, num_workers, progress, temperature)
+    temperature = model.hparams["temperature"] if calibrated else 1.0
+    loader = eval_loader(model, paths, batch_size, num_workers)
+    rows = iter_predictions(model, loader, top_k, temperature, progress)
     written = write_predictions_csv(counted(rows), out, top_k)
     if explain_dir is not None:
-        from alexnet_lit.explain import explain_files
-
-        explain_files(model, paths, explain_dir, batch_size, num_workers, temperature, progress)
+        explain_files(model, loader, explain_dir, temperature, progress)
     return written, failed
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/predict.py``: exit code 0, or 2 with one line for a user's mistake."""
+    parser = argparse.ArgumentParser(
+        description="Predict image files or folders with a checkpoint and write one CSV row per "
+        "image."
+    )
+    parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
+    parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    parser.add_argument("--top-k", type=int, default=3, help="top classes listed per image")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--num-workers", type=int, default=default_num_workers(),
+        help="image loading processes (default: the usable CPUs minus one, at most 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-calibration", action="store_true",
+        help="raw softmax probabilities, not those scaled by the checkpoint's fitted temperature",
+    )  # fmt: skip
+    parser.add_argument(
+        "--explain", metavar="DIR",
+        help="also write a Grad-CAM overlay PNG per image (what the network looks at) into DIR",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+
+    def main() -> None:
+        rows, failed = predict_files(
+            args.ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
+            args.num_workers, calibrated=not args.no_calibration, explain_dir=args.explain,
+        )  # fmt: skip
+        unreadable = f" ({failed} unreadable, see the error column)" if failed else ""
+        print(printable(f"wrote {rows} predictions to {args.out}{unreadable}"))
+        if args.explain:
+            print(printable(f"wrote Grad-CAM overlays to {args.explain}"))
+
+    return run_main(main)
+
+
+def run_data_dir(ckpt: str | Path) -> Path | None:
+    """The ``data.data_dir`` recorded in the run's ``config.yaml`` next to a CLI checkpoint.
+
+    Returns the built-in demo's folder for a run on the demo data, and None when the checkpoint
+    is not inside a CLI run directory.
+    """
+    import yaml
+
+    from alexnet_lit.data.demo import demo_dir
+
+    config = Path(ckpt).resolve().parents[1] / "config.yaml"
+    if not config.is_file():
+        return None
+    data_dir = (yaml.safe_load(config.read_text()).get("data") or {}).get("data_dir")
+    return demo_dir() if data_dir is None else Path(os.path.expanduser(data_dir))

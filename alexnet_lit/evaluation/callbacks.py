@@ -1,0 +1,353 @@
+"""The evaluation callbacks: pictures for TensorBoard, the class reports, temperature scaling and
+the run page.
+
+Every one of them reads the evaluation epoch the LightningModule collected once
+(``pl_module.eval_outputs[stage].compute()``: logits, targets and the confusion matrix, gathered
+from every process) and the metrics it logged (``val/ece``), so nothing is counted or gathered
+twice. They work in any order in the config: the temperature is fitted when the epoch ends
+(``on_validation_epoch_end``), and everything that reads it runs later (``on_validation_end``,
+``on_fit_end``), before Lightning's ``ModelCheckpoint``, which always runs last.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from alexnet_lit.checkpoints import checkpoint_temperature
+from alexnet_lit.evaluation.calibration import fit_temperature, render_reliability
+from alexnet_lit.evaluation.class_report import write_report
+from alexnet_lit.evaluation.gradcam import grad_cam, overlay
+from alexnet_lit.evaluation.pictures import (
+    image_grid,
+    render_confusion_matrix,
+    short_name,
+    to_pixels,
+)
+from alexnet_lit.evaluation.run_page import build_report, fit_summary, record_run, source_run
+from alexnet_lit.metrics import Evaluated, expected_calibration_error
+from alexnet_lit.runs import logged_step, printable, run_dir, tensorboard_logger
+
+MISCLASSIFIED = "val_misclassified.png"
+
+
+def _evaluated(pl_module: L.LightningModule, stage: str) -> Evaluated:
+    return pl_module.eval_outputs[stage].compute()  # computed once, when the epoch ended
+
+
+class _WritesIntoTheRun(L.Callback):
+    """A callback that writes into the run folder: resolved when each stage is set up, on every
+    process (a collective under DDP), so that rank 0 can use it alone later."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        run_dir(trainer)
+
+
+def _has_run_folder(trainer: L.Trainer) -> bool:
+    """Whether the run writes files: not the sanity check, and not a ``fast_dev_run``, which has
+    no run folder."""
+    return not trainer.sanity_checking and not trainer.fast_dev_run
+
+
+class ValidationImages(_WritesIntoTheRun):
+    """Log pictures to TensorBoard: training inputs once, and each validation epoch the confusion
+    matrix (``val/confusion_matrix``) and the most confident mistakes (``val/misclassified``),
+    each row of mistakes followed by a row of their Grad-CAM heatmaps (what the network looked
+    at for the class it predicted). The mistakes are also saved as ``val_misclassified.png`` for
+    the run page.
+
+    Args:
+        max_images: Images per grid, at most.
+        tile: Side in pixels of each image in a grid.
+    """
+
+    def __init__(self, max_images: int = 16, tile: int = 112) -> None:
+        self.max_images = max_images
+        self.tile = tile
+        self._inputs_logged = False
+        self._mistakes: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._inputs_logged:
+            return
+        self._inputs_logged = True
+        logger = tensorboard_logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        images, targets = batch[0][: self.max_images], batch[1][: self.max_images]
+        pixels = to_pixels(images, pl_module.hparams.preprocessing, self.tile).cpu().numpy()
+        names = pl_module.hparams.class_names
+        captions = [short_name(names[int(t)]) for t in targets.cpu()]
+        grid = image_grid(pixels, captions, tile=self.tile)
+        logger.experiment.add_image(
+            "train/inputs", np.asarray(grid), logged_step(trainer), dataformats="HWC"
+        )
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mistakes = None
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        images, targets = batch
+        if trainer.sanity_checking or len(targets) == 0 or not trainer.is_global_zero:
+            return
+        self._keep_worst(pl_module, images, targets, outputs["logits"])
+
+    def _keep_worst(self, pl_module, images, targets, logits) -> None:
+        """Keep the ``max_images`` most confident mistakes so far, with fixed-size device ops."""
+        confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+        # Mistakes score in [1, 2], correct predictions 0: top-k picks confident mistakes first.
+        score = (predicted != targets).float() * (1 + confidence)
+        top = score.topk(min(self.max_images, len(score))).indices
+        batch = {
+            "score": score[top],
+            "target": targets[top],
+            "predicted": predicted[top],
+            "confidence": confidence[top],
+            "pixels": to_pixels(images[top], pl_module.hparams.preprocessing, self.tile),
+            "inputs": images[top],  # the network's input, for Grad-CAM at the epoch's end
+        }
+        if self._mistakes is not None:
+            batch = {key: torch.cat([self._mistakes[key], batch[key]]) for key in batch}
+            keep = batch["score"].topk(min(self.max_images, len(batch["score"]))).indices
+            batch = {key: value[keep] for key, value in batch.items()}
+        self._mistakes = batch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = tensorboard_logger(trainer)
+        if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
+            return
+        names = pl_module.hparams.class_names
+        step = logged_step(trainer)
+        picture = render_confusion_matrix(_evaluated(pl_module, "val").confusion, names)
+        logger.experiment.add_image(
+            "val/confusion_matrix", np.asarray(picture), step, dataformats="HWC"
+        )
+        grid = self._mistakes_grid(pl_module)
+        saved = run_dir(trainer) / MISCLASSIFIED if _has_run_folder(trainer) else None
+        if grid is None:  # no mistake this epoch: the run page must not show an earlier epoch's
+            if saved is not None:
+                saved.unlink(missing_ok=True)
+            return
+        logger.experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
+        if saved is not None:
+            grid.save(saved)
+
+    def _mistakes_grid(self, pl_module: L.LightningModule):
+        """The mistakes, a row of pictures then a row of their Grad-CAM; None without one."""
+        wrong = None if self._mistakes is None else self._mistakes["score"] > 0
+        if wrong is None or not wrong.any():
+            return None
+        names = pl_module.hparams.class_names
+        network = getattr(pl_module, "model", None)
+        heat = None
+        if hasattr(network, "features"):  # Grad-CAM of the predicted class, on the device
+            heat = grad_cam(
+                network, self._mistakes["inputs"][wrong], self._mistakes["predicted"][wrong]
+            )
+            heat = F.interpolate(heat[:, None], size=(self.tile, self.tile), mode="bilinear")
+            heat = heat[:, 0].cpu().numpy()
+        mistakes = {key: value[wrong].cpu() for key, value in self._mistakes.items()}
+        captions = [
+            f"true: {short_name(names[int(t)])}\npred: {short_name(names[int(p)])} ({float(c):.2f})"
+            for t, p, c in zip(
+                mistakes["target"], mistakes["predicted"], mistakes["confidence"], strict=True
+            )
+        ]
+        pixels = mistakes["pixels"].numpy()
+        columns = min(8, len(pixels))
+        tiles, labels = [], []
+        for start in range(0, len(pixels), columns):  # a row of mistakes, then their CAM row
+            tiles += list(pixels[start : start + columns])
+            labels += captions[start : start + columns]
+            if heat is not None:
+                chunk = range(start, min(start + columns, len(pixels)))
+                tiles += [overlay(pixels[i], heat[i]) for i in chunk]
+                labels += ["Grad-CAM\n(predicted class)"] * len(chunk)
+        return image_grid(np.stack(tiles), labels, columns=columns, tile=self.tile)
+
+
+class TemperatureScaling(L.Callback):
+    """Fit one temperature on each validation epoch's logits and set it as the model's
+    ``temperature`` hyperparameter, so that every checkpoint saved from those weights carries
+    it (the best checkpoint the one fitted on its epoch, ``last.ckpt`` the latest) and
+    prediction reports calibrated probabilities. Logs ``val/temperature`` and
+    ``val/ece_calibrated``.
+
+    The logits come from the fit's own validation epochs (no extra pass), gathered from every
+    process, so every rank fits the same temperature. A checkpoint saved between validations
+    (mid-epoch, on SIGTERM) carries the latest validation's temperature.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[str, float] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        logits, targets, _ = _evaluated(pl_module, "val")
+        if len(targets) == 0:
+            return
+        temperature = fit_temperature(logits, targets)
+        after = expected_calibration_error(logits, targets, temperature)
+        pl_module.hparams["temperature"] = temperature
+        pl_module.log("val/temperature", temperature, rank_zero_only=True)
+        pl_module.log("val/ece_calibrated", after, rank_zero_only=True)
+        self._latest = {"temperature": temperature, "after": after}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._latest is None:
+            return
+        before = trainer.callback_metrics.get("val/ece")
+        line = f"temperature scaling: T = {self._latest['temperature']:.3f} (last epoch"
+        if before is not None:
+            line += f", val ECE {float(before):.4f} -> {self._latest['after']:.4f}"
+        best = checkpoint_temperature(getattr(trainer.checkpoint_callback, "best_model_path", ""))
+        if best is not None:
+            line += f"), {best:.3f} in the best checkpoint"
+        rank_zero_info(line + "; stored in the checkpoints' hyperparameters.")
+
+
+class EvaluationReport(_WritesIntoTheRun):
+    """After each validation epoch of a fit (the latest one stays), and on ``validate`` and
+    ``test``, write the class report, the confusion matrix and the reliability diagram into the
+    run folder: ``{stage}_report.{csv,md,json}``, ``{stage}_confused_pairs.csv``,
+    ``{stage}_confusion_matrix.png`` and ``{stage}_reliability.png`` (``stage``: ``val`` or
+    ``test``), with the expected calibration error before and after the model's temperature.
+
+    Args:
+        top_pairs: How many most-confused class pairs to list.
+    """
+
+    def __init__(self, top_pairs: int = 10) -> None:
+        self.top_pairs = top_pairs
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _has_run_folder(trainer):
+            self._write(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _has_run_folder(trainer):
+            self._write(trainer, pl_module, "test")
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        evaluated = _evaluated(pl_module, stage)
+        folder = run_dir(trainer)
+        metrics = trainer.callback_metrics
+        temperature = float(pl_module.hparams.get("temperature", 1.0))
+        raw = float(metrics.get(f"{stage}/ece", float("nan")))
+        if f"{stage}/ece_calibrated" in metrics:  # fitted on this very epoch
+            calibrated = float(metrics[f"{stage}/ece_calibrated"])
+        else:
+            calibrated = expected_calibration_error(*evaluated[:2], temperature)
+        bins = "Expected calibration error (15 bins)"
+        if temperature != 1.0:
+            whose = "this epoch's fitted" if trainer.state.fn == "fit" else "the checkpoint's"
+            note = f"{bins}: {raw:.4f} raw, {calibrated:.4f} with {whose} temperature "
+            note += f"{temperature:.3f}."
+        else:
+            note = f"{bins}: {raw:.4f} (raw; the checkpoint has no fitted temperature)."
+        fn = trainer.state.fn
+        title = f"{stage} report ({fn.value if fn else 'evaluation'}, "
+        title += f"{int(evaluated.confusion.sum())} images)"
+        calibration = {"raw": raw, "calibrated": calibrated, "temperature": temperature}
+        paths = write_report(
+            evaluated.confusion,
+            pl_module.hparams.class_names,
+            folder,
+            stage,
+            title,
+            self.top_pairs,
+            calibration={**calibration, "note": note},
+        )
+        names = pl_module.hparams.class_names
+        render_confusion_matrix(evaluated.confusion, names).save(
+            folder / f"{stage}_confusion_matrix.png"
+        )
+        render_reliability(
+            *evaluated[:2],
+            folder / f"{stage}_reliability.png",
+            temperature,
+            f"{stage} reliability",
+            eces=(raw, calibrated),
+        )
+        if trainer.state.fn != "fit":
+            rank_zero_info(printable(f"{stage} report: {paths['markdown']}"))
+
+
+class RunReport(_WritesIntoTheRun):
+    """Write ``report.html`` into the run folder at the end of ``fit``, ``validate`` and
+    ``test`` (rank 0), refresh the page of the run whose checkpoint a validate/test used, and
+    after a fit print where its results went."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._record(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+    def _folder(self, trainer: L.Trainer) -> Path | None:
+        # fast_dev_run and logger-less runs have no run folder with a config: no page.
+        folder = run_dir(trainer)
+        if trainer.is_global_zero and (folder / "config.yaml").is_file():
+            return folder
+        return None
+
+    def _record(self, trainer: L.Trainer) -> None:
+        folder = self._folder(trainer)
+        if folder is not None:
+            record_run(folder, trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = self._folder(trainer)
+        if folder is None:
+            return
+        path = _build(folder, trainer)
+        if path is not None:
+            print(printable(fit_summary(folder, path)), flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._evaluated(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluated(trainer)
+
+    def _evaluated(self, trainer: L.Trainer) -> None:
+        folder = self._folder(trainer)
+        if folder is None:
+            return
+        path = _build(folder)
+        if path is not None:
+            rank_zero_info(printable(f"report: {path}"))
+        source = source_run(trainer.ckpt_path)
+        if source is not None and source.resolve() != folder.resolve():
+            _build(source)  # the trained run's page lists this evaluation too
+
+
+def _build(folder: Path, fit: L.Trainer | None = None) -> Path | None:
+    # The run itself is over and saved: a page that cannot be built must not fail it.
+    try:
+        return build_report(folder, fit)
+    except Exception as err:  # whatever a damaged run folder raises
+        rank_zero_warn(f"report.html not written in {folder}: {type(err).__name__}: {err}")
+        return None
