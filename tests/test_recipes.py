@@ -1,6 +1,5 @@
 """Research recipes: each overlay via the CLI, the schedules, MixUp/CutMix, EMA, the finders."""
 
-import importlib.util
 import json
 import math
 from functools import partial
@@ -216,10 +215,8 @@ def test_batch_size_finder_writes_its_result_into_the_run(tmp_path, monkeypatch)
 
 
 def test_run_recipes_table_reports_mean_spread_and_the_command():
-    script = ROOT / "scripts" / "run_recipes.py"
-    spec = importlib.util.spec_from_file_location("run_recipes", script)
-    run_recipes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_recipes)
+    from alexnet_lit.training import recipes as run_recipes
+
     runs = [
         {"recipe": "adamw", "seed": s, "returncode": 0, "wall_s": w, "epochs": 10}
         | {"best_val_acc": a}

@@ -46,19 +46,18 @@ class ImageListDataset(Dataset):
         samples: ``(path, class_index)`` pairs; the index is -1 for unlabelled images.
         read: Turns one file into the network's input, e.g. ``TrainPreset(...).read`` (a uint8
             ``[S, S, C]`` tensor; see :mod:`alexnet_lit.data.presets`).
-        skip_bad: Return a :class:`BadImage` for an image that fails to load instead of raising;
-            :class:`SkippingCollate` sets it aside.
+
+    An image that fails to load becomes a :class:`BadImage`, which :class:`SkippingCollate`
+    sets aside.
     """
 
     def __init__(
         self,
         samples: Sequence[tuple[Path, int]],
         read: Callable[[Path], torch.Tensor],
-        skip_bad: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.read = read
-        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -69,8 +68,6 @@ class ImageListDataset(Dataset):
             image = self.read(path)
         # A broken file raises anything from OSError to SyntaxError, in Pillow or a transform.
         except Exception as err:
-            if not self.skip_bad:
-                raise
             return bad_image(index, path, err)
         return image, target, index
 
@@ -84,19 +81,18 @@ class SkippingCollate:
     :class:`BadImage` records aside. A batch of only bad images becomes an empty one.
 
     Args:
-        empty_shape: The shape of one image (``(S, S, C)`` from a preset), for the empty batch.
-        dtype: Their dtype, for the empty batch.
+        empty_shape: The shape of one image (``(S, S, C)`` uint8, from a preset), for the empty
+            batch.
     """
 
-    def __init__(self, empty_shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> None:
+    def __init__(self, empty_shape: Sequence[int]) -> None:
         self.empty_shape = tuple(empty_shape)
-        self.dtype = dtype
 
     def __call__(self, items: list) -> LoadedBatch:
         skipped = [item for item in items if isinstance(item, BadImage)]
         good = [item for item in items if not isinstance(item, BadImage)]
         if not good:
-            empty = torch.empty((0, *self.empty_shape), dtype=self.dtype)
+            empty = torch.empty((0, *self.empty_shape), dtype=torch.uint8)
             none = torch.empty(0, dtype=torch.long)
             return LoadedBatch(empty, none, none, skipped)
         images, targets, indices = default_collate(good)

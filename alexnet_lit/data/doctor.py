@@ -6,7 +6,6 @@
 
 import json
 import statistics
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from alexnet_lit.data.folders import (
     imbalance_ratio,
     scan_split,
 )
+from alexnet_lit.errors import DataConfigError, run_main
 from alexnet_lit.runs import printable
 
 # An imbalance ratio (largest class / smallest class) above this gets a warning.
@@ -207,9 +207,14 @@ def check_data_main(argv: Sequence[str] | None = None) -> int:
         "--decode", action="store_true", help="also decode every image (slower, finds all)"
     )
     args = parser.parse_args(argv)
-    if not args.path.is_dir():
-        print(f"error: '{args.path}' is not a folder; pass a dataset root.", file=sys.stderr)
-        return 2
-    report = diagnose(args.path, decode=args.decode)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 1 if report["errors"] else 0
+    found_errors = False
+
+    def main() -> None:
+        nonlocal found_errors
+        if not args.path.is_dir():
+            raise DataConfigError(f"'{args.path}' is not a folder; pass a dataset root.")
+        report = diagnose(args.path, decode=args.decode)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        found_errors = bool(report["errors"])
+
+    return run_main(main) or int(found_errors)

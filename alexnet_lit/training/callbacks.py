@@ -91,9 +91,6 @@ class HyperparametersToTensorBoard(L.Callback):
     Use it with ``TensorBoardLogger(default_hp_metric=False)``, or the logger adds its -1.
     """
 
-    def __init__(self, metric: str = "val/acc_best") -> None:
-        self.metric = metric
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = tensorboard_logger(trainer)
         if logger is None or not trainer.is_global_zero:
@@ -108,7 +105,7 @@ class HyperparametersToTensorBoard(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = tensorboard_logger(trainer)
-        best = trainer.callback_metrics.get(self.metric)
+        best = trainer.callback_metrics.get("val/acc_best")
         if logger is None or best is None or not _in_fit(trainer):
             return
         logger.log_metrics({"hp_metric": float(best)}, step=logged_step(trainer))
