@@ -30,9 +30,7 @@ def config_with(tmp_path: Path, callbacks: list) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluation_callbacks_in_reverse_order_read_one_collection_per_epoch(
-    tmp_path, monkeypatch
-):
+def test_evaluation_callbacks_in_reverse_order_read_one_collection_per_epoch(tmp_path, monkeypatch):
     computed = []
     real_compute = EpochOutputs.compute
 
