@@ -63,13 +63,19 @@ def unsafe_checkpoint_message(path: str | Path) -> str:
     )
 
 
+def checkpoint_score(path: str | Path) -> float | None:
+    """The ``val_acc=`` a best checkpoint's file name records, or None."""
+    match = _SCORE.search(Path(path).name)
+    return float(match.group(1)) if match else None
+
+
 def best_checkpoint(run: str | Path) -> Path | None:
     """A run folder's best checkpoint: the ``best*.ckpt`` with the highest ``val_acc=`` in its
     name (the newest among equals, and the newest when the names carry no score)."""
 
     def rank(path: Path) -> tuple[float, float]:
-        match = _SCORE.search(path.name)
-        return (float(match.group(1)) if match else -1.0, path.stat().st_mtime)
+        score = checkpoint_score(path)
+        return (-1.0 if score is None else score, path.stat().st_mtime)
 
     found = sorted(Path(run, "checkpoints").glob(BEST_PATTERN), key=rank)
     return found[-1] if found else None

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from alexnet_lit.data.dali import DALILoader, DALIPreset, require_dali
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.demo import DEMO_CLASSES, DEMO_PRESET, demo_dir, write_digits_demo
-from alexnet_lit.data.folders import class_count_table, image_files, imbalance_ratio
+from alexnet_lit.data.folders import class_count_table, image_files, imbalance_text
 from alexnet_lit.data.index import FolderIndex, class_counts, read_class_names
 from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_erasing
 from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
@@ -235,10 +235,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         counts = {
             split: class_counts(self.samples(split), self.class_names) for split in ("train", "val")
         }
-        ratio = imbalance_ratio(counts["train"])
-        ratio_text = "n/a" if ratio is None else f"{ratio:.2f}:1"
         rank_zero_info(
-            f"images per class (train imbalance {ratio_text}, balance: "
+            f"images per class (train imbalance {imbalance_text(counts['train'])}, balance: "
             f"{self.hparams.balance}):\n{class_count_table(counts)}"
         )
 

@@ -17,6 +17,7 @@ from alexnet_lit.data.folders import (
     class_count_table,
     identical_files,
     imbalance_ratio,
+    imbalance_text,
     scan_split,
 )
 from alexnet_lit.errors import DataConfigError, run_main
@@ -145,12 +146,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     if splits:
         lines += ["", class_count_table({s: v["classes"] for s, v in splits.items()})]
         for split, summary in splits.items():
-            ratio = summary["imbalance_ratio"]
-            ratio_text = "n/a (an empty class)" if ratio is None else f"{ratio:.2f}:1"
             lines.append("")
             lines.append(
                 f"{split}/: {summary['images']} images, {len(summary['classes'])} classes, "
-                f"imbalance {ratio_text}"
+                f"imbalance {imbalance_text(summary['classes'])}"
             )
             if summary["width"]:
                 w, h = summary["width"], summary["height"]

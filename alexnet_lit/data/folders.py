@@ -226,6 +226,12 @@ def imbalance_ratio(counts: Mapping[str, int]) -> float | None:
     return max(values) / min(values)
 
 
+def imbalance_text(counts: Mapping[str, int]) -> str:
+    """The imbalance ratio as people read it, ``4.00:1``, or why there is none."""
+    ratio = imbalance_ratio(counts)
+    return "n/a (a class without images)" if ratio is None else f"{ratio:.2f}:1"
+
+
 def class_count_table(counts: Mapping[str, Mapping[str, int]]) -> str:
     """A small text table of images per class (rows) and split (columns)."""
     splits = list(counts)

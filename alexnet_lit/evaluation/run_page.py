@@ -21,7 +21,7 @@ import lightning as L
 import yaml
 
 from alexnet_lit.checkpoints import best_checkpoint, checkpoint_temperature
-from alexnet_lit.data.folders import identical_files, imbalance_ratio
+from alexnet_lit.data.folders import identical_files, imbalance_text
 from alexnet_lit.data.index import class_counts
 from alexnet_lit.errors import UserError
 from alexnet_lit.evaluation.pictures import figure
@@ -244,11 +244,6 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
     return pairs
 
 
-def _imbalance(counts: dict[str, int]) -> str:
-    ratio = imbalance_ratio(counts)
-    return "n/a (a class without images)" if ratio is None else f"{ratio:.2f}:1"
-
-
 def _data_section(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     skipped = read_csv(folder / "skipped_images.csv")
     reasons = Counter(row.get("reason", "").split(" (")[0] for row in skipped)
@@ -315,7 +310,7 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> Path:
         classes=classes,
         splits=list(counts),
         counts=counts,
-        imbalance={split: _imbalance(c) for split, c in counts.items()},
+        imbalance={split: imbalance_text(c) for split, c in counts.items()},
         summary=result_summary(folder, scalars),
         curves=_curves(scalars),
         evaluations=evaluations,

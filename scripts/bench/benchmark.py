@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -41,6 +40,8 @@ TUTORIAL_SCRIPT = BENCHMARK_SCRIPT.with_name("tutorial_loop.py")
 if str(REPO) not in sys.path:  # run as a script: import the checkout under test
     sys.path.insert(0, str(REPO))
 
+from alexnet_lit.checkpoints import best_checkpoint, checkpoint_score, find_checkpoint  # noqa: E402
+from alexnet_lit.runs import read_scalars  # noqa: E402
 from alexnet_lit.training.precision import cpu_bf16_flags, native_mixed_precision  # noqa: E402
 
 
@@ -259,23 +260,19 @@ def run_contender(
 
 
 def _newest_run(log_root: Path) -> Path:
-    """The newest ``lightning_logs/version_*`` folder of a fit under ``log_root``."""
-    return max(log_root.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime)
+    """The run folder of the fit under ``log_root`` (its newest last.ckpt's)."""
+    return find_checkpoint([log_root / "lightning_logs"], "last").parent.parent
 
 
 def _best_val_acc(run: Path) -> float | None:
     """A run's best val/acc, read from its best checkpoint's name."""
-    names = [p.name for p in run.glob("checkpoints/best-*.ckpt")]
-    found = [float(m.group(1)) for n in names if (m := re.search(r"val_acc=([\d.]+)\.ckpt", n))]
-    return max(found) if found else None
+    best = best_checkpoint(run)
+    return None if best is None else checkpoint_score(best)
 
 
 def _epoch_times(run: Path) -> list[float]:
-    """A fit's ``train/epoch_time_s`` per epoch (EpochTimer), read from its TensorBoard log."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run)).Reload()
-    return [event.value for event in events.Scalars("train/epoch_time_s")]
+    """A fit's ``train/epoch_time_s`` per epoch (EpochTimer), from its logged scalars."""
+    return [value for _, value in read_scalars(run).get("train/epoch_time_s", [])]
 
 
 # --- the contenders run as ``scripts/benchmark.py --worker NAME`` -----------------------------
