@@ -8,7 +8,7 @@ from torch import nn
 # Positions of the weighted layers in the tutorial's ``nn.Sequential``, mapped to ours. The
 # tutorial's index 6 is a ReLU right after a max-pool: a no-op that we keep so shapes and outputs
 # match layer for layer.
-_SEED_TO_OURS = {
+_TUTORIAL_TO_OURS = {
     "0": "features.0",
     "3": "features.3",
     "7": "features.7",
@@ -70,7 +70,7 @@ class AlexNet(nn.Module):
         x = torch.flatten(x, 1)  # [256,5,5] -> 6400
         return self.classifier(x)
 
-    def load_seed_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def load_tutorial_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a ``state_dict`` saved by the tutorial's script (an ``nn.Sequential``).
 
         Args:
@@ -82,7 +82,7 @@ class AlexNet(nn.Module):
                 unexpected keys.
             ValueError: A tensor's shape does not match, e.g. a different number of classes.
         """
-        converted = convert_seed_state_dict(state_dict)
+        converted = convert_tutorial_state_dict(state_dict)
         own = self.state_dict()
         for key, tensor in converted.items():
             if tensor.shape != own[key].shape:
@@ -94,13 +94,13 @@ class AlexNet(nn.Module):
         self.load_state_dict(converted)
 
 
-def convert_seed_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_tutorial_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the tutorial's ``nn.Sequential`` keys (``0.weight``, ...) to :class:`AlexNet`'s.
 
     Raises:
         KeyError: Keys are missing or unexpected; both lists are named in the message.
     """
-    expected = {f"{seed}.{p}" for seed in _SEED_TO_OURS for p in ("weight", "bias")}
+    expected = {f"{index}.{p}" for index in _TUTORIAL_TO_OURS for p in ("weight", "bias")}
     missing = sorted(expected - state_dict.keys(), key=_natural_key)
     unexpected = sorted(state_dict.keys() - expected, key=_natural_key)
     if missing or unexpected:
@@ -111,7 +111,7 @@ def convert_seed_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     converted = {}
     for key, tensor in state_dict.items():
         index, param = key.split(".")
-        converted[f"{_SEED_TO_OURS[index]}.{param}"] = tensor
+        converted[f"{_TUTORIAL_TO_OURS[index]}.{param}"] = tensor
     return converted
 
 

@@ -50,27 +50,27 @@ def test_every_parameter_gets_a_finite_gradient():
         assert param.grad.abs().sum() > 0, name
 
 
-def test_seed_state_dict_loads_with_identical_outputs():
+def test_tutorial_state_dict_loads_with_identical_outputs():
     torch.manual_seed(0)
     seed = tutorial_alexnet(3, 2).eval()
     model = AlexNet(num_classes=2)
-    model.load_seed_state_dict(seed.state_dict())
+    model.load_tutorial_state_dict(seed.state_dict())
     model.eval()
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(x), seed(x))
 
 
-def test_seed_state_dict_with_wrong_keys_names_them():
+def test_tutorial_state_dict_with_wrong_keys_names_them():
     state = tutorial_alexnet(3, 2).state_dict()
     state["99.weight"] = state.pop("21.weight")
     with pytest.raises(
         KeyError, match=r"missing keys \['21.weight'\].*unexpected keys \['99.weight'\]"
     ):
-        AlexNet(num_classes=2).load_seed_state_dict(state)
+        AlexNet(num_classes=2).load_tutorial_state_dict(state)
 
 
-def test_seed_state_dict_with_other_class_count_is_a_clear_error():
+def test_tutorial_state_dict_with_other_class_count_is_a_clear_error():
     state = tutorial_alexnet(3, 5).state_dict()
     with pytest.raises(ValueError, match=r"classifier.6.weight has shape \[5, 4096\].*num_classes"):
-        AlexNet(num_classes=2).load_seed_state_dict(state)
+        AlexNet(num_classes=2).load_tutorial_state_dict(state)

@@ -101,7 +101,7 @@ def test_tutorial_state_dict_gets_a_hint(tmp_path, capsys):
     torch.save({"21.weight": torch.zeros(2, 4096)}, ckpt)
     image = make_image_folder(tmp_path / "img", splits={"x": 1}) / "x" / "ant" / "img_0.jpg"
     assert predict_main(["--ckpt", str(ckpt), str(image)]) == 2
-    assert "import_seed_checkpoint.py" in capsys.readouterr().err
+    assert "import_tutorial_weights.py" in capsys.readouterr().err
 
 
 @pytest.mark.slow

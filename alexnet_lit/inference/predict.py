@@ -39,7 +39,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Li
     ):
         hint = (
             " it looks like the tutorial's alexnet.pt: convert it with "
-            "scripts/import_seed_checkpoint.py first"
+            "scripts/import_tutorial_weights.py first"
             if isinstance(checkpoint, dict) and "21.weight" in checkpoint
             else " pass a checkpoint written by scripts/train.py"
         )

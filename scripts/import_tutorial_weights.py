@@ -1,6 +1,6 @@
 """Convert the tutorial's alexnet.pt (a state_dict) into a checkpoint this project can use.
 
-python scripts/import_seed_checkpoint.py alexnet.pt --classes husky shiba --out model.ckpt
+python scripts/import_tutorial_weights.py alexnet.pt --classes husky shiba --out model.ckpt
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""scripts/import_seed_checkpoint.py: the tutorial's alexnet.pt becomes a checkpoint we can use."""
+"""scripts/import_tutorial_weights.py: the tutorial's alexnet.pt becomes a checkpoint we can use."""
 
 import csv
 from pathlib import Path
@@ -18,24 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def seed(tmp_path_factory) -> tuple[nn.Sequential, Path]:
+def tutorial(tmp_path_factory) -> tuple[nn.Sequential, Path]:
     """A randomly initialised tutorial model with 3 classes and its saved ``alexnet.pt``."""
     torch.manual_seed(0)
     model = tutorial_alexnet(3, len(CLASSES)).eval()
-    path = tmp_path_factory.mktemp("seed") / "alexnet.pt"
+    path = tmp_path_factory.mktemp("tutorial") / "alexnet.pt"
     torch.save(model.state_dict(), path)
     return model, path
 
 
 @pytest.fixture(scope="module")
-def imported(seed, tmp_path_factory) -> Path:
+def imported(tutorial, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("imported") / "model.ckpt"
-    assert import_main([str(seed[1]), "--classes", *CLASSES, "--out", str(out)]) == 0
+    assert import_main([str(tutorial[1]), "--classes", *CLASSES, "--out", str(out)]) == 0
     return out
 
 
 @pytest.mark.slow
-def test_imported_checkpoint_gives_the_tutorials_outputs(seed, imported):
+def test_imported_checkpoint_gives_the_tutorials_outputs(tutorial, imported):
     model = LitAlexNet.load_from_checkpoint(imported, map_location="cpu").eval()
     assert model.hparams.class_names == CLASSES
     assert model.hparams.preprocessing == {
@@ -44,7 +44,7 @@ def test_imported_checkpoint_gives_the_tutorials_outputs(seed, imported):
     }  # fmt: skip
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.equal(model(x), seed[0](x))
+        assert torch.equal(model(x), tutorial[0](x))
 
 
 @pytest.mark.slow
@@ -66,18 +66,20 @@ def test_imported_checkpoint_predicts_and_validates(imported, tmp_path, monkeypa
     assert accuracy == pytest.approx(expected)
 
 
-def test_class_count_mismatch_is_one_clear_line(seed, tmp_path, capsys):
-    code = import_main([str(seed[1]), "--classes", "husky", "shiba", "--out", str(tmp_path / "x")])
+def test_class_count_mismatch_is_one_clear_line(tutorial, tmp_path, capsys):
+    code = import_main(
+        [str(tutorial[1]), "--classes", "husky", "shiba", "--out", str(tmp_path / "x")]
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: '{seed[1]}' has 3 outputs but 2 class names were given")
+    assert err.startswith(f"error: '{tutorial[1]}' has 3 outputs but 2 class names were given")
     assert not (tmp_path / "x").exists()
 
 
 def test_other_files_are_refused_with_the_reason(tmp_path, capsys):
-    not_seed = tmp_path / "other.pt"
-    torch.save({"conv.weight": torch.zeros(1)}, not_seed)
-    code = import_main([str(not_seed), "--classes", "a", "--out", str(tmp_path / "x.ckpt")])
+    not_tutorial = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, not_tutorial)
+    code = import_main([str(not_tutorial), "--classes", "a", "--out", str(tmp_path / "x.ckpt")])
     assert code == 2
     err = capsys.readouterr().err
     assert "not a state_dict saved by the tutorial's AlexNet" in err and "conv.weight" in err
