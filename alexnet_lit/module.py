@@ -256,6 +256,12 @@ class LitAlexNet(L.LightningModule):
         except RuntimeError:  # not attached to a trainer: load_from_checkpoint
             return None
 
+    def _resuming_fit(self) -> bool:
+        try:
+            return self.trainer.state.fn == "fit"
+        except RuntimeError:  # not attached to a trainer: load_from_checkpoint
+            return False
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self._param_groups())
         if self.lr_scheduler is None:
@@ -311,6 +317,15 @@ class LitAlexNet(L.LightningModule):
         trained = checkpoint.get("hyper_parameters", {})
         if "temperature" in trained:
             self.hparams["temperature"] = float(trained["temperature"])
+        if self._resuming_fit():
+            # val/acc_best goes on from the best the checkpoint's ModelCheckpoint kept, as the
+            # tracker's own state is not saved (a new state key would break older checkpoints).
+            for key, state in checkpoint.get("callbacks", {}).items():
+                if not key.startswith("ModelCheckpoint") or not isinstance(state, dict):
+                    continue
+                best = state.get("best_model_score")
+                if state.get("monitor") == "val/acc" and best is not None:
+                    self.val_acc_best.update(torch.as_tensor(float(best)))
         for key, what in (("class_names", "class names"), ("preprocessing", "preprocessing")):
             value, here = trained.get(key), self.hparams[key]
             if value is not None and value != here:

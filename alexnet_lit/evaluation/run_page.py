@@ -91,18 +91,17 @@ def source_run(ckpt_path: str | None) -> Path | None:
 def result_summary(
     folder: Path, scalars: dict[str, list[tuple[int, float]]] | None = None
 ) -> dict[str, Any]:
-    """Best val/acc (the module's ``val/acc_best``) and the 0-based epoch it was first reached,
+    """Best val/acc and the 0-based epoch it was first reached,
     final val/loss and ECE, and the best checkpoint with its temperature; ``scalars`` are the
     run's logged scalars, when already read."""
     scalars = read_scalars(folder) if scalars is None else scalars
     summary: dict[str, Any] = {}
     accuracies = scalars.get("val/acc", [])
-    best = scalars.get("val/acc_best", [])
-    if accuracies and best:
-        value = best[-1][1]
-        # The first epoch that reached it, as ModelCheckpoint keeps it; Lightning logs "epoch"
-        # at every step it logs, so this holds whatever the validation schedule.
-        step = next((s for s, v in accuracies if v >= value), accuracies[-1][0])
+    if accuracies:
+        # The first best, as ModelCheckpoint keeps it, over the run's whole history (a resumed
+        # fit continues the same event files). Lightning logs "epoch" at every step it logs, so
+        # this is the best's epoch whatever the validation schedule.
+        step, value = max(accuracies, key=lambda point: point[1])
         epoch = dict(scalars.get("epoch", [])).get(step, 0)
         summary.update(best_val_acc=value, best_epoch=int(epoch), epochs=len(accuracies))
     for tag, key in (("val/loss", "final_val_loss"), ("val/ece", "final_val_ece")):
