@@ -64,13 +64,22 @@ def printable(text: str | Path) -> str:
     return os.fsencode(text).decode(ENCODING, "backslashreplace")
 
 
-def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> int:
+def write_csv(
+    path: str | Path,
+    rows: Iterable[Mapping[str, Any]],
+    fields: Sequence[str],
+    append: bool = False,
+) -> int:
     """Write ``rows`` as a CSV file with a header (floats to 4 decimals, missing cells empty);
-    returns the number of rows."""
+    ``append`` adds them to the file, with the header only when the file is new. Returns the
+    number of rows."""
+    path = Path(path)
+    new = not (append and path.exists())
     count = 0
-    with open_text(path) as file:
+    with open_text(path, "a" if append else "w") as file:
         writer = csv.DictWriter(file, fieldnames=list(fields), restval="")
-        writer.writeheader()
+        if new:
+            writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
             count += 1

@@ -1,12 +1,11 @@
 """The record of images left out of a run: ``skipped_images.csv`` in the run folder."""
 
-import csv
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
 from alexnet_lit.errors import DataConfigError
-from alexnet_lit.runs import open_text
+from alexnet_lit.runs import write_csv
 
 SKIPPED_FILE = "skipped_images.csv"
 
@@ -83,10 +82,6 @@ class SkippedImages:
         if not pending:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        is_new = not self.file.exists()
-        with open_text(self.file, "a") as file:
-            writer = csv.writer(file)
-            if is_new:
-                writer.writerow(["path", "reason", "when"])
-            writer.writerows(pending)
+        rows = ({"path": path, "reason": reason, "when": when} for path, reason, when in pending)
+        write_csv(self.file, rows, ["path", "reason", "when"], append=True)
         self._written.update(path for path, _, _ in pending)
