@@ -6,7 +6,7 @@ becomes a :class:`BadImage` in the worker, travels with its batch, and is record
 prediction, given an error row) in the main process. A broken file is never fatal.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,6 +48,9 @@ class ImageListDataset(Dataset):
             ``[S, S, C]`` tensor; see :mod:`alexnet_lit.data.presets`).
         skip_bad: Return a :class:`BadImage` for an image that fails to load instead of raising;
             :class:`SkippingCollate` sets it aside.
+        unreadable: Paths of ``samples`` a scan already found unreadable, with the reason: each
+            becomes a :class:`BadImage` with that reason, unread (an image Pillow cannot open,
+            such as HEIC, gets the scan's advice rather than Pillow's error).
     """
 
     def __init__(
@@ -55,16 +58,20 @@ class ImageListDataset(Dataset):
         samples: Sequence[tuple[Path, int]],
         read: Callable[[Path], torch.Tensor],
         skip_bad: bool = True,
+        unreadable: Mapping[Path, str] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.read = read
         self.skip_bad = skip_bad
+        self.unreadable = dict(unreadable or {})
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadImage:
         path, target = self.samples[index]
+        if self.skip_bad and path in self.unreadable:
+            return BadImage(index, str(path), self.unreadable[path])
         try:
             image = self.read(path)
         # A broken file raises anything from OSError to SyntaxError, in Pillow or a transform.

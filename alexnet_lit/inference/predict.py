@@ -6,7 +6,7 @@ import argparse
 import csv
 import inspect
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from alexnet_lit.checkpoints import load_checkpoint
 from alexnet_lit.data.datamodule import default_num_workers
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
-from alexnet_lit.data.folders import image_files
+from alexnet_lit.data.folders import InputScan, not_images_note, scan_inputs
 from alexnet_lit.data.presets import EvalPreset
 from alexnet_lit.errors import CheckpointError, InferenceError, run_main
 from alexnet_lit.evaluation.gradcam import grad_cam, overlay
@@ -69,24 +69,22 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Li
     return model.eval().to(map_location)
 
 
-def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand images and folders (searched recursively) into a list of image files.
+def collect_image_paths(inputs: Sequence[str | Path]) -> InputScan:
+    """Expand images and folders (searched recursively) into the files that get a row.
 
-    A file named directly is kept whatever its extension, so that a broken or unsupported file
-    gets a row with its error instead of silently disappearing.
+    In a folder, images are recognised by content as training's scan does
+    (:func:`~alexnet_lit.data.folders.scan_inputs`): every image gets a row, an unreadable one
+    with its reason; other files are counted in ``not_images``. A file named directly is kept
+    whatever it holds, so that a broken or unsupported file gets a row with its error instead of
+    silently disappearing.
 
     Raises:
         InferenceError: A path does not exist.
     """
-    paths: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            paths += image_files(item)
-        elif item.is_file():
-            paths.append(item)
-        else:
+        if not (item.is_dir() or item.is_file()):
             raise InferenceError(f"'{item}' does not exist; pass image files or folders.")
-    return paths
+    return scan_inputs(inputs)
 
 
 def csv_fieldnames(top_k: int) -> list[str]:
@@ -140,13 +138,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def eval_loader(
-    model: LitAlexNet, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0
+    model: LitAlexNet,
+    paths: Sequence[str | Path],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    unreadable: Mapping[Path, str] | None = None,
 ) -> DataLoader:
     """Batches of the images at ``paths``, in order, through the model's eval preset
-    (:class:`LoadedBatch`: an image that fails to load is set aside with its reason)."""
+    (:class:`LoadedBatch`: an image that fails to load, or that ``unreadable`` names, is set
+    aside with its reason)."""
     preprocessing = model.hparams["preprocessing"]
     device = next(model.parameters()).device
-    dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
+    dataset = ImageListDataset(
+        [(path, -1) for path in paths], EvalPreset(**preprocessing).read, unreadable=unreadable
+    )
     side = preprocessing["image_size"]
     return DataLoader(
         dataset,
@@ -349,8 +354,10 @@ def predict_files(
 ) -> tuple[int, int]:
     """Predict every image under ``inputs`` with a checkpoint and write the CSV.
 
-    ``calibrated`` uses the checkpoint's fitted temperature (False: the raw softmax);
-    ``explain_dir`` also writes a Grad-CAM overlay PNG per image there.
+    Images in folders are recognised by content, as in training (:func:`collect_image_paths`);
+    one printed line counts the other files. ``calibrated`` uses the checkpoint's fitted
+    temperature (False: the raw softmax); ``explain_dir`` also writes a Grad-CAM overlay PNG per
+    image there.
 
     Returns:
         The number of rows written and how many of them are unreadable files.
@@ -363,11 +370,14 @@ def predict_files(
         raise InferenceError(
             "--top-k and --batch-size must be at least 1 and --num-workers at least 0."
         )
-    paths = collect_image_paths(inputs)
-    if not paths:
+    found = collect_image_paths(inputs)
+    ignored = f" ({not_images_note(found.not_images)})" if found.not_images else ""
+    if not found.paths:
         raise InferenceError(
-            f"no image files under {', '.join(map(str, inputs))}; pass images or folders."
+            f"no image files under {', '.join(map(str, inputs))}{ignored}; pass images or folders."
         )
+    if found.not_images:
+        print(printable(f"{not_images_note(found.not_images)}."))
     model = load_model(ckpt, map_location=resolve_device(device))
     top_k = min(top_k, model.hparams["num_classes"])
     failed = 0
@@ -379,7 +389,7 @@ def predict_files(
             yield row
 
     temperature = model.hparams["temperature"] if calibrated else 1.0
-    loader = eval_loader(model, paths, batch_size, num_workers)
+    loader = eval_loader(model, found.paths, batch_size, num_workers, found.unreadable)
     rows = iter_predictions(model, loader, top_k, temperature, progress)
     written = write_predictions_csv(counted(rows), out, top_k)
     if explain_dir is not None:
