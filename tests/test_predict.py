@@ -292,6 +292,22 @@ def test_predict_recognises_images_by_content_as_training_does(tiny_ckpt, tmp_pa
     assert f"wrote 5 predictions to {out} (2 unreadable, see the error column)" in printed
 
 
+def test_out_folder_gets_predictions_csv_and_a_large_top_k_is_said(tiny_ckpt, tmp_path, capsys):
+    image = make_image_folder(tmp_path / "img", splits={"x": 1}) / "x" / "ant" / "img_0.jpg"
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(image), "--out", str(folder),
+                         "--top-k", "5", "--num-workers", "0"]) == 0  # fmt: skip
+    (row,) = read_csv(folder / "predictions.csv")
+    assert row["top3"] in CLASSES and "top4" not in row
+    printed = capsys.readouterr().out.splitlines()
+    assert "--top-k 5 is more than the checkpoint's 3 classes; listing 3." in printed
+    assert f"wrote 1 predictions to {folder / 'predictions.csv'}" in printed
+    with pytest.raises(SystemExit):
+        predict_main(["--help"])
+    assert "gets predictions.csv inside it" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.slow
 def test_cli_predict_dir_recognises_images_by_content(tiny_run, tiny_ckpt, tmp_path, monkeypatch):
     files = write_mixed_folder(tmp_path / "new")
