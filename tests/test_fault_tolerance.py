@@ -1,4 +1,5 @@
-"""Resume, determinism, SIGKILL and SIGTERM, NaN stops, full disks, atomic and data-only files."""
+"""Resume, determinism, SIGKILL, SIGTERM and Ctrl-C, NaN stops, full disks, atomic and data-only
+files."""
 
 import errno
 import io
@@ -15,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit import checkpoints as checkpoints_module
-from alexnet_lit.checkpoints import AtomicCheckpointIO
+from alexnet_lit.checkpoints import AtomicCheckpointIO, SaveInterrupted
 from alexnet_lit.errors import CheckpointError
-from alexnet_lit.training.cli import cli_main
+from alexnet_lit.training.cli import AlexNetCLI, cli_main
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, cli_error_line, run_script
 from tests.helpers import fit_args as tiny_fit_args
@@ -52,6 +53,27 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert io_.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def test_ctrl_c_during_save_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    io_, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io_.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def half_write_then_ctrl_c(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_write_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        io_.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert isinstance(interrupted.value, SaveInterrupted)
+    assert str(interrupted.value) == (
+        f"interrupted (Ctrl-C) while writing checkpoint '{path}'; no partial file is left and the "
+        "checkpoints written before it are intact, resume with --ckpt_path last."
+    )
+    assert io_.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 class FullDiskAfter(io.FileIO):
@@ -301,6 +323,51 @@ def test_sigterm_saves_last_checkpoint_and_explains_how_to_resume(tiny_data, tmp
     assert "Stopped by SIGTERM" in output and f"--ckpt_path {last} " in output, output[-2000:]
     state = torch.load(tmp_path / last, weights_only=True, map_location="cpu")
     assert state["epoch"] == 0 and 1 <= state["global_step"] < STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_checkpoint_is_written_ends_in_one_line(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    save = torch.save
+
+    def ctrl_c_in_the_second_epochs_save(obj, file, *args, **kwargs):
+        if obj.get("epoch") == 1:
+            file.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", ctrl_c_in_the_second_epochs_save)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(fit_args(tiny_data, "--trainer.max_epochs=2"))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    checkpoints = Path("lightning_logs", "version_0", "checkpoints")
+    assert line.startswith(f"error: interrupted (Ctrl-C) while writing checkpoint '{checkpoints}")
+    assert line.endswith("; no partial file is left and the checkpoints written before it are "
+                         "intact, resume with --ckpt_path last.")  # fmt: skip
+    assert not list(checkpoints.glob("*.tmp-*"))
+    monkeypatch.undo()
+    # Epoch 0's files, whole; the interrupted save was not started again.
+    for path in (tmp_path / checkpoints).iterdir():
+        assert torch.load(path, weights_only=True, map_location="cpu")["epoch"] == 0
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AlexNetCLI, "before_instantiate_classes", ctrl_c)
+    try:
+        line = cli_error_line(capsys, fit_args(tiny_data), code=130)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt left cli_main")
+    assert line == "error: interrupted (Ctrl-C)."
 
 
 @pytest.mark.slow
