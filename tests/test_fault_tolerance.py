@@ -279,11 +279,12 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
     assert torch.equal(adam_full[0]["exp_avg"], adam_resumed[0]["exp_avg"])
 
 
-def kill_at(step: int, signal_name: str) -> list[str]:
+def kill_at(step: int, signal_name: str, during_update: bool = False) -> list[str]:
     return [
         "--trainer.callbacks+=tests.signals.SignalAtStep",
         f"--trainer.callbacks.step={step}",
         f"--trainer.callbacks.signal_name={signal_name}",
+        f"--trainer.callbacks.during_update={during_update}",
     ]
 
 
@@ -323,6 +324,33 @@ def test_sigterm_saves_last_checkpoint_and_explains_how_to_resume(tiny_data, tmp
     assert "Stopped by SIGTERM" in output and f"--ckpt_path {last} " in output, output[-2000:]
     state = torch.load(tmp_path / last, weights_only=True, map_location="cpu")
     assert state["epoch"] == 0 and 1 <= state["global_step"] < STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_checkpoint_and_explains_how_to_resume(tiny_data, tmp_path):
+    args = [*fit_args(tiny_data, "--trainer.max_epochs=1"), *kill_at(1, "SIGINT")]
+    result = run_script("train.py", args, tmp_path)
+    assert result.returncode == 130, result.stderr[-2000:]
+    last = Path("lightning_logs", "version_0", "checkpoints", "last.ckpt")  # relative to cwd
+    output = result.stdout + result.stderr
+    assert "Stopped by Ctrl-C" in output and f"--ckpt_path {last} " in output, output[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)."
+    state = torch.load(tmp_path / last, weights_only=True, map_location="cpu")
+    assert state["epoch"] == 0 and state["global_step"] == 1  # step 1 had not started
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_weight_update_is_held_until_the_batch_ends(tiny_data, tmp_path):
+    # SignalAtStep comes after CheckpointOnInterrupt in the callbacks, so the Ctrl-C arrives once
+    # the update has begun: the checkpoint holds step 1 complete, not half of it.
+    args = [*fit_args(tiny_data, "--trainer.max_epochs=1"), *kill_at(1, "SIGINT", True)]
+    result = run_script("train.py", args, tmp_path)
+    assert result.returncode == 130, result.stderr[-2000:]
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 2
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
 
 
 @pytest.mark.slow
@@ -368,6 +396,13 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tiny_data, tmp_path, mo
     except KeyboardInterrupt:
         pytest.fail("the KeyboardInterrupt left cli_main")
     assert line == "error: interrupted (Ctrl-C)."
+
+
+def test_the_callbacks_old_name_still_configures_it(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = "alexnet_lit.training.fault_tolerance.CheckpointOnSigterm"
+    cli = cli_main(fit_args(tiny_data, f"--trainer.callbacks+={old}")[1:], run=False)
+    assert any(type(c).__name__ == "CheckpointOnSigterm" for c in cli.trainer.callbacks)
 
 
 @pytest.mark.slow
