@@ -114,13 +114,30 @@ def checkpoint_temperature(path: str | Path | None) -> float | None:
         return None
 
 
+class SaveInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a checkpoint was being written: no partial file is left, and the checkpoints
+    written before are intact. A KeyboardInterrupt still, so Lightning and Python treat it as one.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        resume = (
+            ", resume with --ckpt_path last" if (self.path.parent / LAST_NAME).is_file() else ""
+        )
+        super().__init__(
+            f"interrupted (Ctrl-C) while writing checkpoint '{self.path}'; no partial file is "
+            f"left and the checkpoints written before it are intact{resume}."
+        )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files that are never half-written and never run code when loaded.
 
     A save writes ``<name>.tmp-<pid>`` in the same folder, syncs it to disk and renames it over
-    the target (``os.replace`` is atomic on one filesystem), so a crash, SIGKILL or full disk
-    during a save leaves the previous file intact; a full disk ends in one sentence that names the
-    folder. Loading goes through :func:`load_checkpoint` (``weights_only=True``).
+    the target (``os.replace`` is atomic on one filesystem), so a crash, SIGKILL, Ctrl-C or full
+    disk during a save leaves the previous file intact; a full disk ends in one sentence that
+    names the folder, a Ctrl-C in :class:`SaveInterrupted`, and neither leaves the temporary
+    file. Loading goes through :func:`load_checkpoint` (``weights_only=True``).
 
     Args:
         loaded: Checkpoints already loaded (by path) that the trainer's load should take instead
@@ -145,9 +162,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
-        except Exception as err:
+        # BaseException: a Ctrl-C mid-write must not leave the temporary file either.
+        except BaseException as err:
             temporary.unlink(missing_ok=True)
-            if _out_of_space(err):
+            if isinstance(err, KeyboardInterrupt) and not isinstance(err, SaveInterrupted):
+                raise SaveInterrupted(path) from err
+            if isinstance(err, Exception) and _out_of_space(err):
                 raise CheckpointError(_full_disk_message(path, checkpoint)) from err
             raise
 

@@ -7,17 +7,31 @@ import lightning as L
 
 
 class SignalAtStep(L.Callback):
-    """Send ``signal_name`` (e.g. SIGKILL, SIGTERM) to this process before training step ``step``.
+    """Send ``signal_name`` (e.g. SIGKILL, SIGTERM, SIGINT) to this process at training step
+    ``step``: at the batch's start, or, with ``during_update``, just before the optimizer updates
+    the weights.
 
     Args:
-        step: The global step (0-based) at whose start the signal is sent.
+        step: The global step (0-based) at which the signal is sent.
         signal_name: A name from the ``signal`` module.
+        during_update: Send it from ``on_before_optimizer_step`` instead of the batch's start.
     """
 
-    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
+    def __init__(
+        self, step: int, signal_name: str = "SIGKILL", during_update: bool = False
+    ) -> None:
         self.step = step
         self.signal_name = signal_name
+        self.during_update = during_update
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if not self.during_update:
+            self._send(trainer)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        if self.during_update:
+            self._send(trainer)
+
+    def _send(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal_name))

@@ -1,4 +1,5 @@
-"""Resume, determinism, SIGKILL and SIGTERM, NaN stops, full disks, atomic and data-only files."""
+"""Resume, determinism, SIGKILL, SIGTERM and Ctrl-C, NaN stops, full disks, atomic and data-only
+files."""
 
 import errno
 import io
@@ -15,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit import checkpoints as checkpoints_module
-from alexnet_lit.checkpoints import AtomicCheckpointIO
+from alexnet_lit.checkpoints import AtomicCheckpointIO, SaveInterrupted
 from alexnet_lit.errors import CheckpointError
-from alexnet_lit.training.cli import cli_main
+from alexnet_lit.training.cli import AlexNetCLI, cli_main
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, cli_error_line, run_script
 from tests.helpers import fit_args as tiny_fit_args
@@ -52,6 +53,27 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert io_.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def test_ctrl_c_during_save_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    io_, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io_.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def half_write_then_ctrl_c(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_write_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        io_.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert isinstance(interrupted.value, SaveInterrupted)
+    assert str(interrupted.value) == (
+        f"interrupted (Ctrl-C) while writing checkpoint '{path}'; no partial file is left and the "
+        "checkpoints written before it are intact, resume with --ckpt_path last."
+    )
+    assert io_.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 class FullDiskAfter(io.FileIO):
@@ -257,11 +279,12 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
     assert torch.equal(adam_full[0]["exp_avg"], adam_resumed[0]["exp_avg"])
 
 
-def kill_at(step: int, signal_name: str) -> list[str]:
+def kill_at(step: int, signal_name: str, during_update: bool = False) -> list[str]:
     return [
         "--trainer.callbacks+=tests.signals.SignalAtStep",
         f"--trainer.callbacks.step={step}",
         f"--trainer.callbacks.signal_name={signal_name}",
+        f"--trainer.callbacks.during_update={during_update}",
     ]
 
 
@@ -301,6 +324,91 @@ def test_sigterm_saves_last_checkpoint_and_explains_how_to_resume(tiny_data, tmp
     assert "Stopped by SIGTERM" in output and f"--ckpt_path {last} " in output, output[-2000:]
     state = torch.load(tmp_path / last, weights_only=True, map_location="cpu")
     assert state["epoch"] == 0 and 1 <= state["global_step"] < STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_checkpoint_and_explains_how_to_resume(tiny_data, tmp_path):
+    args = [*fit_args(tiny_data, "--trainer.max_epochs=1"), *kill_at(1, "SIGINT")]
+    result = run_script("train.py", args, tmp_path)
+    assert result.returncode == 130, result.stderr[-2000:]
+    last = Path("lightning_logs", "version_0", "checkpoints", "last.ckpt")  # relative to cwd
+    output = result.stdout + result.stderr
+    assert "Stopped by Ctrl-C" in output and f"--ckpt_path {last} " in output, output[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)."
+    state = torch.load(tmp_path / last, weights_only=True, map_location="cpu")
+    assert state["epoch"] == 0 and state["global_step"] == 1  # step 1 had not started
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_weight_update_is_held_until_the_batch_ends(tiny_data, tmp_path):
+    # SignalAtStep comes after CheckpointOnInterrupt in the callbacks, so the Ctrl-C arrives once
+    # the update has begun: the checkpoint holds step 1 complete, not half of it.
+    args = [*fit_args(tiny_data, "--trainer.max_epochs=1"), *kill_at(1, "SIGINT", True)]
+    result = run_script("train.py", args, tmp_path)
+    assert result.returncode == 130, result.stderr[-2000:]
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 2
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_checkpoint_is_written_ends_in_one_line(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    save = torch.save
+
+    def ctrl_c_in_the_second_epochs_save(obj, file, *args, **kwargs):
+        if obj.get("epoch") == 1:
+            file.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", ctrl_c_in_the_second_epochs_save)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(fit_args(tiny_data, "--trainer.max_epochs=2"))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    checkpoints = Path("lightning_logs", "version_0", "checkpoints")
+    assert line.startswith(f"error: interrupted (Ctrl-C) while writing checkpoint '{checkpoints}")
+    assert line.endswith("; no partial file is left and the checkpoints written before it are "
+                         "intact, resume with --ckpt_path last.")  # fmt: skip
+    assert not list(checkpoints.glob("*.tmp-*"))
+    monkeypatch.undo()
+    # Epoch 0's files, whole; the interrupted save was not started again.
+    for path in (tmp_path / checkpoints).iterdir():
+        assert torch.load(path, weights_only=True, map_location="cpu")["epoch"] == 0
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AlexNetCLI, "before_instantiate_classes", ctrl_c)
+    try:
+        line = cli_error_line(capsys, fit_args(tiny_data), code=130)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt left cli_main")
+    assert line == "error: interrupted (Ctrl-C)."
+
+
+def test_a_config_with_the_callbacks_old_name_names_the_new_one(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - alexnet_lit.fault_tolerance.CheckpointOnSigterm\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    line = cli_error_line(capsys, ["fit", "--config", str(config), "--trainer.fast_dev_run=1"])
+    assert line == (
+        f"error: '{config}' names alexnet_lit.fault_tolerance.CheckpointOnSigterm, which is now "
+        "alexnet_lit.training.fault_tolerance.CheckpointOnInterrupt; replace it there."
+    )
 
 
 @pytest.mark.slow

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.checkpoints import best_checkpoint, find_checkpoint
+from alexnet_lit.data.folders import scan_split
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.presets import eval_transform
 from alexnet_lit.errors import CheckpointError
@@ -229,3 +231,101 @@ def test_a_file_name_that_is_not_utf8_gets_its_row(tiny_ckpt, tmp_path):
     (row,) = read_csv(out)
     assert Path(row["path"]) == folder / odd and row["predicted"] in CLASSES
     assert os.fsencode(row["path"]).endswith(b"caf\xe9-\xff.jpg")  # the name's bytes, exactly
+
+
+def write_mixed_folder(folder: Path) -> dict[str, Path]:
+    """Files training's scan tells apart by content: images without an image name, a HEIC, and
+    files that are not images; the dict names them."""
+    folder.mkdir(parents=True)
+    files = {
+        "animated": folder / "anim.gif",
+        "pixel": folder / "pixel.gif",
+        "no_extension": folder / "photo",
+        "heic": folder / "IMG_0001.HEIC",
+        "text": folder / "notes.txt",
+        "csv": folder / "sizes.csv",
+        "hidden": folder / ".DS_Store",
+    }
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ("red", "blue")]
+    frames[0].save(files["animated"], save_all=True, append_images=frames[1:], duration=100)
+    Image.new("P", (1, 1)).save(files["pixel"])
+    Image.new("RGB", (30, 30), "green").save(files["no_extension"], format="JPEG")
+    # An iPhone photo's first bytes: an ftyp box with the "heic" brand.
+    files["heic"].write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
+    files["text"].write_text("not an image")
+    files["csv"].write_text("w,h\n1,1\n")
+    files["hidden"].write_bytes(b"\0\0\0\x01Bud1")
+    return files
+
+
+def test_training_scan_sees_gifs_and_extensionless_jpegs_and_heic_as_unreadable(tmp_path):
+    files = write_mixed_folder(tmp_path / "train" / "ant")
+    scan = scan_split(tmp_path / "train")
+    names = {"animated", "pixel", "no_extension"}
+    assert scan.images == {"ant": sorted(files[name] for name in names)}
+    assert scan.unreadable == [(files["heic"], "HEIC is not supported; convert it to JPEG or PNG")]
+    assert [path for path, _ in scan.not_images] == [files["text"], files["csv"]]
+    assert scan.hidden == [files["hidden"]]
+
+
+def test_predict_recognises_images_by_content_as_training_does(tiny_ckpt, tmp_path, capsys):
+    files = write_mixed_folder(tmp_path / "new" / "sub")
+    out = tmp_path / "predictions.csv"
+    code = predict_main(
+        ["--ckpt", str(tiny_ckpt), str(tmp_path / "new"), str(files["text"]), "--out", str(out),
+         "--num-workers", "0"]
+    )  # fmt: skip
+    assert code == 0
+    rows = read_csv(out)
+    # Every image of the folder, readable or not, in order, then the file named directly.
+    scan = scan_split(tmp_path / "new")
+    in_the_folder = sorted([*scan.images["sub"], *(path for path, _ in scan.unreadable)])
+    assert [Path(row["path"]) for row in rows] == [*in_the_folder, files["text"]]
+    errors = {Path(row["path"]): row["error"] for row in rows if row["error"]}
+    assert errors[files["heic"]] == "HEIC is not supported; convert it to JPEG or PNG"
+    assert errors[files["text"]].startswith("not an image")  # named directly: still a row
+    assert sorted(errors) == sorted([files["heic"], files["text"]])
+    assert all(row["predicted"] in CLASSES for row in rows if not row["error"])
+    printed = capsys.readouterr().out.splitlines()
+    # sizes.csv and notes.txt; the hidden .DS_Store is neither counted nor predicted.
+    assert f"ignored 2 file(s) that are not images, e.g. '{files['text']}'." in printed
+    assert f"wrote 5 predictions to {out} (2 unreadable, see the error column)" in printed
+
+
+def test_out_folder_gets_predictions_csv_and_a_large_top_k_is_said(tiny_ckpt, tmp_path, capsys):
+    image = make_image_folder(tmp_path / "img", splits={"x": 1}) / "x" / "ant" / "img_0.jpg"
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(image), "--out", str(folder),
+                         "--top-k", "5", "--num-workers", "0"]) == 0  # fmt: skip
+    (row,) = read_csv(folder / "predictions.csv")
+    assert row["top3"] in CLASSES and "top4" not in row
+    printed = capsys.readouterr().out.splitlines()
+    assert "--top-k 5 is more than the checkpoint's 3 classes; listing 3." in printed
+    assert f"wrote 1 predictions to {folder / 'predictions.csv'}" in printed
+    with pytest.raises(SystemExit):
+        predict_main(["--help"])
+    assert "gets predictions.csv inside it" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
+def test_cli_predict_dir_recognises_images_by_content(tiny_run, tiny_ckpt, tmp_path, monkeypatch):
+    files = write_mixed_folder(tmp_path / "new")
+    expected = tmp_path / "script.csv"
+    assert predict_main(["--ckpt", str(tiny_ckpt), str(tmp_path / "new"), "--out", str(expected),
+                         "--num-workers", "0"]) == 0  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+         "--data.image_size=96", "--data.batch_size=2", "--data.num_workers=0",
+         f"--data.predict_dir={tmp_path / 'new'}", f"--ckpt_path={tiny_ckpt}"]
+    )  # fmt: skip
+    run = tmp_path / "lightning_logs" / "version_0"
+    written, wanted = read_csv(run / "predictions.csv"), read_csv(expected)
+    assert [row["path"] for row in written] == [row["path"] for row in wanted]
+    assert [row["error"] for row in written] == [row["error"] for row in wanted]
+    assert {Path(row["path"]) for row in written} == {
+        files[name] for name in ("animated", "pixel", "no_extension", "heic")
+    }
+    (skipped,) = read_csv(run / "skipped_images.csv")
+    assert Path(skipped["path"]) == files["heic"] and skipped["reason"].startswith("HEIC")

@@ -7,13 +7,18 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from alexnet_lit.data.dali import DALILoader, DALIPreset, require_dali
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.demo import DEMO_CLASSES, DEMO_PRESET, demo_dir, write_digits_demo
-from alexnet_lit.data.folders import class_count_table, image_files, imbalance_text
+from alexnet_lit.data.folders import (
+    class_count_table,
+    imbalance_text,
+    not_images_note,
+    scan_inputs,
+)
 from alexnet_lit.data.index import FolderIndex, class_counts, read_class_names
 from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_erasing
 from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
@@ -64,7 +69,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             (0.08, 1.0) for your data, (0.5, 1.0) for the demo.
         hflip: Random horizontal flips in training. None: on for your data (the tutorial's),
             off for the demo's digits.
-        predict_dir: Folder of images (searched recursively) for the ``predict`` subcommand;
+        predict_dir: Folder of images (searched recursively, recognised by content as in
+            training; unreadable ones get an error row) for the ``predict`` subcommand;
             None predicts the validation images.
         val_split: Without a ``val/`` folder, the fraction of each train class held out for
             validation (a stratified split that depends only on the file list and ``seed``; the
@@ -247,11 +253,22 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataConfigError(
                 f"data.predict_dir: '{self.predict_dir}' does not exist; pass an image folder."
             )
-        # By name, not content: a broken file is loaded, fails, and still gets its error row.
-        paths = [self.predict_dir] if self.predict_dir.is_file() else image_files(self.predict_dir)
-        if not paths:
-            raise DataConfigError(f"data.predict_dir: '{self.predict_dir}' holds no images.")
-        return ImageListDataset([(path, -1) for path in paths], self.eval_preset().read)
+        # Images by content, as in training; an unreadable one still gets its error row.
+        found = scan_inputs([self.predict_dir])
+        ignored = f" ({not_images_note(found.not_images)})" if found.not_images else ""
+        if not found.paths:
+            raise DataConfigError(
+                f"data.predict_dir: '{self.predict_dir}' holds no images{ignored}."
+            )
+        if found.not_images:
+            rank_zero_warn(f"data.predict_dir: {not_images_note(found.not_images)}.")
+        for path, reason in found.unreadable.items():
+            self.skipped.add(str(path), reason, "scan")
+        return ImageListDataset(
+            [(path, -1) for path in found.paths],
+            self.eval_preset().read,
+            unreadable=found.unreadable,
+        )
 
     def train_dataloader(self) -> DataLoader | DALILoader:
         if self.hparams.backend == "dali":

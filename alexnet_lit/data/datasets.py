@@ -6,7 +6,7 @@ becomes a :class:`BadImage` in the worker, travels with its batch, and is record
 prediction, given an error row) in the main process. A broken file is never fatal.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,6 +46,9 @@ class ImageListDataset(Dataset):
         samples: ``(path, class_index)`` pairs; the index is -1 for unlabelled images.
         read: Turns one file into the network's input, e.g. ``TrainPreset(...).read`` (a uint8
             ``[S, S, C]`` tensor; see :mod:`alexnet_lit.data.presets`).
+        unreadable: Paths of ``samples`` a scan already found unreadable, with the reason: each
+            becomes a :class:`BadImage` with that reason, unread (an image Pillow cannot open,
+            such as HEIC, gets the scan's advice rather than Pillow's error).
 
     An image that fails to load becomes a :class:`BadImage`, which :class:`SkippingCollate`
     sets aside.
@@ -55,15 +58,19 @@ class ImageListDataset(Dataset):
         self,
         samples: Sequence[tuple[Path, int]],
         read: Callable[[Path], torch.Tensor],
+        unreadable: Mapping[Path, str] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.read = read
+        self.unreadable = dict(unreadable or {})
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadImage:
         path, target = self.samples[index]
+        if path in self.unreadable:
+            return BadImage(index, str(path), self.unreadable[path])
         try:
             image = self.read(path)
         # A broken file raises anything from OSError to SyntaxError, in Pillow or a transform.

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from alexnet_lit.data.images import (
     ImageInfo,
     Verdict,
-    has_image_extension,
     is_hidden,
     load_image,
     probe,
@@ -76,12 +75,46 @@ def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
     return found
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Files with an image extension under ``folder`` (recursively, sorted), hidden ones skipped.
+@dataclass
+class InputScan:
+    """Files and folders to predict, sorted out by the training scan's rule (:func:`probe`).
 
-    Chosen by name, not content: a broken image is listed, so that it gets a row with its error.
+    Attributes:
+        paths: The files that get a row, in order: every image in the folders (recursively,
+            sorted, hidden entries skipped), readable or not, and every file named directly,
+            whatever it holds.
+        unreadable: Those of ``paths`` that the scan found unusable, with the reason: their row's
+            error.
+        not_images: Files in the folders that are not images; ignored and counted.
     """
-    return [path for path in walk_files(Path(folder), []) if has_image_extension(path)]
+
+    paths: list[Path] = field(default_factory=list)
+    unreadable: dict[Path, str] = field(default_factory=dict)
+    not_images: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan_inputs(inputs: Iterable[str | Path]) -> InputScan:
+    """Sort existing files and folders into the images to predict and the files to ignore.
+
+    Images are recognised by content, exactly as training's scan does (:func:`scan_files`), so a
+    GIF or a JPEG without an extension gets a row. A file named directly always gets one.
+    """
+    scan = InputScan()
+    for item in map(Path, inputs):
+        folder = item.is_dir()
+        files = walk_files(item, []) if folder else [item]
+        infos, unreadable, not_images = scan_files(files, desc=f"scanning {item.name}")
+        problems = dict(unreadable) if folder else {**dict(unreadable), **dict(not_images)}
+        scan.paths += [path for path in files if path in infos or path in problems]
+        scan.unreadable.update(problems)
+        if folder:
+            scan.not_images += not_images
+    return scan
+
+
+def not_images_note(not_images: Sequence[tuple[Path, str]]) -> str:
+    """The words (no full stop) that count ignored files that are not images, naming one."""
+    return f"ignored {len(not_images)} file(s) that are not images, e.g. '{not_images[0][0]}'"
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -40,6 +40,16 @@ SIGNATURES = {
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
 }
+# ISO base media files start with an ftyp box (size, b"ftyp", major brand, minor version,
+# compatible brands); these brands mark HEIC, the format iPhones save photos in.
+HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+# Image formats a user may have that Pillow cannot open: such a file is an unreadable image,
+# reported with what to do, not a file that is ignored as "not an image".
+UNSUPPORTED = {"HEIC": "HEIC is not supported; convert it to JPEG or PNG"}
+# Names that make a file an image whatever it holds: torchvision's, plus the formats Pillow
+# reads here (GIF) or cannot read (HEIC), so that a broken or unsupported one is reported.
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
+HEAD_BYTES = 64
 # The end markers a complete file carries within its last bytes; a file without one is checked
 # by a full decode (some cameras append data after the JPEG end marker).
 END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
@@ -55,11 +65,13 @@ def is_hidden(name: str) -> bool:
 
 
 def has_image_extension(path: str | Path) -> bool:
-    return str(path).lower().endswith(IMG_EXTENSIONS)
+    """Whether a file is named like an image (``IMAGE_EXTENSIONS``), whatever it holds."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
 def sniff_format(head: bytes) -> str | None:
-    """The image format named by a file's first bytes, or None."""
+    """The image format named by a file's first bytes (up to ``HEAD_BYTES``), or None; it may
+    be one that cannot be read (``UNSUPPORTED``)."""
     for signature, name in SIGNATURES.items():
         if head.startswith(signature):
             return name
@@ -67,6 +79,11 @@ def sniff_format(head: bytes) -> str | None:
         return "WEBP"
     if len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
         return "PPM"
+    if head[4:8] == b"ftyp":
+        end = min(int.from_bytes(head[:4], "big"), len(head))
+        brands = [head[8:12], *(head[i : i + 4] for i in range(16, end - 3, 4))]
+        if HEIC_BRANDS.intersection(brands):
+            return "HEIC"
     return None
 
 
@@ -113,7 +130,7 @@ def probe(path: str | Path, data: bytes | None = None) -> Verdict:
 
 
 def _probe_file(path: Path, file: BinaryIO) -> Verdict:
-    head = file.read(16)
+    head = file.read(HEAD_BYTES)
     image_like = has_image_extension(path)
     if not head:
         return Verdict(problem="unreadable" if image_like else "not_image", reason="empty file")
@@ -123,6 +140,8 @@ def _probe_file(path: Path, file: BinaryIO) -> Verdict:
             problem="unreadable" if image_like else "not_image",
             reason=f"not an image: its content is no known image format (starts with {head[:8]!r})",
         )
+    if sniffed in UNSUPPORTED:
+        return Verdict(problem="unreadable", reason=UNSUPPORTED[sniffed])
     file.seek(0)
     Image.init()  # registers every plugin (MPO, WEBP, TIFF); a no-op after the first call
     try:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from alexnet_lit.data.folders import SplitScan, list_classes, scan_split, split_train_val
+from alexnet_lit.data.folders import (
+    SplitScan,
+    list_classes,
+    not_images_note,
+    scan_split,
+    split_train_val,
+)
 from alexnet_lit.data.images import is_hidden
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
@@ -117,10 +123,7 @@ class FolderIndex:
                 f"e.g. '{path}' ({reason}); listed in {self.skipped.where()}."
             )
         if scan.not_images:
-            rank_zero_warn(
-                f"{split}/: ignored {len(scan.not_images)} file(s) that are not images, "
-                f"e.g. '{scan.not_images[0][0]}'."
-            )
+            rank_zero_warn(f"{split}/: {not_images_note(scan.not_images)}.")
         if scan.hidden or scan.outside_classes:
             rank_zero_info(
                 f"{split}/: ignored {len(scan.hidden)} hidden or system entries and "

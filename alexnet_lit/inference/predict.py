@@ -6,18 +6,19 @@ import argparse
 import csv
 import inspect
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from alexnet_lit.checkpoints import load_checkpoint
 from alexnet_lit.data.datamodule import default_num_workers
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
-from alexnet_lit.data.folders import image_files
+from alexnet_lit.data.folders import InputScan, not_images_note, scan_inputs
 from alexnet_lit.data.presets import EvalPreset
 from alexnet_lit.errors import CheckpointError, InferenceError, run_main
 from alexnet_lit.evaluation.gradcam import grad_cam, overlay
@@ -69,24 +70,39 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Li
     return model.eval().to(map_location)
 
 
-def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand images and folders (searched recursively) into a list of image files.
+def collect_image_paths(inputs: Sequence[str | Path]) -> InputScan:
+    """Expand images and folders (searched recursively) into the files that get a row.
 
-    A file named directly is kept whatever its extension, so that a broken or unsupported file
-    gets a row with its error instead of silently disappearing.
+    In a folder, images are recognised by content as training's scan does
+    (:func:`~alexnet_lit.data.folders.scan_inputs`): every image gets a row, an unreadable one
+    with its reason; other files are counted in ``not_images``. A file named directly is kept
+    whatever it holds, so that a broken or unsupported file gets a row with its error instead of
+    silently disappearing.
 
     Raises:
         InferenceError: A path does not exist.
     """
-    paths: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            paths += image_files(item)
-        elif item.is_file():
-            paths.append(item)
-        else:
+        if not (item.is_dir() or item.is_file()):
             raise InferenceError(f"'{item}' does not exist; pass image files or folders.")
-    return paths
+    return scan_inputs(inputs)
+
+
+def csv_path(out: str | Path) -> Path:
+    """The CSV file ``--out`` names: ``predictions.csv`` inside it when it is a folder (one that
+    exists, or a path that ends in a separator)."""
+    folder = Path(out).is_dir() or str(out).endswith(("/", os.sep))
+    return Path(out, "predictions.csv") if folder else Path(out)
+
+
+def top_k_note(top_k: int, num_classes: int, option: str = "--top-k") -> str | None:
+    """The line that says a top-k above the number of classes lists them all; None otherwise."""
+    if top_k <= num_classes:
+        return None
+    return (
+        f"{option} {top_k} is more than the checkpoint's {num_classes} classes; "
+        f"listing {num_classes}."
+    )
 
 
 def csv_fieldnames(top_k: int) -> list[str]:
@@ -140,13 +156,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def eval_loader(
-    model: LitAlexNet, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0
+    model: LitAlexNet,
+    paths: Sequence[str | Path],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    unreadable: Mapping[Path, str] | None = None,
 ) -> DataLoader:
     """Batches of the images at ``paths``, in order, through the model's eval preset
-    (:class:`LoadedBatch`: an image that fails to load is set aside with its reason)."""
+    (:class:`LoadedBatch`: an image that fails to load, or that ``unreadable`` names, is set
+    aside with its reason)."""
     preprocessing = model.hparams["preprocessing"]
     device = next(model.parameters()).device
-    dataset = ImageListDataset([(path, -1) for path in paths], EvalPreset(**preprocessing).read)
+    dataset = ImageListDataset(
+        [(path, -1) for path in paths], EvalPreset(**preprocessing).read, unreadable=unreadable
+    )
     side = preprocessing["image_size"]
     return DataLoader(
         dataset,
@@ -285,8 +308,12 @@ class PredictionCSVWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._out = self.output_path or run_dir(trainer) / "predictions.csv"  # on every rank
-        # As in predict.py: never more columns than classes.
-        self._top_k = min(self.top_k, pl_module.hparams["num_classes"])
+        # As in predict.py: never more columns than classes, and a line that says so.
+        num_classes = pl_module.hparams["num_classes"]
+        self._top_k = min(self.top_k, num_classes)
+        note = top_k_note(self.top_k, num_classes, option=f"{type(self).__name__}'s top_k")
+        if note is not None:
+            rank_zero_info(note)
         part = self._part_path(trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         self._part_handle = open_text(part)
@@ -349,8 +376,11 @@ def predict_files(
 ) -> tuple[int, int]:
     """Predict every image under ``inputs`` with a checkpoint and write the CSV.
 
-    ``calibrated`` uses the checkpoint's fitted temperature (False: the raw softmax);
-    ``explain_dir`` also writes a Grad-CAM overlay PNG per image there.
+    Images in folders are recognised by content, as in training (:func:`collect_image_paths`);
+    one printed line counts the other files, and another says when ``top_k`` is more than the
+    classes. ``out`` may be a folder (:func:`csv_path`). ``calibrated`` uses the checkpoint's
+    fitted temperature (False: the raw softmax); ``explain_dir`` also writes a Grad-CAM overlay
+    PNG per image there.
 
     Returns:
         The number of rows written and how many of them are unreadable files.
@@ -363,12 +393,18 @@ def predict_files(
         raise InferenceError(
             "--top-k and --batch-size must be at least 1 and --num-workers at least 0."
         )
-    paths = collect_image_paths(inputs)
-    if not paths:
+    found = collect_image_paths(inputs)
+    ignored = f" ({not_images_note(found.not_images)})" if found.not_images else ""
+    if not found.paths:
         raise InferenceError(
-            f"no image files under {', '.join(map(str, inputs))}; pass images or folders."
+            f"no image files under {', '.join(map(str, inputs))}{ignored}; pass images or folders."
         )
+    if found.not_images:
+        print(printable(f"{not_images_note(found.not_images)}."))
     model = load_model(ckpt, map_location=resolve_device(device))
+    note = top_k_note(top_k, model.hparams["num_classes"])
+    if note is not None:
+        print(note)
     top_k = min(top_k, model.hparams["num_classes"])
     failed = 0
 
@@ -379,9 +415,9 @@ def predict_files(
             yield row
 
     temperature = model.hparams["temperature"] if calibrated else 1.0
-    loader = eval_loader(model, paths, batch_size, num_workers)
+    loader = eval_loader(model, found.paths, batch_size, num_workers, found.unreadable)
     rows = iter_predictions(model, loader, top_k, temperature, progress)
-    written = write_predictions_csv(counted(rows), out, top_k)
+    written = write_predictions_csv(counted(rows), csv_path(out), top_k)
     if explain_dir is not None:
         explain_files(model, loader, explain_dir, temperature, progress)
     return written, failed
@@ -395,7 +431,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
     parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    parser.add_argument(
+        "--out", default="predictions.csv",
+        help="CSV file to write; a folder (one that exists, or a path ending in /) gets "
+        "predictions.csv inside it",
+    )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=3, help="top classes listed per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -419,7 +459,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             args.num_workers, calibrated=not args.no_calibration, explain_dir=args.explain,
         )  # fmt: skip
         unreadable = f" ({failed} unreadable, see the error column)" if failed else ""
-        print(printable(f"wrote {rows} predictions to {args.out}{unreadable}"))
+        print(printable(f"wrote {rows} predictions to {csv_path(args.out)}{unreadable}"))
         if args.explain:
             print(printable(f"wrote Grad-CAM overlays to {args.explain}"))
 

@@ -11,7 +11,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from alexnet_lit.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
+from alexnet_lit.checkpoints import (
+    AtomicCheckpointIO,
+    SaveInterrupted,
+    find_checkpoint,
+    load_checkpoint,
+)
 from alexnet_lit.data import ImageFolderDataModule
 from alexnet_lit.errors import UserError, print_error
 from alexnet_lit.inference.predict import PredictionCSVWriter
@@ -20,6 +25,7 @@ from alexnet_lit.training.fault_tolerance import NonFiniteLossError
 from alexnet_lit.training.precision import native_mixed_precision
 
 _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+INTERRUPTED = 130  # the exit status of a process ended by Ctrl-C (128 + SIGINT)
 # Classes a config may name by their path before the package was grouped into data/, training/,
 # evaluation/ and inference/: a run's saved config.yaml that names one is told the new path.
 MOVED = {
@@ -33,6 +39,9 @@ MOVED = {
         "alexnet_lit.evaluation.callbacks.TemperatureScaling"
     ),
     "alexnet_lit.report.RunReport": "alexnet_lit.evaluation.callbacks.RunReport",
+    "alexnet_lit.fault_tolerance.CheckpointOnSigterm": (
+        "alexnet_lit.training.fault_tolerance.CheckpointOnInterrupt"
+    ),
     "alexnet_lit.fault_tolerance.": "alexnet_lit.training.fault_tolerance.",
     "alexnet_lit.tools.": "alexnet_lit.training.finders.",
     "alexnet_lit.schedules.": "alexnet_lit.training.schedules.",
@@ -125,7 +134,8 @@ class AlexNetCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
-    """Run the CLI; a data or config mistake ends in one line on stderr and exit code 2.
+    """Run the CLI; a data or config mistake ends in one line on stderr and exit code 2, Ctrl-C in
+    one line and exit code 130 (what a shell reports for SIGINT).
 
     With ``run=False`` the arguments are those of one subcommand (``fit``'s) without its name,
     and the model, data and trainer are instantiated but nothing runs.
@@ -146,6 +156,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
         _exit_with(str(err))
     except NonFiniteLossError as err:
         _exit_with(str(err), code=1)
+    except KeyboardInterrupt as err:  # outside the Trainer's own handling (parsing, setup)
+        _exit_with(_interrupted_message(err), code=INTERRUPTED)
+    except SystemExit as err:
+        # Lightning ends a run stopped by Ctrl-C with sys.exit(1) inside its `except
+        # KeyboardInterrupt` (trainer/call.py), after the callbacks' on_exception; the exit's
+        # __context__ is the only public trace of which interruption it was.
+        if isinstance(err.__context__, KeyboardInterrupt):
+            _exit_with(_interrupted_message(err.__context__), code=INTERRUPTED)
+        raise
     except ArgumentError as err:
         moved = _moved_class_path(str(err), sys.argv[1:] if args is None else args)
         if moved:
@@ -169,6 +188,12 @@ def _moved_class_path(message: str, args: list[str]) -> str | None:
         where = f"'{where}'" if where else "the config"
         return f"{where} names {name}, which is now {renamed}; replace it there."
     return None
+
+
+def _interrupted_message(err: KeyboardInterrupt) -> str:
+    if isinstance(err, SaveInterrupted):
+        return str(err)
+    return "interrupted (Ctrl-C)."
 
 
 def _exit_with(message: str, code: int = 2) -> None:

@@ -1,10 +1,13 @@
-"""Surviving crashes: exact resume (the random generators), NaN stops, and SIGTERM saves.
+"""Surviving crashes: exact resume (the random generators), NaN stops, and saves on SIGTERM
+and Ctrl-C.
 
 Atomic, data-only checkpoint files are :class:`alexnet_lit.checkpoints.AtomicCheckpointIO`.
 """
 
 import math
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from alexnet_lit.checkpoints import SaveInterrupted
 from alexnet_lit.runs import run_dir
 
 _NONE = torch.iinfo(torch.long).max
@@ -149,26 +153,98 @@ class StopOnNonFiniteLoss(L.Callback):
         )
 
 
-class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (preemption, ``scancel``, ``kill``) save ``last.ckpt`` and say how to resume.
+class CheckpointOnInterrupt(L.Callback):
+    """On SIGTERM (preemption, ``scancel``, ``kill``) or Ctrl-C, save ``last.ckpt`` and say how
+    to resume.
 
     Lightning turns SIGTERM into a clean stop after the current batch (on every rank); this
     callback then writes the checkpoint where ``--ckpt_path last`` finds it, and the process exits
-    with status 0.
+    with status 0. Ctrl-C raises KeyboardInterrupt wherever the process is; Lightning hands it to
+    :meth:`on_exception` and exits (the CLI with status 130). A Ctrl-C that comes while the
+    optimizer updates the weights is held until that batch ends, so the checkpoint never holds half
+    an update. Ctrl-C saves nothing when no training step was taken since the run started, when
+    it stopped the writing of a checkpoint (the user wants the process to end, and the earlier
+    checkpoints are intact), or under several processes (they stop at different points, and a
+    save waits for all of them: stop those runs with SIGTERM).
     """
+
+    def __init__(self) -> None:
+        self._first_step: int | None = None  # the global step this run's training started at
+        self._updating = False  # between the optimizer step's start and the batch's end
+        self._held = False  # a Ctrl-C came while _updating
+        self._previous_handler = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step, self._updating, self._held = trainer.global_step, False, False
+        # Only Python's own Ctrl-C handling is replaced; signals can be set in the main thread only.
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._updating = True
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._updating = False
+        if self._held:
+            self._held = False
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+        self._restore_handler()
+        if trainer.state.fn != "fit":
             return
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "SIGTERM")
+        elif isinstance(exception, KeyboardInterrupt) and not isinstance(
+            exception, SaveInterrupted
+        ):
+            if trainer.world_size > 1:
+                rank_zero_info(
+                    f"Stopped by Ctrl-C; nothing was saved, as {trainer.world_size} processes "
+                    "stop at different points. Resume from the last epoch's checkpoint with "
+                    "--ckpt_path last; to save on the way out, stop with SIGTERM (kill PID)."
+                )
+            elif self._first_step is not None and trainer.global_step > self._first_step:
+                self._save(trainer, "Ctrl-C")
+
+    def _save(self, trainer: L.Trainer, cause: str) -> None:
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # full state, to resume from
         rank_zero_info(
-            f"Stopped by SIGTERM at epoch {trainer.current_epoch}, global step "
+            f"Stopped by {cause} at epoch {trainer.current_epoch}, global step "
             f"{trainer.global_step}; saved '{path}'. To resume, run the same fit command with "
             f"--ckpt_path {path} (or --ckpt_path last)."
         )
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._updating:
+            raise KeyboardInterrupt  # as Python's default handler does
+        self._held = True
+
+    def _restore_handler(self) -> None:
+        if (
+            self._previous_handler is not None
+            and signal.getsignal(signal.SIGINT) == self._on_sigint
+        ):
+            signal.signal(signal.SIGINT, self._previous_handler)
+        self._previous_handler = None
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
