@@ -221,11 +221,11 @@ class LitAlexNet(L.LightningModule):
         self._log_calibration("test")
 
     def _log_calibration(self, stage: str) -> None:
-        # Every process computes the gathered outputs here (a collective), once per epoch.
+        # The first compute() of an epoch gathers from every process (a collective): it is made
+        # in an *_epoch_end hook, which every process runs (here, or earlier in a callback's).
         outputs = self.eval_outputs[stage].compute()
-        if len(outputs.targets):
-            ece = expected_calibration_error(outputs.logits, outputs.targets)
-            self.log(f"{stage}/ece", ece, rank_zero_only=True)
+        if len(outputs.targets):  # the same value on every process: no sync needed
+            self.log(f"{stage}/ece", expected_calibration_error(outputs.logits, outputs.targets))
 
     def predict_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict:
         images = batch[0]  # (images, targets) or the DataModule's LoadedBatch
@@ -336,7 +336,9 @@ class LitAlexNet(L.LightningModule):
                 )
 
 
-def batch_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+def batch_mix(
+    num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0
+) -> Callable | None:
     """MixUp and/or CutMix for a batch of ``(images, integer labels)``; None when both are 0.
 
     The returned transform maps ``(images [B,C,H,W], labels [B])`` to mixed images and soft

@@ -45,8 +45,6 @@ def run_dir(trainer: L.Trainer) -> Path:
 def next_run_folder(root: str | Path = "lightning_logs") -> Path:
     """Create and return ``root/version_N`` for the next free N, the folder a fit's default
     TensorBoardLogger would take (its own numbering), for commands that are not one fit."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     folder = Path(TensorBoardLogger(save_dir=root, name="").log_dir)
     folder.mkdir(parents=True)
     return folder

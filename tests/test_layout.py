@@ -58,6 +58,13 @@ def test_evaluation_callbacks_in_reverse_order_read_one_collection_per_epoch(tmp
     html = (run / "report.html").read_text()
     assert "fitted temperature" in html
 
+    # validate, with the run page listed before the callbacks that write what it shows.
+    validate = ["validate", "--config", str(config), *args[3:]]
+    cli_main([*validate, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    page = (tmp_path / "lightning_logs" / "version_1" / "report.html").read_text()
+    assert "with the checkpoint&#39;s temperature" in page  # the class report's calibration note
+    assert "reliability diagram" in page
+
 
 def test_a_config_naming_an_old_class_path_names_the_new_one(tmp_path, monkeypatch, capsys):
     default = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["trainer"]["callbacks"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from alexnet_lit.checkpoints import checkpoint_temperature
+from alexnet_lit.checkpoints import best_checkpoint, checkpoint_temperature
 from alexnet_lit.evaluation.calibration import fit_temperature, render_reliability
 from alexnet_lit.evaluation.class_report import write_report
 from alexnet_lit.evaluation.gradcam import grad_cam, overlay
@@ -36,7 +36,8 @@ MISCLASSIFIED = "val_misclassified.png"
 
 
 def _evaluated(pl_module: L.LightningModule, stage: str) -> Evaluated:
-    return pl_module.eval_outputs[stage].compute()  # computed once, when the epoch ended
+    # Gathered by the first compute() in an *_epoch_end hook, on every process; cached after.
+    return pl_module.eval_outputs[stage].compute()
 
 
 class _WritesIntoTheRun(L.Callback):
@@ -204,8 +205,8 @@ class TemperatureScaling(L.Callback):
         temperature = fit_temperature(logits, targets)
         after = expected_calibration_error(logits, targets, temperature)
         pl_module.hparams["temperature"] = temperature
-        pl_module.log("val/temperature", temperature, rank_zero_only=True)
-        pl_module.log("val/ece_calibrated", after, rank_zero_only=True)
+        pl_module.log("val/temperature", temperature)  # the same on every process
+        pl_module.log("val/ece_calibrated", after)
         self._latest = {"temperature": temperature, "after": after}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -215,7 +216,7 @@ class TemperatureScaling(L.Callback):
         line = f"temperature scaling: T = {self._latest['temperature']:.3f} (last epoch"
         if before is not None:
             line += f", val ECE {float(before):.4f} -> {self._latest['after']:.4f}"
-        best = checkpoint_temperature(getattr(trainer.checkpoint_callback, "best_model_path", ""))
+        best = checkpoint_temperature(best_checkpoint(run_dir(trainer)))
         if best is not None:
             line += f"), {best:.3f} in the best checkpoint"
         rank_zero_info(line + "; stored in the checkpoints' hyperparameters.")
@@ -257,7 +258,8 @@ class EvaluationReport(_WritesIntoTheRun):
             calibrated = expected_calibration_error(*evaluated[:2], temperature)
         bins = "Expected calibration error (15 bins)"
         if temperature != 1.0:
-            whose = "this epoch's fitted" if trainer.state.fn == "fit" else "the checkpoint's"
+            fitted_now = f"{stage}/ece_calibrated" in metrics
+            whose = "this epoch's fitted" if fitted_now else "the checkpoint's"
             note = f"{bins}: {raw:.4f} raw, {calibrated:.4f} with {whose} temperature "
             note += f"{temperature:.3f}."
         else:
@@ -321,30 +323,26 @@ class RunReport(_WritesIntoTheRun):
         folder = self._folder(trainer)
         if folder is None:
             return
-        path = _build(folder, trainer)
-        if path is not None:
-            print(printable(fit_summary(folder, path)), flush=True)
+        built = _build(folder, trainer)
+        if built is not None:
+            print(printable(fit_summary(*built)), flush=True)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._evaluated(trainer)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._evaluated(trainer)
-
-    def _evaluated(self, trainer: L.Trainer) -> None:
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After every callback's on_validation_end/on_test_end: the evaluation files are written.
+        if stage not in ("validate", "test"):
+            return
         folder = self._folder(trainer)
         if folder is None:
             return
-        path = _build(folder)
-        if path is not None:
-            rank_zero_info(printable(f"report: {path}"))
+        built = _build(folder)
+        if built is not None:
+            rank_zero_info(printable(f"report: {built[0]}"))
         source = source_run(trainer.ckpt_path)
         if source is not None and source.resolve() != folder.resolve():
             _build(source)  # the trained run's page lists this evaluation too
 
 
-def _build(folder: Path, fit: L.Trainer | None = None) -> Path | None:
+def _build(folder: Path, fit: L.Trainer | None = None) -> tuple[Path, dict[str, Any]] | None:
     # The run itself is over and saved: a page that cannot be built must not fail it.
     try:
         return build_report(folder, fit)

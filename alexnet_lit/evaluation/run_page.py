@@ -114,9 +114,9 @@ def result_summary(
     return summary
 
 
-def fit_summary(folder: Path, page: Path) -> str:
-    """What a fit prints when it ends: its best val/acc, best checkpoint and where to look."""
-    summary = result_summary(folder)
+def fit_summary(page: Path, summary: dict[str, Any]) -> str:
+    """What a fit prints when it ends: its best val/acc, best checkpoint and where to look
+    (``summary``: :func:`result_summary`'s)."""
     lines = ["", "Done."]
     if summary.get("best_val_acc") is not None:
         lines.append(
@@ -165,10 +165,17 @@ def _curves(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, str]]
 
 def _evaluation(folder: Path, stage: str, title: str) -> dict[str, Any] | None:
     rows = read_csv(folder / f"{stage}_report.csv")
-    summary_file = folder / f"{stage}_report.json"
-    if not rows or not summary_file.is_file():
+    if not rows:
         return None
-    summary = json.loads(summary_file.read_text())
+    summary_file = folder / f"{stage}_report.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:  # a run folder written before the JSON summary: the totals from the per-class rows
+        support = [int(row["support"]) for row in rows]
+        right = sum(float(row["recall"]) * n for row, n in zip(rows, support, strict=True))
+        summary = {"images": sum(support), "accuracy": right / max(1, sum(support))}
+        for key in ("precision", "recall", "f1"):
+            summary[f"macro_{key}"] = sum(float(row[key]) for row in rows) / len(rows)
     notes = [
         f"{summary['images']} images, accuracy {summary['accuracy']:.4f}; macro precision "
         f"{summary['macro_precision']:.4f}, recall {summary['macro_recall']:.4f}, F1 "
@@ -258,9 +265,10 @@ def _data_section(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_report(folder: str | Path, fit: L.Trainer | None = None) -> Path:
-    """Write ``folder/report.html`` from the run folder's files; returns its path. ``fit``: the
-    trainer of a fit that just ended, whose splits are searched for shared files first.
+def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write ``folder/report.html`` from the run folder's files; returns its path and the
+    :func:`result_summary` it shows. ``fit``: the trainer of a fit that just ended, whose splits
+    are searched for shared files first.
 
     Raises:
         UserError: ``folder`` is not a run folder (no ``config.yaml``).
@@ -295,6 +303,7 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> Path:
         if e is not None
     ]
     scalars = read_scalars(folder)  # the event file, read once
+    summary = result_summary(folder, scalars)
     environment = Environment(
         loader=PackageLoader("alexnet_lit.evaluation", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
@@ -310,7 +319,7 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> Path:
         splits=list(counts),
         counts=counts,
         imbalance={split: imbalance_text(c) for split, c in counts.items()},
-        summary=result_summary(folder, scalars),
+        summary=summary,
         curves=_curves(scalars),
         evaluations=evaluations,
         later=_later_evaluations(folder) if subcommand == "fit" else [],
@@ -322,7 +331,7 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> Path:
     out = folder / REPORT
     with open_text(out) as file:
         file.write(html)
-    return out
+    return out, summary
 
 
 def report_main(argv: list[str] | None = None) -> int:
@@ -334,4 +343,4 @@ def report_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild a run's report.html from its folder.")
     parser.add_argument("run_dir", type=Path, help="a lightning_logs/version_N folder")
     args = parser.parse_args(argv)
-    return run_main(lambda: print(f"wrote {build_report(args.run_dir)}"))
+    return run_main(lambda: print(printable(f"wrote {build_report(args.run_dir)[0]}")))

@@ -25,7 +25,7 @@ from alexnet_lit.evaluation.gradcam import grad_cam, overlay
 from alexnet_lit.evaluation.pictures import image_grid
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.preprocessing import normalize
-from alexnet_lit.runs import open_text, printable, run_dir
+from alexnet_lit.runs import open_text, printable, run_dir, write_csv
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LitAlexNet:
@@ -269,14 +269,7 @@ def write_predictions_csv(rows: Iterable[dict[str, str]], out: str | Path, top_k
     """Write rows to ``out`` (parents created); returns the number of rows."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open_text(out) as handle:
-        writer = csv.DictWriter(handle, fieldnames=csv_fieldnames(top_k), restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-            count += 1
-    return count
+    return write_csv(out, rows, csv_fieldnames(top_k))
 
 
 class PredictionCSVWriter(BasePredictionWriter):

@@ -1,5 +1,6 @@
 """The LightningCLI entry point behind ``scripts/train.py``."""
 
+import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -175,18 +176,35 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
         _exit_with(f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys.")
 
 
-def _moved_class_path(message: str, args: list[str]) -> str | None:
-    """The one line for a config that names a class by its old path, or None."""
+def _renamed(name: str) -> str | None:
+    """The path a class named by its old path has now, or None."""
     for old, new in MOVED.items():
-        if old not in message:
+        if name == old:
+            return new
+        if old.endswith(".") and name.startswith(old):
+            return new + name[len(old) :]
+    return None
+
+
+def _moved_class_path(message: str, args: list[str]) -> str | None:
+    """One line for a config that names classes by their old paths (all of them), or None."""
+    if not any(old in message for old in MOVED):
+        return None
+    configs = [a for a in args if a.endswith((".yaml", ".yml")) and Path(a).is_file()]
+    for config in configs:
+        text = Path(config).read_text(errors="replace")
+        names = dict.fromkeys(re.findall(r"alexnet_lit(?:\.\w+)+", text))
+        moved = [(name, _renamed(name)) for name in names if _renamed(name)]
+        if not moved:
             continue
-        start = message.index(old)
-        name = message[start:].split()[0].strip("'\",.;:")
-        renamed = new + name[len(old) :] if old.endswith(".") else new
-        configs = [a for a in args if a.endswith((".yaml", ".yml")) and Path(a).is_file()]
-        where = next((c for c in configs if name in Path(c).read_text(errors="replace")), None)
-        where = f"'{where}'" if where else "the config"
-        return f"{where} names {name}, which is now {renamed}; replace it there."
+        if len(moved) == 1:
+            line = f"'{config}' names {moved[0][0]}, which is now {moved[0][1]}; replace it there"
+        else:
+            listed = ", ".join(f"{old} (now {new})" for old, new in moved)
+            line = f"'{config}' names classes by their old paths: {listed}; replace them there"
+        if any(old.endswith("calibration.TemperatureScaling") for old, _ in moved):
+            line += ", and drop TemperatureScaling's init_args (it takes none now)"
+        return line + "."
     return None
 
 

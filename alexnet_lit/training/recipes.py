@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from alexnet_lit.runs import read_scalars
+from alexnet_lit.evaluation.run_page import result_summary
 
 # The checkout's root: the recipes are its configs/, and each run starts its scripts/train.py.
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,11 +45,6 @@ def command(recipe: str, seed: int, extra: list[str]) -> list[str]:
 def without_seed(argv: list[str]) -> list[str]:
     at = argv.index("--seed_everything")
     return argv[:at] + argv[at + 2 :]
-
-
-def read_val_acc(run_dir: Path) -> list[float]:
-    """The ``val/acc`` of each validation, in order, from the run's logged scalars."""
-    return [value for _, value in read_scalars(run_dir).get("val/acc", [])]
 
 
 def run_one(recipe: str, seed: int, extra: list[str], out: Path, keep: bool) -> dict:
@@ -75,7 +70,7 @@ def run_one(recipe: str, seed: int, extra: list[str], out: Path, keep: bool) -> 
         (work_dir / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime
     )
     run_dir = versions[-1] if versions else work_dir
-    accuracies = read_val_acc(run_dir) if versions else []
+    summary = result_summary(run_dir) if versions else {}
     if not keep:
         for checkpoint in run_dir.glob("checkpoints/*.ckpt"):
             checkpoint.unlink()
@@ -85,10 +80,9 @@ def run_one(recipe: str, seed: int, extra: list[str], out: Path, keep: bool) -> 
         "command": shlex.join(argv),
         "returncode": returncode,
         "wall_s": round(wall_s, 1),
-        "epochs": len(accuracies),
-        "best_val_acc": max(accuracies) if accuracies else None,
-        # 0-based, as Lightning counts epochs and names the best checkpoint.
-        "best_epoch": accuracies.index(max(accuracies)) if accuracies else None,
+        "epochs": summary.get("epochs", 0),
+        "best_val_acc": summary.get("best_val_acc"),
+        "best_epoch": summary.get("best_epoch"),  # 0-based, as Lightning counts epochs
         "run_dir": str(run_dir),
     }
     status = "failed, see train.log" if returncode else f"best val/acc {result['best_val_acc']}"
