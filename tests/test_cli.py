@@ -2,6 +2,8 @@
 
 import functools
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,32 @@ def test_predict_runs_on_the_checkpoint(trained_run, tmp_path, monkeypatch):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     cli = cli_main(cli_args("predict", data, f"--ckpt_path={ckpt}"))
     assert cli.trainer.predict_loop.predictions  # one entry per batch
+
+
+@pytest.mark.slow
+def test_ckpt_path_is_read_from_disk_once(tiny_run, tiny_ckpt, tmp_path, monkeypatch):
+    # LightningCLI reads --ckpt_path for its hyperparameters, then the trainer reads it again to
+    # restore it; AlexNetCLI loads it once (safely) and hands it to the trainer's checkpoint IO.
+    # A copy outside any run folder: a checkpoint of a run also refreshes that run's page, which
+    # reads the run's best checkpoint for its temperature (a read of its own, not --ckpt_path's).
+    ckpt = tmp_path / "elsewhere" / "model.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_ckpt, ckpt)
+    monkeypatch.chdir(tmp_path)
+    reads, real_load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, str | os.PathLike) and Path(f).resolve() == ckpt.resolve():
+            reads.append(f)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    cli = cli_main(
+        cli_args("validate", tiny_run / "data", "--data.image_size=96", "--data.batch_size=4",
+                 f"--ckpt_path={ckpt}")
+    )  # fmt: skip
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0  # it was restored
+    assert len(reads) == 1
 
 
 def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
