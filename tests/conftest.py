@@ -1,15 +1,18 @@
-"""Shared fixtures: tiny ImageFolder datasets generated in tmp_path, never downloaded, and the
-runs that several test files read."""
+"""Shared fixtures: tiny ImageFolder datasets generated in tmp_path, never downloaded; the runs
+that several test files read; a checkpoint that would run code when unpickled."""
 
 import contextlib
 import io
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = ["ant", "bee", "cat"]
@@ -170,3 +173,40 @@ def evaluated_run(tmp_path_factory) -> EvaluatedRun:
         best_model_path=best_model_path, best_model_score=best_model_score,
         fit_output=out.getvalue(), log=records.messages,
     )  # fmt: skip
+
+
+# --- a checkpoint that would run code --------------------------------------------------------
+
+
+class CreatesFile:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code an attacker picks."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (os.fspath(self.marker), "w")
+
+
+class Crafted(NamedTuple):
+    path: Path  # the checkpoint
+    marker: Path  # the file its payload would create
+
+
+@pytest.fixture
+def crafted_checkpoint(tmp_path: Path) -> Crafted:
+    """A checkpoint-shaped file (an AlexNet's hyperparameters, a state_dict entry) with a
+    payload, and the marker file the payload would create if the file were ever unpickled."""
+    from alexnet_lit import LitAlexNet
+
+    marker = tmp_path / "pwned"
+    checkpoint = {
+        "state_dict": {"model.classifier.6.bias": torch.zeros(2)},
+        "hyper_parameters": dict(LitAlexNet(num_classes=2).hparams),
+        "pytorch-lightning_version": "2.6.0",
+        "payload": CreatesFile(marker),
+    }
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    assert not marker.exists()
+    return Crafted(path, marker)

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 
+from alexnet_lit import ImageFolderDataModule, LitAlexNet
 from alexnet_lit.runs import read_csv as read_run_csv
 from alexnet_lit.training.cli import cli_main
 
@@ -61,6 +62,17 @@ def tiny_trainer(**overrides: Any) -> L.Trainer:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     return L.Trainer(**{**settings, **overrides})
+
+
+def tiny_fit(datamodule: ImageFolderDataModule, **overrides: Any) -> L.Trainer:
+    """Fit a LitAlexNet made for ``datamodule`` (its classes and preprocessing) with
+    :func:`tiny_trainer`; returns the trainer, whose ``lightning_module`` is the model."""
+    model = LitAlexNet(
+        datamodule.num_classes, datamodule.class_names, preprocessing=datamodule.preprocessing
+    )
+    trainer = tiny_trainer(**overrides)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

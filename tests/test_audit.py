@@ -1,6 +1,5 @@
 """Trust the model: calibration, Grad-CAM, suspicious labels and the learning curve."""
 
-import csv
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from alexnet_lit.training.audits import (
     nested_subsets,
     reading,
 )
-from tests.helpers import fit_args
+from tests.helpers import fit_args, read_csv
 
 # --- calibration ---------------------------------------------------------------------------
 
@@ -40,11 +39,6 @@ def test_temperature_scaling_undoes_overconfidence():
     assert torch.equal((overconfident / temperature).argmax(1), overconfident.argmax(1))
 
 
-def read_rows(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as file:
-        return list(csv.DictReader(file))
-
-
 @pytest.mark.slow
 def test_predictions_are_calibrated_unless_asked_not_to(tiny_ckpt, tiny_run, tmp_path):
     ckpt = tmp_path / "scaled.ckpt"
@@ -57,7 +51,7 @@ def test_predictions_are_calibrated_unless_asked_not_to(tiny_ckpt, tiny_run, tmp
     for flag, temperature in (([], 2.5), (["--no-calibration"], 1.0)):
         out = tmp_path / f"t{temperature}.csv"
         assert predict_main(["--ckpt", str(ckpt), str(images), "--out", str(out), *flag]) == 0
-        rows = read_rows(out)
+        rows = read_csv(out)
         from alexnet_lit.data.images import load_image
         from alexnet_lit.data.presets import eval_transform
 
@@ -186,7 +180,7 @@ def test_flipped_labels_rank_above_the_clean_ones(tmp_path, monkeypatch, capsys)
     args = ["--folds", "3", *fit_args(tmp_path / "data", *AUDIT_FIT)[1:]]
     assert find_label_issues_main(args) == 0
     run = tmp_path / "lightning_logs" / "version_0"
-    rows = read_rows(run / "label_issues.csv")
+    rows = read_csv(run / "label_issues.csv")
     ranked = [Path(row["path"]) for row in rows]
     k = len(flipped)
     precision_at_k = len(set(ranked[:k]) & set(flipped)) / k
@@ -259,7 +253,7 @@ def test_learning_curve_writes_its_table_plot_and_reading(tmp_path, monkeypatch,
             *fit_args(tmp_path / "data", *AUDIT_FIT, "--trainer.max_epochs=2")[1:]]  # fmt: skip
     assert learning_curve_main(args) == 0
     run = tmp_path / "lightning_logs" / "version_0"
-    rows = read_rows(run / "learning_curve.csv")
+    rows = read_csv(run / "learning_curve.csv")
     assert [(r["fraction"], r["seed"], r["train_images"]) for r in rows] == [
         ("0.5", "0", "8"), ("1.0", "0", "16"), ("0.5", "1", "8"), ("1.0", "1", "16")
     ]  # fmt: skip

@@ -18,7 +18,7 @@ from alexnet_lit.data import ImageFolderDataModule
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.training.schedules import WarmupCosineLR
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, fit_args
+from tests.helpers import ROOT, fit_args, tiny_fit
 
 OVERLAYS = sorted((ROOT / "configs").glob("experiments/*.yaml")) + sorted(
     (ROOT / "configs").glob("tools/*.yaml")
@@ -164,18 +164,10 @@ def test_ema_weights_are_validated_and_checkpointed_beside_the_raw_ones(image_fo
     overlay = yaml.safe_load((ROOT / "configs" / "experiments" / "ema.yaml").read_text())
     (entry,) = overlay["trainer"]["callbacks+"]
     ema, spy = EMAWeightAveraging(**entry["init_args"]), WeightSpy(tmp_path)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=[ema, spy],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(LitAlexNet(num_classes=3), tiny_datamodule(image_folder))
+    tiny_fit(
+        tiny_datamodule(image_folder), limit_train_batches=3, limit_val_batches=1,
+        callbacks=[ema, spy], default_root_dir=tmp_path,
+    )  # fmt: skip
     raw, validated = spy.after_train_step, spy.validated
     assert not torch.allclose(validated, raw)  # the EMA differs from the raw weights ...
     key = "model.classifier.6.weight"
