@@ -90,7 +90,7 @@ def patch_model() -> LitAlexNet:
     model = LitAlexNet(2, preprocessing=preprocessing_record(SIZE))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     model.train()
-    for step in range(40):
+    for step in range(20):  # enough: it classifies the test images without a mistake
         images, targets, _ = patch_images(8, seed=step)
         loss = torch.nn.functional.cross_entropy(model(images), targets)
         optimizer.zero_grad()
@@ -177,7 +177,14 @@ def test_flipped_labels_rank_above_the_clean_ones(tmp_path, monkeypatch, capsys)
     pytest.importorskip("cleanlab")
     flipped = colour_folder(tmp_path / "data", per_class=12, flipped_per_class=2)
     monkeypatch.chdir(tmp_path)
-    args = ["--folds", "3", *fit_args(tmp_path / "data", *AUDIT_FIT)[1:]]
+    # Each fold's model is validated on its held-out fold once, after its last epoch; at
+    # lr 1e-3 the 6 epochs rank the flips first as reliably as 5e-4 with a validation each epoch
+    # (tried with seeds 0-3), at about half the cost.
+    fold_fit = fit_args(
+        tmp_path / "data", *AUDIT_FIT, "--model.optimizer.init_args.lr=0.001",
+        "--trainer.check_val_every_n_epoch=6",
+    )  # fmt: skip
+    args = ["--folds", "3", *fold_fit[1:]]
     assert find_label_issues_main(args) == 0
     run = tmp_path / "lightning_logs" / "version_0"
     rows = read_csv(run / "label_issues.csv")
