@@ -107,6 +107,15 @@ def test_hparams_tab_holds_the_real_settings_and_best_val_acc(events, runs):
     assert hparams["lr_scheduler/class"].string_value == "StepLR"
 
 
+def test_hparams_of_a_run_without_a_scheduler_name_none():
+    # The shared run has a StepLR; without one the HPARAMS tab says "none".
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from alexnet_lit.training.callbacks import run_hyperparameters
+
+    assert run_hyperparameters(tiny_trainer(), BoringModel())["lr_scheduler/class"] == "none"
+
+
 def decode(event) -> Image.Image:
     return Image.open(io.BytesIO(event.encoded_image_string))
 
