@@ -1,12 +1,17 @@
-"""Builders shared by the tests: CLI argument lists, and running the CLI or its script."""
+"""Builders shared by the tests: CLI argument lists, running the CLI or its script, a tiny
+trainer, and reading the CSV files a run writes."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 
+from alexnet_lit import ImageFolderDataModule, LitAlexNet
+from alexnet_lit.runs import read_csv as read_run_csv
 from alexnet_lit.training.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +52,31 @@ def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
         command, cwd=cwd, env=env, capture_output=True, text=True, errors="backslashreplace",
         timeout=timeout,
     )  # fmt: skip
+
+
+def tiny_trainer(**overrides: Any) -> L.Trainer:
+    """A plain ``L.Trainer`` for a short CPU fit: 1 epoch, no sanity check, and no logger,
+    checkpoints, progress bar or model summary unless ``overrides`` ask for them."""
+    settings = dict(
+        accelerator="cpu", devices=1, max_epochs=1, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    return L.Trainer(**{**settings, **overrides})
+
+
+def tiny_fit(datamodule: ImageFolderDataModule, **overrides: Any) -> L.Trainer:
+    """Fit a LitAlexNet made for ``datamodule`` (its classes and preprocessing) with
+    :func:`tiny_trainer`; returns the trainer, whose ``lightning_module`` is the model."""
+    model = LitAlexNet(
+        datamodule.num_classes, datamodule.class_names, preprocessing=datamodule.preprocessing
+    )
+    trainer = tiny_trainer(**overrides)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file a run wrote, by column, read by the package's own reader (a name
+    that is not UTF-8 comes back as ``os.fsdecode`` gives it); the file must exist."""
+    assert Path(path).is_file(), f"{path} was not written"
+    return read_run_csv(path)

@@ -2,6 +2,8 @@
 
 import functools
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,17 @@ from PIL import Image
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.data.presets import eval_transform
+from alexnet_lit.runs import read_scalars
 from alexnet_lit.training import precision as precision_module
 from alexnet_lit.training.cli import cli_main
-from tests.conftest import CLASSES, make_image_folder
+from tests.conftest import (
+    CLASSES,
+    RUN_CLASSES,
+    RUN_EPOCHS,
+    RUN_TRAIN_BATCHES,
+    EvaluatedRun,
+    make_image_folder,
+)
 from tests.helpers import cli_args, cli_error_line, fit_args, run_script
 
 
@@ -30,36 +40,27 @@ def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkey
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A real fit of 2 epochs of 2 steps at learning rate 0, so that val/acc never improves
-    after the first epoch; returns its lightning_logs/version_0 directory."""
-    tmp = tmp_path_factory.mktemp("run")
-    data = make_image_folder(tmp / "data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        cli_main(
-            fit_args(
-                data,
-                "--trainer.max_epochs=2",
-                "--trainer.limit_train_batches=2",  # "1" would parse as 1.0, the whole epoch
-                "--model.optimizer.init_args.lr=0",
-            )
-        )
-    return tmp / "lightning_logs" / "version_0"
+def trained_run(evaluated_run: EvaluatedRun) -> Path:
+    """The shared fit's lightning_logs/version_0 (tests/conftest.py): 3 epochs of 2 steps, the
+    last at learning rate 0, so that val/acc cannot improve in it."""
+    return evaluated_run.fit
 
 
 @pytest.mark.slow
 def test_fit_writes_config_best_and_last_checkpoints(trained_run):
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
-    assert config["trainer"]["max_epochs"] == 2  # the resolved config, with the command's keys
+    assert config["trainer"]["max_epochs"] == RUN_EPOCHS  # the resolved config: the command's keys
     hparams = yaml.safe_load((trained_run / "hparams.yaml").read_text())
-    assert hparams["num_classes"] == 3 and hparams["class_names"] == CLASSES
+    assert hparams["num_classes"] == 7 and hparams["class_names"] == RUN_CLASSES
+    acc = [value for _, value in read_scalars(trained_run)["val/acc"]]
+    assert len(acc) == RUN_EPOCHS and acc[-1] == acc[-2]  # the last epoch did not improve
     (best,) = (trained_run / "checkpoints").glob("best-epoch=*.ckpt")
-    assert torch.load(best, weights_only=True)["epoch"] == 0  # the only improving epoch
+    best_epoch = torch.load(best, weights_only=True)["epoch"]
+    assert best_epoch == acc.index(max(acc)) < RUN_EPOCHS - 1  # the first epoch of the best val/acc
     # last.ckpt is the last epoch, which did not improve val/acc, and can resume the run.
     last = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (last["epoch"], last["global_step"]) == (1, 4)
-    assert "optimizer_states" in last
+    assert (last["epoch"], last["global_step"]) == (RUN_EPOCHS - 1, RUN_EPOCHS * RUN_TRAIN_BATCHES)
+    assert "optimizer_states" in last and "lr_schedulers" in last
     # Temperature scaling after the fit: each checkpoint holds the one fitted for it.
     for checkpoint in (last, torch.load(best, weights_only=True)):
         assert checkpoint["hyper_parameters"]["temperature"] > 0
@@ -71,34 +72,63 @@ def test_checkpoint_reloads_without_config_or_data(trained_run, tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # no config, no dataset here
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     model = LitAlexNet.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    assert model.hparams.class_names == CLASSES
+    assert model.hparams.class_names == RUN_CLASSES
     assert model.hparams.preprocessing["mean"] == [0.5, 0.5, 0.5]
     image = Image.new("RGB", (50, 40), "red")
     x = eval_transform(**model.hparams.preprocessing)(image).unsqueeze(0)
     assert x.shape == (1, 3, 67, 67)
     with torch.no_grad():
         logits = model(x)
-    assert logits.shape == (1, 3) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 7) and torch.isfinite(logits).all()
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert raw["hyper_parameters"]["class_names"] == CLASSES
-    reloaded = LitAlexNet(num_classes=3)
+    assert raw["hyper_parameters"]["class_names"] == RUN_CLASSES
+    reloaded = LitAlexNet(num_classes=7)
     reloaded.load_state_dict(raw["state_dict"])
     assert torch.equal(reloaded.model.classifier[-1].weight, model.model.classifier[-1].weight)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
-def test_other_subcommands_run_on_the_checkpoint(subcommand, trained_run, tmp_path, monkeypatch):
+def test_validate_and_test_ran_on_the_checkpoint(evaluated_run):
+    # The shared fixture ran `validate` and `test` on last.ckpt, each in a run folder of its own.
+    for subcommand, stage in (("validate", "val"), ("test", "test")):
+        assert 0.0 <= evaluated_run.metrics[subcommand][f"{stage}/acc"] <= 1.0
+        assert (getattr(evaluated_run, subcommand) / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_predict_runs_on_the_checkpoint(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = trained_run.parents[1] / "data"
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    cli = cli_main(cli_args(subcommand, data, f"--ckpt_path={ckpt}"))
-    if subcommand == "predict":
-        assert cli.trainer.predict_loop.predictions  # one entry per batch
-    else:
-        stage = "val" if subcommand == "validate" else "test"
-        assert 0.0 <= float(cli.trainer.callback_metrics[f"{stage}/acc"]) <= 1.0
+    cli = cli_main(cli_args("predict", data, f"--ckpt_path={ckpt}"))
+    assert cli.trainer.predict_loop.predictions  # one entry per batch
+
+
+@pytest.mark.slow
+def test_ckpt_path_is_read_from_disk_once(tiny_run, tiny_ckpt, tmp_path, monkeypatch):
+    # LightningCLI reads --ckpt_path for its hyperparameters, then the trainer reads it again to
+    # restore it; AlexNetCLI loads it once (safely) and hands it to the trainer's checkpoint IO.
+    # A copy outside any run folder: a checkpoint of a run also refreshes that run's page, which
+    # reads the run's best checkpoint for its temperature (a read of its own, not --ckpt_path's).
+    ckpt = tmp_path / "elsewhere" / "model.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_ckpt, ckpt)
+    monkeypatch.chdir(tmp_path)
+    reads, real_load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, str | os.PathLike) and Path(f).resolve() == ckpt.resolve():
+            reads.append(f)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    cli = cli_main(
+        cli_args("validate", tiny_run / "data", "--data.image_size=96", "--data.batch_size=4",
+                 f"--ckpt_path={ckpt}")
+    )  # fmt: skip
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0  # it was restored
+    assert len(reads) == 1
 
 
 def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """data.backend: dali, run on the CPU (device_id=None): the same images, labels and presets as the
 PIL path, exact shards, unreadable images skipped and recorded, and a fit through the CLI."""
 
-import csv
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from alexnet_lit.data.dali import DALILoader, DALIPreset
 from alexnet_lit.errors import DataConfigError
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
-from tests.helpers import cli_error_line, fit_args
+from tests.helpers import cli_error_line, fit_args, read_csv
 
 pytest.importorskip("nvidia.dali", reason="DALI is a Linux-only extra: pip install -e '.[dali]'")
 
@@ -124,8 +123,7 @@ def test_cli_fit_on_dali_records_what_it_skipped(data, tmp_path, monkeypatch):
     )  # fmt: skip
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
     assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
-    with (tmp_path / "lightning_logs" / "version_0" / "skipped_images.csv").open() as file:
-        rows = list(csv.DictReader(file))
+    rows = read_csv(tmp_path / "lightning_logs" / "version_0" / "skipped_images.csv")
     assert [(Path(row["path"]).name, row["when"]) for row in rows] == [("x_broken.jpg", "load")]
 
 

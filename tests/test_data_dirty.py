@@ -1,6 +1,5 @@
 """Dirty data: hidden entries, non-images, broken and odd-mode images, splits, imbalance, doctor."""
 
-import csv
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from alexnet_lit.preprocessing import normalize
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
 from tests.dirty_data import CLASSES, make_dirty_folder
-from tests.helpers import ROOT, cli_error_line, fit_args
+from tests.helpers import ROOT, cli_error_line, fit_args, read_csv, tiny_fit
 
 
 @pytest.fixture
@@ -220,20 +219,9 @@ class CountImages(L.Callback):
         self.seen["val"] += len(batch[1])
 
 
-def short_fit(dm: ImageFolderDataModule, log_root: Path, **trainer_kwargs) -> L.Trainer:
-    model = LitAlexNet(dm.num_classes, dm.class_names, preprocessing=dm.preprocessing)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=TensorBoardLogger(log_root, name="lightning_logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, datamodule=dm)
-    return trainer
+def short_fit(dm: ImageFolderDataModule, log_root: Path, **overrides) -> L.Trainer:
+    """A one-epoch fit that logs to ``log_root/lightning_logs/version_N`` (its run folder)."""
+    return tiny_fit(dm, logger=TensorBoardLogger(log_root, name="lightning_logs"), **overrides)
 
 
 @pytest.mark.slow
@@ -246,8 +234,7 @@ def test_fit_uses_exactly_the_healthy_images_and_records_the_rest(dirty, tmp_pat
     assert counter.seen == {"train": len(dirty.healthy["train"]), "val": len(dirty.healthy["val"])}
 
     record = Path(trainer.log_dir) / "skipped_images.csv"
-    rows = list(csv.DictReader(record.open()))
-    recorded = {Path(row["path"]): row for row in rows}
+    recorded = {Path(row["path"]): row for row in read_csv(record)}
     assert set(recorded) == set(dirty.unreadable) | set(dirty.load_fails)
     for path in dirty.unreadable:
         assert recorded[path]["when"] == "scan"
@@ -405,11 +392,6 @@ def test_a_batch_of_only_bad_images_is_empty_and_skipped():
 ODD = os.fsdecode(b"caf\xe9-\xff")  # Latin-1 bytes, as an old camera or zip names a file
 
 
-def read_rows(path: Path) -> list[list[str]]:
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        return list(csv.reader(handle))
-
-
 @pytest.mark.slow
 def test_names_that_are_not_utf8_get_their_rows_in_the_run_files(tmp_path):
     data = make_image_folder(tmp_path / "data", splits={"train": 4})  # no val/: lists are saved
@@ -420,11 +402,13 @@ def test_names_that_are_not_utf8_get_their_rows_in_the_run_files(tmp_path):
     dm = ImageFolderDataModule(data, batch_size=4, num_workers=0, image_size=67)
     trainer = short_fit(dm, tmp_path, limit_train_batches=1, limit_val_batches=1)
     run = Path(trainer.log_dir)
-    (_, *rows) = read_rows(run / "skipped_images.csv")
-    assert [Path(path) for path, _, _ in rows] == [broken]
-    assert os.fsencode(rows[0][0]).endswith(b"caf\xe9-\xff.png")  # the bytes, recovered
+    rows = read_csv(run / "skipped_images.csv")
+    assert [Path(row["path"]) for row in rows] == [broken]
+    assert os.fsencode(rows[0]["path"]).endswith(b"caf\xe9-\xff.png")  # the bytes, recovered
     listed = [
-        line for split in ("train", "val") for (line,) in read_rows(run / f"split_{split}.txt")
+        line
+        for split in ("train", "val")
+        for line in (run / f"split_{split}.txt").read_text("utf-8", "surrogateescape").splitlines()
     ]
     assert good.relative_to(data).as_posix() in listed
 

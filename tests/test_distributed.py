@@ -1,20 +1,17 @@
 """DDP with 2 CPU processes (gloo): validation metrics equal the single-process values."""
 
-import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 
-from alexnet_lit import LitAlexNet
 from alexnet_lit.data import ImageFolderDataModule, default_num_workers
 from alexnet_lit.data.samplers import UnpaddedDistributedSampler
 from alexnet_lit.training.cli import cli_main
-from tests.conftest import CLASSES, make_image_folder
-from tests.helpers import cli_args
+from tests.conftest import make_image_folder
+from tests.helpers import cli_args, read_csv, tiny_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +48,7 @@ def validate_in_subprocess(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics_file,) = out.glob("**/metrics.csv")
-    (row,) = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/acc")]
+    (row,) = [r for r in read_csv(metrics_file) if r.get("val/acc")]
     return {key: float(row[key]) for key in ("val/acc", "val/loss")}
 
 
@@ -70,12 +67,7 @@ def nine_val_images(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     data = make_image_folder(tmp / "data", splits={"train": 1, "val": 3})
     datamodule = ImageFolderDataModule(str(data), batch_size=2, num_workers=0, image_size=67)
-    model = LitAlexNet(len(CLASSES), CLASSES, preprocessing=datamodule.preprocessing)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(model, datamodule)
+    trainer = tiny_fit(datamodule, max_steps=1, limit_val_batches=0)
     ckpt = tmp / "model.ckpt"
     trainer.save_checkpoint(ckpt, weights_only=True)
     return data, ckpt

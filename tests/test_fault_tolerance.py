@@ -141,23 +141,12 @@ io.save_checkpoint({{"step": torch.tensor(2)}}, {str(path)!r})
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
-class _CreatesMarker:
-    """Unpickling this runs ``os.mkdir(marker)``: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (str(self.marker),)
-
-
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_crafted_checkpoint_is_refused_and_runs_nothing(
-    subcommand, tiny_data, tmp_path, monkeypatch, capsys
+    subcommand, tiny_data, crafted_checkpoint, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    marker, crafted = tmp_path / "pwned", tmp_path / "crafted.ckpt"
-    torch.save({"state_dict": {}, "payload": _CreatesMarker(marker)}, crafted)
+    crafted, marker = crafted_checkpoint
     args = fit_args(tiny_data, f"--ckpt_path={crafted}")
     args[0] = subcommand
     line = cli_error_line(capsys, args)

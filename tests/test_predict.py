@@ -1,6 +1,5 @@
 """scripts/predict.py and the CLI's predict subcommand: one CSV row per image, errors kept."""
 
-import csv
 import os
 import shutil
 import subprocess
@@ -20,13 +19,7 @@ from alexnet_lit.errors import CheckpointError
 from alexnet_lit.inference.predict import load_model, predict_main
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import CLASSES, make_image_folder
-from tests.helpers import DEFAULT_CONFIG, ROOT, cli_error_line
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV the project wrote; a name that is not UTF-8 comes back as os.fsdecode's."""
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        return list(csv.DictReader(handle))
+from tests.helpers import DEFAULT_CONFIG, ROOT, cli_error_line, read_csv
 
 
 @pytest.fixture

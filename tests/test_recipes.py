@@ -1,5 +1,6 @@
 """Research recipes: each overlay via the CLI, the schedules, MixUp/CutMix, EMA, the finders."""
 
+import itertools
 import json
 import math
 from functools import partial
@@ -7,17 +8,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from PIL import Image
+from torchvision.transforms import v2
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.data import ImageFolderDataModule
 from alexnet_lit.training.cli import cli_main
+from alexnet_lit.training.finders import BatchSizeSearch, LRFinder
 from alexnet_lit.training.schedules import WarmupCosineLR
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, fit_args
+from tests.helpers import ROOT, fit_args, tiny_fit
 
 OVERLAYS = sorted((ROOT / "configs").glob("experiments/*.yaml")) + sorted(
     (ROOT / "configs").glob("tools/*.yaml")
@@ -32,15 +37,100 @@ def tiny_datamodule(data_dir: Path) -> ImageFolderDataModule:
     return ImageFolderDataModule(data_dir, batch_size=4, num_workers=0, image_size=67)
 
 
-@pytest.mark.slow
+def configured(model: LitAlexNet, total_steps: int = 17) -> dict:
+    model.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)  # a stand-in
+    return model.configure_optimizers()
+
+
+def callbacks_of(cli, kind: type) -> list:
+    return [callback for callback in cli.trainer.callbacks if isinstance(callback, kind)]
+
+
+def check_optimizer(cli, kind: type, groups: int, **settings) -> None:
+    optimizer = configured(cli.model)
+    assert type(optimizer) is kind and len(optimizer.param_groups) == groups
+    for key, value in settings.items():
+        assert optimizer.param_groups[0][key] == value, key
+    if groups == 2:  # the biases' group: no weight decay
+        assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def check_scheduler(cli, kind: type, interval: str) -> None:
+    config = configured(cli.model, total_steps=17)["lr_scheduler"]
+    assert type(config["scheduler"]) is kind and config["interval"] == interval
+    if kind in (torch.optim.lr_scheduler.OneCycleLR, WarmupCosineLR):
+        assert config["scheduler"].total_steps == 17  # from the trainer
+    if kind is torch.optim.lr_scheduler.ReduceLROnPlateau:
+        assert config["monitor"] == "val/acc"
+
+
+def check_overlay_effect(name: str, cli) -> None:
+    """What overlay ``name`` changes, checked on the objects the CLI built from it (no fit)."""
+    steps = torch.optim.lr_scheduler
+    if name == "adamw":
+        check_optimizer(cli, torch.optim.AdamW, 2, weight_decay=0.05)
+    elif name == "sgd_nesterov":
+        check_optimizer(cli, torch.optim.SGD, 2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    elif name in ("onecycle", "warmup_cosine", "step_lr", "plateau"):
+        kind, interval = {
+            "onecycle": (steps.OneCycleLR, "step"),
+            "warmup_cosine": (WarmupCosineLR, "step"),
+            "step_lr": (steps.StepLR, "epoch"),
+            "plateau": (steps.ReduceLROnPlateau, "epoch"),
+        }[name]
+        check_scheduler(cli, kind, interval)
+    elif name in ("mixup", "cutmix"):
+        assert isinstance(cli.model.batch_mix, v2.MixUp if name == "mixup" else v2.CutMix)
+    elif name == "label_smoothing":
+        assert cli.model.loss_fn.label_smoothing == 0.1
+    elif name == "early_stopping":
+        (stopper,) = callbacks_of(cli, EarlyStopping)
+        assert (stopper.monitor, stopper.mode, cli.trainer.max_epochs) == ("val/acc", "max", 30)
+    elif name == "ema":
+        assert len(callbacks_of(cli, EMAWeightAveraging)) == 1
+    elif name == "grad_accum":
+        assert cli.trainer.accumulate_grad_batches == 4 and cli.datamodule.hparams.batch_size == 8
+    elif name == "grad_clip":
+        assert cli.trainer.gradient_clip_val == 1.0
+        assert cli.trainer.gradient_clip_algorithm == "norm"
+    elif name == "strong_augment":
+        assert cli.datamodule.train_preset().trivial_augment is not None
+    elif name == "lr_find":
+        assert len(callbacks_of(cli, LRFinder)) == 1
+    elif name == "batch_size_find":
+        assert len(callbacks_of(cli, BatchSizeSearch)) == 1
+    else:
+        pytest.fail(f"no check for the overlay {name!r}: add one here")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_overlay_fast_dev_run(overlay, image_folder, tmp_path, monkeypatch):
+def test_overlay_builds_and_takes_effect(overlay, image_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # run=False: the model, data and trainer are built from the configs, and nothing runs.
+    cli = cli_main(tiny_args(image_folder, "--config", str(overlay))[1:], run=False)
+    check_overlay_effect(overlay.stem, cli)
+    # callbacks+ appends to configs/default.yaml's callbacks instead of replacing them.
+    assert len(callbacks_of(cli, ModelCheckpoint)) == 2
+
+
+# Fitted (one fast_dev_run batch) only where the overlay takes a code path of its own at run
+# time: mixed batches and soft labels (mixup, cutmix), weights swapped around validation and
+# checkpoints (ema), a scheduler that reads val/acc at the epoch's end (plateau), the strong
+# augmentation (trivial augment on the loader, random erasing on the device) and accumulated
+# gradients (grad_accum). The others only change arguments of objects that the test above
+# builds; early stopping, which fast_dev_run turns off, and the finders, which fast_dev_run
+# skips, have tests of their own below.
+FITTED = ["mixup", "cutmix", "ema", "plateau", "strong_augment", "grad_accum"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FITTED)
+def test_overlay_fast_dev_run(name, image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overlay = ROOT / "configs" / "experiments" / f"{name}.yaml"
     cli = cli_main(tiny_args(image_folder, "--config", str(overlay), "--trainer.fast_dev_run=1"))
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
-    if overlay.stem == "ema":
-        assert any(isinstance(c, EMAWeightAveraging) for c in cli.trainer.callbacks)
 
 
 def test_warmup_cosine_follows_its_formula():
@@ -69,11 +159,6 @@ def test_warmup_defaults_to_a_fraction_and_rejects_a_too_long_one():
     assert WarmupCosineLR(optimizer, total_steps=200, warmup_fraction=0.1).warmup_steps == 20
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosineLR(optimizer, total_steps=10, warmup_steps=10)
-
-
-def configured(model: LitAlexNet, total_steps: int = 17) -> dict:
-    model.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)  # a stand-in
-    return model.configure_optimizers()
 
 
 def test_one_cycle_gets_total_steps_from_the_trainer_and_steps_per_batch():
@@ -163,18 +248,10 @@ def test_ema_weights_are_validated_and_checkpointed_beside_the_raw_ones(image_fo
     overlay = yaml.safe_load((ROOT / "configs" / "experiments" / "ema.yaml").read_text())
     (entry,) = overlay["trainer"]["callbacks+"]
     ema, spy = EMAWeightAveraging(**entry["init_args"]), WeightSpy(tmp_path)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=[ema, spy],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(LitAlexNet(num_classes=3), tiny_datamodule(image_folder))
+    tiny_fit(
+        tiny_datamodule(image_folder), limit_train_batches=3, limit_val_batches=1,
+        callbacks=[ema, spy], default_root_dir=tmp_path,
+    )  # fmt: skip
     raw, validated = spy.after_train_step, spy.validated
     assert not torch.allclose(validated, raw)  # the EMA differs from the raw weights ...
     key = "model.classifier.6.weight"
@@ -182,12 +259,40 @@ def test_ema_weights_are_validated_and_checkpointed_beside_the_raw_ones(image_fo
     assert torch.equal(spy.checkpoint["current_model_state"][key], raw)  # and the raw is kept
 
 
-def tool_overlay(tmp_path: Path, name: str, **init_args) -> str:
-    overlay = yaml.safe_load((ROOT / "configs" / "tools" / f"{name}.yaml").read_text())
+def edited_overlay(tmp_path: Path, path: Path, **init_args) -> str:
+    """A copy of overlay ``path`` in ``tmp_path`` with its one callback's ``init_args`` updated."""
+    overlay = yaml.safe_load(path.read_text())
     overlay["trainer"]["callbacks+"][0]["init_args"].update(init_args)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    return str(path)
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(overlay))
+    return str(copy)
+
+
+def tool_overlay(tmp_path: Path, name: str, **init_args) -> str:
+    return edited_overlay(tmp_path, ROOT / "configs" / "tools" / f"{name}.yaml", **init_args)
+
+
+@pytest.mark.slow
+def test_early_stopping_overlay_stops_a_run_that_stopped_improving(
+    image_folder, tmp_path, monkeypatch
+):
+    # At learning rate 0 val/acc never improves after the first epoch: with patience 1 the run
+    # stops after 2 of its 30 epochs. (fast_dev_run would turn early stopping off.)
+    monkeypatch.chdir(tmp_path)
+    early = ROOT / "configs" / "experiments" / "early_stopping.yaml"
+    bare = tmp_path / "no_checkpoints.yaml"  # no checkpoint files, logs or pictures to write
+    bare.write_text("trainer: {callbacks: [], enable_checkpointing: false, logger: false}\n")
+    patient = edited_overlay(tmp_path, early, patience=1)
+    cli = cli_main(
+        tiny_args(
+            image_folder, "--config", str(bare), "--config", patient,
+            "--model.optimizer.init_args.lr=0", "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+        )
+    )  # fmt: skip
+    (stopper,) = callbacks_of(cli, EarlyStopping)
+    assert stopper.stopped_epoch == 1 and cli.trainer.current_epoch == 2
+    assert cli.trainer.max_epochs == 30
 
 
 @pytest.mark.slow
@@ -197,9 +302,17 @@ def test_lr_finder_writes_its_plot_and_result_into_the_run(image_folder, tmp_pat
     cli = cli_main(tiny_args(image_folder, "--config", overlay))
     run_dir = tmp_path / "lightning_logs" / "version_0"
     result = json.loads((run_dir / "lr_find.json").read_text())
-    assert len(result["lr"]) == len(result["loss"]) == 14
-    assert result["lr"][0] < result["lr"][-1] and "suggested_lr" in result
-    assert (run_dir / "lr_find.png").stat().st_size > 1000
+    # 14 real training steps, the rate growing from min_lr 1e-8 to max_lr 1.
+    lrs, losses = result["lr"], result["loss"]
+    assert len(lrs) == len(losses) == 14
+    assert lrs[0] == pytest.approx(1e-8) and lrs[-1] == pytest.approx(1.0)
+    assert all(before < after for before, after in itertools.pairwise(lrs))
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses[:10])
+    # The suggestion is a rate it tried: the steepest descent after the first 10 steps.
+    assert result["suggested_lr"] in lrs[10:13]
+    with Image.open(run_dir / "lr_find.png") as plot:
+        assert plot.width > 200 and plot.height > 200
+        assert np.asarray(plot.convert("L")).std() > 5  # a drawn curve, not a blank image
     assert cli.trainer.current_epoch == 0 and not list(run_dir.glob("checkpoints/*.ckpt"))
 
 
@@ -208,10 +321,14 @@ def test_batch_size_finder_writes_its_result_into_the_run(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "data", splits={"train": 3, "val": 1})  # 9 images
     overlay = tool_overlay(tmp_path, "batch_size_find", steps_per_trial=1)
-    cli_main(tiny_args(data, "--config", overlay))
-    result = json.loads((tmp_path / "lightning_logs" / "version_0" / "batch_size.json").read_text())
+    cli = cli_main(tiny_args(data, "--config", overlay))
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    result = json.loads((run_dir / "batch_size.json").read_text())
     # Power mode doubles 2 -> 4 -> 8 -> 16, and stops once a batch covers all 9 images.
+    assert result == {"batch_size": result["batch_size"], "mode": "power"}
     assert result["batch_size"] in (8, 16)
+    assert cli.datamodule.hparams.batch_size == result["batch_size"]  # the size it found
+    assert cli.trainer.current_epoch == 0 and not list(run_dir.glob("checkpoints/*.ckpt"))
 
 
 def test_run_recipes_table_reports_mean_spread_and_the_command():

@@ -1,7 +1,6 @@
 """report.html: one self-contained page per run, parsed, and opened in a real headless browser."""
 
 import base64
-import contextlib
 import io
 import re
 import shutil
@@ -19,12 +18,8 @@ from PIL import Image
 from alexnet_lit.evaluation.calibration import fit_temperature
 from alexnet_lit.evaluation.run_page import report_main
 from alexnet_lit.inference.predict import load_model, predict_probs
-from alexnet_lit.training.cli import cli_main
-from tests.conftest import make_image_folder
-from tests.helpers import cli_args, fit_args
+from tests.conftest import HOSTILE, EvaluatedRun
 
-# A class folder's name (no "/" can be in one): it must never become markup.
-HOSTILE = "<script>alert(1)<img src=x onerror=alert(1)>"
 SECTIONS = ["run", "result", "curves", "evaluation", "data", "reproduce"]
 
 
@@ -51,21 +46,10 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
-    """A 2-epoch fit whose data has a class named like markup, a val image copied from train
-    and a truncated training JPEG, then a test of its checkpoint."""
-    tmp = tmp_path_factory.mktemp("report")
-    data = make_image_folder(tmp / "data", classes=["ant", HOSTILE, "cat"])
-    shutil.copy(data / "train" / "ant" / "img_0.jpg", data / "val" / "ant" / "leak.jpg")
-    whole = (data / "train" / "cat" / "img_0.jpg").read_bytes()
-    (data / "train" / "cat" / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.chdir(tmp)
-        fit = cli_main(fit_args(data, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2"))
-        last = tmp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-        cli_main(cli_args("test", data, f"--ckpt_path={last}"))
-    return {"root": tmp, "fit": tmp / "lightning_logs" / "version_0", "cli": fit, "out": out}
+def run(evaluated_run: EvaluatedRun) -> EvaluatedRun:
+    """The shared fit (tests/conftest.py): its data has a class named like markup, a val image
+    copied from train and a truncated training JPEG; validate and test ran on its last.ckpt."""
+    return evaluated_run
 
 
 def parse(path: Path) -> tuple[str, Page]:
@@ -77,7 +61,7 @@ def parse(path: Path) -> tuple[str, Page]:
 
 @pytest.mark.slow
 def test_the_report_has_every_section_and_only_inlined_pictures(run):
-    html, page = parse(run["fit"] / "report.html")
+    html, page = parse(run.fit / "report.html")
     assert page.sections == SECTIONS
     assert len(page.images) >= 6  # curves, confusion matrices, reliability, mistakes
     for src in page.images:
@@ -94,31 +78,31 @@ def test_the_report_has_every_section_and_only_inlined_pictures(run):
     assert not [attrs for tag, attrs in page.tags if "onerror" in attrs]
     # What a reader needs: the result, the checkpoint, the command that re-runs it.
     assert "best <code>val/acc</code>" in html and "best-epoch=" in html
-    assert f"python scripts/train.py fit --config {run['fit'] / 'config.yaml'}" in html
-    assert "test in version_1" in html  # refreshed by the later test of its checkpoint
+    assert f"python scripts/train.py fit --config {run.fit / 'config.yaml'}" in html
+    # Refreshed by the later validate and test of its checkpoint.
+    assert "validate in version_1" in html and "test in version_2" in html
     # The data section: what the scan left out and why, and what train and val share.
     assert "1 image(s) left out as unreadable" in html
-    assert f"<code>{run['root'] / 'data/train/cat/truncated.jpg'}</code>" in html
-    leak = f"<code>{run['root'] / 'data/train/ant/img_0.jpg'}</code> = <code>"
+    assert f"<code>{run.truncated}</code>" in html
+    leak = f"<code>{run.leak[0]}</code> = <code>"
     assert "1 group(s) of byte-identical images span more than one split" in html and leak in html
 
 
 @pytest.mark.slow
 def test_a_fit_ends_with_a_summary_of_where_its_results_went(run):
-    out = run["out"].getvalue()
-    best = run["cli"].trainer.checkpoint_callback
-    epoch = int(Path(best.best_model_path).name.split("best-epoch=")[1][:2])
-    assert f"best val/acc {float(best.best_model_score):.4f} (epoch {epoch})" in out
+    out = run.fit_output
+    epoch = int(Path(run.best_model_path).name.split("best-epoch=")[1][:2])
+    assert f"best val/acc {run.best_model_score:.4f} (epoch {epoch})" in out
     assert "best checkpoint: lightning_logs/version_0/checkpoints/best-epoch=" in out
     assert "report: lightning_logs/version_0/report.html" in out
     assert "tensorboard --logdir lightning_logs" in out
 
 
 def test_the_report_is_rebuilt_from_the_run_folder_alone(run, capsys):
-    report = run["fit"] / "report.html"
+    report = run.fit / "report.html"
     before = report.read_text(encoding="utf-8")
     report.unlink()
-    assert report_main([str(run["fit"])]) == 0
+    assert report_main([str(run.fit)]) == 0
     assert capsys.readouterr().out.startswith("wrote ")
     after = report.read_text(encoding="utf-8")
 
@@ -213,7 +197,7 @@ def test_the_report_renders_in_a_headless_browser_without_a_network_request(run,
         "GET http://example.invalid/pixel.png HTTP/1.1"
     ]
     screenshot = tmp_path / "report.png"
-    assert render(browser, run["fit"] / "report.html", screenshot) == []  # asked for nothing
+    assert render(browser, run.fit / "report.html", screenshot) == []  # asked for nothing
     with Image.open(screenshot) as picture:
         pixels = np.asarray(picture.convert("L"), dtype=np.float32)
     assert pixels.std() > 20  # text, tables and pictures, not a blank page
@@ -222,9 +206,9 @@ def test_the_report_renders_in_a_headless_browser_without_a_network_request(run,
 
 @pytest.mark.slow
 def test_each_checkpoint_carries_the_temperature_fitted_on_its_own_weights(run):
-    checkpoints = run["fit"] / "checkpoints"
+    checkpoints = run.fit / "checkpoints"
     (best,) = checkpoints.glob("best-*.ckpt")
-    val = run["root"] / "data" / "val"
+    val = run.data / "val"
     samples = [
         (path, index)
         for index, name in enumerate(sorted(p.name for p in val.iterdir()))

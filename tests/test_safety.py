@@ -1,48 +1,19 @@
 """Every load path refuses a checkpoint that would run code when unpickled."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from alexnet_lit import LitAlexNet
+from alexnet_lit import ImageFolderDataModule, LitAlexNet
 from alexnet_lit.errors import CheckpointError
 from alexnet_lit.inference.export import export_main
 from alexnet_lit.inference.predict import load_model, predict_main
 from alexnet_lit.inference.tutorial_weights import import_main
 from tests.conftest import make_image_folder
-from tests.helpers import cli_args, cli_error_line
+from tests.helpers import cli_args, cli_error_line, tiny_fit
 
 
-class CreatesFile:
-    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code an attacker picks."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
-@pytest.fixture
-def crafted(tmp_path: Path) -> tuple[Path, Path]:
-    """A checkpoint-shaped file with a payload, and the marker file the payload would create."""
-    marker = tmp_path / "pwned"
-    model = LitAlexNet(num_classes=2)
-    checkpoint = {
-        "state_dict": {"model.classifier.6.bias": torch.zeros(2)},
-        "hyper_parameters": dict(model.hparams),
-        "pytorch-lightning_version": "2.6.0",
-        "payload": CreatesFile(marker),
-    }
-    path = tmp_path / "crafted.ckpt"
-    torch.save(checkpoint, path)
-    assert not marker.exists()
-    return path, marker
-
-
-def test_the_crafted_file_really_runs_code_without_weights_only(crafted):
-    path, marker = crafted
+def test_the_crafted_file_really_runs_code_without_weights_only(crafted_checkpoint):
+    path, marker = crafted_checkpoint
     torch.load(path, weights_only=False)  # what an unsafe loader would do
     assert marker.exists()
 
@@ -55,8 +26,8 @@ REFUSAL = (
 
 
 @pytest.mark.parametrize("load", [LitAlexNet.load_from_checkpoint, load_model])
-def test_python_loaders_refuse_it_in_one_sentence(load, crafted):
-    path, marker = crafted
+def test_python_loaders_refuse_it_in_one_sentence(load, crafted_checkpoint):
+    path, marker = crafted_checkpoint
     with pytest.raises(CheckpointError) as error:
         load(path)
     assert str(error.value) == f"checkpoint '{path}' {REFUSAL}"
@@ -64,8 +35,8 @@ def test_python_loaders_refuse_it_in_one_sentence(load, crafted):
 
 
 @pytest.mark.parametrize("script", ["predict", "export", "import"])
-def test_scripts_refuse_it(script, crafted, tmp_path, capsys):
-    path, marker = crafted
+def test_scripts_refuse_it(script, crafted_checkpoint, tmp_path, capsys):
+    path, marker = crafted_checkpoint
     if script == "predict":
         images = make_image_folder(tmp_path / "img", splits={"x": 1})
         code = predict_main(["--ckpt", str(path), str(images), "--out", str(tmp_path / "p.csv")])
@@ -78,8 +49,8 @@ def test_scripts_refuse_it(script, crafted, tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_cli_ckpt_path_refuses_it(crafted, tmp_path, monkeypatch, capsys):
-    path, marker = crafted
+def test_cli_ckpt_path_refuses_it(crafted_checkpoint, tmp_path, monkeypatch, capsys):
+    path, marker = crafted_checkpoint
     data = make_image_folder(tmp_path / "data", classes=["a", "b"], splits={"train": 1, "val": 1})
     monkeypatch.chdir(tmp_path)
     line = cli_error_line(capsys, cli_args("validate", data, f"--ckpt_path={path}"))
@@ -88,17 +59,9 @@ def test_cli_ckpt_path_refuses_it(crafted, tmp_path, monkeypatch, capsys):
 
 
 def test_a_datamodule_given_paths_still_writes_data_only_checkpoints(tmp_path):
-    import lightning as L
-
-    from alexnet_lit import ImageFolderDataModule
-
     data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 1})
     dm = ImageFolderDataModule(data, predict_dir=data / "val", num_workers=0, image_size=67)
-    trainer = L.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(LitAlexNet(dm.num_classes, dm.class_names, preprocessing=dm.preprocessing), dm)
+    trainer = tiny_fit(dm, max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.save_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     loaded = torch.load(tmp_path / "model.ckpt", weights_only=True)  # no Path objects in it
     assert loaded["datamodule_hyper_parameters"]["data_dir"] == str(data)

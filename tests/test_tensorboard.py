@@ -2,10 +2,8 @@
 TensorBoard's EventAccumulator, the tensorboard server's HTTP API, and the files on disk."""
 
 import contextlib
-import csv
 import io
 import json
-import logging
 import math
 import socket
 import subprocess
@@ -13,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,64 +21,30 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from alexnet_lit.evaluation.class_report import most_confused, per_class_metrics
 from alexnet_lit.evaluation.pictures import render_confusion_matrix
-from alexnet_lit.training.cli import cli_main
-from tests.conftest import make_image_folder
-from tests.helpers import DEFAULT_CONFIG
+from tests.conftest import (
+    RUN_BATCH,
+    RUN_CLASSES,
+    RUN_EPOCHS,
+    RUN_LR,
+    RUN_TRAIN_BATCHES,
+    EvaluatedRun,
+)
+from tests.helpers import read_csv, tiny_trainer
 
-CLASSES = [f"class_{i}" for i in range(7)]  # more than 5 classes, so top-5 accuracy is logged
-VAL_PER_CLASS = 2
-EPOCHS, TRAIN_BATCHES, BATCH = 2, 2, 4
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+CLASSES = RUN_CLASSES  # more than 5 classes, so top-5 accuracy is logged
+EPOCHS, TRAIN_BATCHES, BATCH = RUN_EPOCHS, RUN_TRAIN_BATCHES, RUN_BATCH
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """One tiny fit (2 epochs of 2 steps), then validate and test on its last checkpoint."""
-    tmp = tmp_path_factory.mktemp("tb")
-    data = make_image_folder(tmp / "data", CLASSES, {"train": 4, "val": VAL_PER_CLASS})
-    common = ["--config", DEFAULT_CONFIG, f"--data.data_dir={data}", f"--data.batch_size={BATCH}"]
-    common += ["--data.image_size=96", "--trainer.enable_progress_bar=false"]
-    records = _Records()
-    lightning_logger = logging.getLogger("lightning.pytorch")
-    lightning_logger.addHandler(records)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(tmp)
-            fit = cli_main(
-                ["fit", *common, f"--trainer.max_epochs={EPOCHS}",
-                 f"--trainer.limit_train_batches={TRAIN_BATCHES}", "--trainer.log_every_n_steps=1"]
-            )  # fmt: skip
-            ckpt = f"--ckpt_path={tmp / 'lightning_logs/version_0/checkpoints/last.ckpt'}"
-            validate = cli_main(["validate", *common, ckpt])
-            test = cli_main(["test", *common, ckpt])
-    finally:
-        lightning_logger.removeHandler(records)
-    logs = tmp / "lightning_logs"
-    return {
-        "fit": logs / "version_0",
-        "validate": logs / "version_1",
-        "test": logs / "version_2",
-        "data": data,
-        "metrics": {
-            name: {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-            for name, cli in (("fit", fit), ("validate", validate), ("test", test))
-        },
-        "log": records.messages,
-    }
+def runs(evaluated_run: EvaluatedRun) -> EvaluatedRun:
+    """The shared fit (tests/conftest.py), then validate and test on its last checkpoint."""
+    return evaluated_run
 
 
 @pytest.fixture(scope="module")
 def events(runs) -> EventAccumulator:
     accumulator = EventAccumulator(
-        str(runs["fit"]), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+        str(runs.fit), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
     )
     accumulator.Reload()
     return accumulator
@@ -109,7 +72,7 @@ def test_scalars_are_logged_with_sane_values(events):
     acc = values(events, "val/acc")
     assert all(top5 >= a for top5, a in zip(values(events, "val/acc_top5"), acc, strict=True))
     assert values(events, "val/acc_best") == pytest.approx(np.maximum.accumulate(acc).tolist())
-    assert values(events, "lr-Adam") == pytest.approx([1e-4] * EPOCHS)
+    assert values(events, "lr-Adam") == pytest.approx(RUN_LR)  # the schedule, epoch by epoch
     # Throughput is the epoch's training images over its training time.
     for rate, seconds in zip(
         values(events, "train/images_per_s"), values(events, "train/epoch_time_s"), strict=True
@@ -123,7 +86,7 @@ def test_hparams_tab_holds_the_real_settings_and_best_val_acc(events, runs):
     hp_metric = values(events, "hp_metric")
     assert -1 not in hp_metric
     assert hp_metric[-1] == pytest.approx(max(values(events, "val/acc")))
-    assert hp_metric[-1] == pytest.approx(runs["metrics"]["fit"]["val/acc_best"])
+    assert hp_metric[-1] == pytest.approx(runs.metrics["fit"]["val/acc_best"])
     val_steps = [event.step for event in events.Scalars("val/acc")]
     assert [event.step for event in events.Scalars("hp_metric")] == val_steps
 
@@ -136,12 +99,21 @@ def test_hparams_tab_holds_the_real_settings_and_best_val_acc(events, runs):
     hparams = plugin_data["_hparams_/session_start_info"].session_start_info.hparams
     assert hparams["model/num_classes"].number_value == len(CLASSES)
     assert hparams["optimizer/class"].string_value == "Adam"
-    assert hparams["optimizer/lr"].number_value == pytest.approx(1e-4)
+    assert hparams["optimizer/lr"].number_value == pytest.approx(RUN_LR[0])
     assert hparams["data/batch_size"].number_value == BATCH
-    assert hparams["data/image_size"].number_value == 96
+    assert hparams["data/image_size"].number_value == 67
     assert hparams["trainer/precision"].string_value == "32-true"
     assert hparams["trainer/max_epochs"].number_value == EPOCHS
-    assert hparams["lr_scheduler/class"].string_value == "none"
+    assert hparams["lr_scheduler/class"].string_value == "StepLR"
+
+
+def test_hparams_of_a_run_without_a_scheduler_name_none():
+    # The shared run has a StepLR; without one the HPARAMS tab says "none".
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from alexnet_lit.training.callbacks import run_hyperparameters
+
+    assert run_hyperparameters(tiny_trainer(), BoringModel())["lr_scheduler/class"] == "none"
 
 
 def decode(event) -> Image.Image:
@@ -167,27 +139,23 @@ def test_images_are_logged_once_per_validation_epoch(events):
     assert tile_rows[1].shape[0] > 100 and (tile_rows[0] != tile_rows[1][: len(tile_rows[0])]).any()
 
 
-def read_csv(path: Path) -> list[dict]:
-    with path.open() as file:
-        return list(csv.DictReader(file))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("subcommand, stage", [("validate", "val"), ("test", "test")])
 def test_validate_and_test_write_reports(runs, subcommand, stage):
-    run = runs[subcommand]
+    run = getattr(runs, subcommand)
+    images = len(list((runs.data / "val").rglob("*.jpg")))  # test/ is missing: val/ is tested
     rows = read_csv(run / f"{stage}_report.csv")
     assert [row["class"] for row in rows] == CLASSES
-    assert sum(int(row["support"]) for row in rows) == len(CLASSES) * VAL_PER_CLASS
+    assert sum(int(row["support"]) for row in rows) == images
     # The report agrees with the torchmetrics values the run logged.
-    metrics = runs["metrics"][subcommand]
+    metrics = runs.metrics[subcommand]
     recall = np.mean([float(row["recall"]) for row in rows])
     assert recall == pytest.approx(metrics[f"{stage}/recall_macro"], abs=1e-4)
     precision = np.mean([float(row["precision"]) for row in rows])
     assert precision == pytest.approx(metrics[f"{stage}/precision_macro"], abs=1e-4)
     pairs = read_csv(run / f"{stage}_confused_pairs.csv")
     assert all(pair["true"] != pair["predicted"] for pair in pairs)
-    wrong = round((1 - metrics[f"{stage}/acc"]) * len(CLASSES) * VAL_PER_CLASS)
+    wrong = round((1 - metrics[f"{stage}/acc"]) * images)
     listed = sum(int(pair["count"]) for pair in pairs)
     assert listed == wrong if len(pairs) < 10 else listed <= wrong  # the top 10 pairs are listed
     markdown = (run / f"{stage}_report.md").read_text()
@@ -203,8 +171,8 @@ def test_validate_and_test_write_reports(runs, subcommand, stage):
 
 @pytest.mark.slow
 def test_test_says_which_split_it_evaluates(runs):
-    val_dir = runs["data"] / "val"
-    assert f"test: evaluating {val_dir} (there is no test/ folder)" in runs["log"]
+    val_dir = runs.data / "val"
+    assert f"test: evaluating {val_dir} (there is no test/ folder)" in runs.log
 
 
 def free_port() -> int:
@@ -222,7 +190,7 @@ def get_json(url: str):
 def test_tensorboard_server_serves_val_acc(runs, events):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", f"--logdir={runs['fit'].parent}",
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={runs.fit.parent}",
          "--host=127.0.0.1", f"--port={port}", "--load_fast=false", "--reload_interval=1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -311,10 +279,9 @@ def test_epoch_time_counts_training_batches_not_what_follows_validation(monkeypa
                 clock[0] += 100.0
 
     monkeypatch.setattr(callbacks.time, "perf_counter", perf_counter)
-    trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=4, limit_val_batches=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callbacks.EpochTimer(), SlowAfterValidation()], accelerator="cpu",
+    trainer = tiny_trainer(
+        limit_train_batches=4, limit_val_batches=1,
+        callbacks=[callbacks.EpochTimer(), SlowAfterValidation()],
     )  # fmt: skip
     trainer.fit(BoringModel())
     assert trainer.callback_metrics["train/epoch_time_s"] < 1.0  # not the 100 s after validation

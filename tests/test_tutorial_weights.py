@@ -1,6 +1,5 @@
 """scripts/import_tutorial_weights.py: the tutorial's alexnet.pt becomes a checkpoint we can use."""
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from alexnet_lit.inference.tutorial_weights import import_main
 from alexnet_lit.training.cli import cli_main
 from scripts.bench.tutorial_loop import tutorial_alexnet
 from tests.conftest import CLASSES, make_image_folder
+from tests.helpers import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +52,7 @@ def test_imported_checkpoint_predicts_and_validates(imported, tmp_path, monkeypa
     data = make_image_folder(tmp_path / "data", splits={"train": 1, "val": 2})
     out = tmp_path / "predictions.csv"
     assert predict_main(["--ckpt", str(imported), str(data / "val"), "--out", str(out)]) == 0
-    with out.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv(out)
     assert len(rows) == 6 and all(row["predicted"] in CLASSES for row in rows)
 
     monkeypatch.chdir(tmp_path)
