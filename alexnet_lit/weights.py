@@ -82,12 +82,16 @@ def _fetch_imagenet(path: Path) -> None:
 
 def weights_preprocessing(weights: str | None, in_channels: int = 3) -> dict[str, Any] | None:
     """The preprocessing record the weights were trained with: ImageNet's, or the one a ``.ckpt``
-    of this project carries; None for random weights and for a ``.pth`` (which records none)."""
+    of this project carries; None for random weights and for a ``.pth`` (which records none).
+
+    The file is found (ImageNet's fetched) here, so a missing one ends a fit before its run folder
+    exists.
+    """
     if not weights:
         return None
+    path = weights_path(weights)
     if weights == IMAGENET:
         return imagenet_preprocessing(in_channels)
-    path = weights_path(weights)
     checkpoint = load_checkpoint(path, mmap=True)
     record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
     if not isinstance(record, dict):
