@@ -134,6 +134,7 @@ class LitAlexNet(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.model = build_alexnet(arch, num_classes, in_channels=in_channels, dropout=dropout)
+        self._start_weights_loaded = False  # see load_start_weights
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(
                 f"model.class_weights has {len(class_weights)} values but model.num_classes is "
@@ -176,11 +177,20 @@ class LitAlexNet(L.LightningModule):
         return self.model(x.contiguous(memory_format=self.memory_format))
 
     def on_fit_start(self) -> None:
-        # Here, not in __init__: load_from_checkpoint and a resumed fit (whose checkpoint is
-        # restored before this hook) must not read the starting weights again.
-        if self.hparams.weights and not self.trainer.ckpt_path:
-            summary = load_weights(self.model, self.hparams.weights, self.hparams.arch)
-            rank_zero_info(summary)
+        self.load_start_weights()
+
+    def load_start_weights(self) -> None:
+        """Load ``model.weights`` into the network once, when a new fit starts.
+
+        Not in ``__init__``: ``load_from_checkpoint`` and a resumed fit (restored before
+        ``on_fit_start``) must not read the starting weights again. The finders, which train in
+        their own ``on_fit_start`` before this module's, call it first so that they search from
+        the weights the fit starts from.
+        """
+        if self._start_weights_loaded or not self.hparams.weights or self.trainer.ckpt_path:
+            return
+        self._start_weights_loaded = True
+        rank_zero_info(load_weights(self.model, self.hparams.weights, self.hparams.arch))
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str

@@ -314,6 +314,25 @@ def test_learning_curve_compares_a_start_from_known_weights(
     ) in out
 
 
+@pytest.mark.slow
+def test_learning_curve_without_compare_writes_one_curve(tmp_path, monkeypatch, capsys):
+    colour_folder(tmp_path / "data", per_class=8, flipped_per_class=0)
+    monkeypatch.chdir(tmp_path)
+    args = ["--fractions", "0.5", "1.0", "--seeds", "0",
+            *fit_args(tmp_path / "data", *AUDIT_FIT, "--trainer.max_epochs=1")[1:]]  # fmt: skip
+    assert learning_curve_main(args) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    rows = read_csv(run / "learning_curve.csv")
+    assert [(r["fraction"], r["seed"], r["train_images"]) for r in rows] == [
+        ("0.5", "0", "8"), ("1.0", "0", "16")
+    ]  # fmt: skip
+    assert list(rows[0]) == ["fraction", "seed", "train_images", "best_val_acc"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["f0.5_s0", "f1_s0"]
+    out = capsys.readouterr().out
+    assert "points per doubling of the training images (8 to 16)" in out
+    assert "Starting from" not in out
+
+
 def test_a_missing_compare_overlay_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--compare", "nope.yaml", *fit_args(tmp_path)[1:]]

@@ -187,10 +187,12 @@ def test_frozen_backbone_gets_no_gradient_or_state_until_it_thaws(image_folder):
 
 
 @pytest.mark.slow
-def test_resume_after_the_thaw_continues_the_schedule_exactly(tmp_path):
+def test_resume_after_the_thaw_continues_the_schedule_exactly(imagenet, tmp_path, caplog):
+    # From ImageNet, whose preprocessing the resumed fit must take from its checkpoint.
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
     overlay = tmp_path / "finetune.yaml"
     overlay.write_text(
+        "model: {arch: torchvision, weights: imagenet}\n"
         "trainer:\n  callbacks+:\n"
         "    - class_path: alexnet_lit.training.callbacks.BackboneFinetuning\n"
         "      init_args: {unfreeze_backbone_at_epoch: 1}\n"
@@ -205,7 +207,11 @@ def test_resume_after_the_thaw_continues_the_schedule_exactly(tmp_path):
 
     full = fit("a", "--trainer.max_epochs=3")
     fit("b", "--trainer.max_epochs=2")  # thawed at epoch 1, stopped after epoch 2
+    caplog.clear()
+    caplog.set_level(logging.INFO)
     resumed = fit("b", "--trainer.max_epochs=3", "--ckpt_path=last")
+    assert not [r for r in caplog.records if "model.weights: loaded" in r.getMessage()]
+    assert resumed.datamodule.preprocessing["mean"] == pytest.approx(IMAGENET_MEAN)
     for key, tensor in full.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[key]), f"resume differs in {key}"
     lrs = [[g["lr"] for g in cli.trainer.optimizers[0].param_groups] for cli in (full, resumed)]
@@ -259,3 +265,33 @@ def test_a_weights_only_file_as_ckpt_path_points_at_model_weights(
         f"there is no fit to resume; start a new fit from it with --model.weights {tiny_ckpt} "
         "instead."
     )
+
+
+def test_a_finder_searches_from_the_weights_the_fit_starts_from(tiny_ckpt, tmp_path, monkeypatch):
+    # The LR finder trains in its on_fit_start, before the module's, and then restores the model
+    # it started from: that must be the checkpoint's network, not random weights.
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
+    overlay = tmp_path / "lr_find.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks+:\n"
+        "    - class_path: alexnet_lit.training.finders.LRFinder\n"
+        "      init_args: {num_training_steps: 2, early_stop_threshold: null}\n"
+    )
+    cli = cli_main(fit_args(data, "--config", str(overlay), f"--model.weights={tiny_ckpt}"))
+    assert (tmp_path / "lightning_logs" / "version_0" / "lr_find.json").is_file()
+    trained = load_checkpoint(tiny_ckpt)["state_dict"]
+    for key, tensor in cli.model.model.features.state_dict().items():
+        assert torch.equal(tensor, trained[f"model.features.{key}"]), key
+
+
+def test_a_learning_rate_schedule_with_the_finetune_overlay_is_one_line(
+    imagenet, image_folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    onecycle = str(ROOT / "configs" / "experiments" / "onecycle.yaml")
+    line = cli_error_line(
+        capsys, fit_args(image_folder, "--config", FINETUNE, "--config", onecycle)
+    )
+    assert line.startswith("error: BackboneFinetuning sets the backbone's learning rate itself")
+    assert line.endswith("leave out the scheduler overlay or configs/finetune.yaml.")

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from alexnet_lit.errors import DataConfigError, UserError, run_main
+from alexnet_lit.evaluation.class_report import per_class_metrics, summary
 from alexnet_lit.runs import next_run_folder, printable, write_csv
 
 Samples = list[tuple[Path, int]]
@@ -123,18 +124,18 @@ def label_issue_rows(
 def fold_accuracy(
     samples: Samples, pred_probs: np.ndarray, class_names: Sequence[str]
 ) -> list[dict]:
-    """The fold models' out-of-sample accuracy: one row per class, then ``all``; images that
-    could not be scored (NaN rows of ``pred_probs`` ``[N, C]``) are left out."""
+    """The fold models' out-of-sample accuracy: one row per class (its recall), then ``all``;
+    images that could not be scored (NaN rows of ``pred_probs`` ``[N, C]``) are left out."""
     labels = np.asarray([target for _, target in samples])
     scored = ~np.isnan(pred_probs).any(axis=1)
-    correct = np.zeros(len(samples), dtype=bool)
-    correct[scored] = pred_probs[scored].argmax(axis=1) == labels[scored]
-    rows = []
-    for label, name in [*enumerate(class_names), (None, "all")]:
-        mask = scored if label is None else scored & (labels == label)
-        count = int(mask.sum())
-        accuracy = float(correct[mask].mean()) if count else float("nan")
-        rows.append({"class": name, "images": count, "accuracy": f"{accuracy:.4f}"})
+    confusion = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    np.add.at(confusion, (labels[scored], pred_probs[scored].argmax(axis=1)), 1)
+    per_class = per_class_metrics(confusion, class_names)
+    rows = [{"class": r["class"], "images": r["support"], "accuracy": f"{r['recall']:.4f}"}
+            for r in per_class]  # fmt: skip
+    overall = summary(confusion, per_class)
+    rows.append({"class": "all", "images": overall["images"],
+                 "accuracy": f"{overall['accuracy']:.4f}"})  # fmt: skip
     return rows
 
 
@@ -363,7 +364,8 @@ def learning_curve(
     fields = ["fraction", "seed", "train_images", "best_val_acc"]
     if compare:
         fields = ["config", *fields, "gap_vs_baseline"]
-    rows = ({**r, "fraction": str(r["fraction"])} for r in results)  # 0.5, 1.0
+    # "fraction" as 0.5, 1.0; "config" only when there is more than the baseline.
+    rows = ({f: str(r[f]) if f == "fraction" else r.get(f) for f in fields} for r in results)
     write_csv(run / "learning_curve.csv", rows, fields)
     points: dict[str, dict[int, list[float]]] = {label: defaultdict(list) for label in curves}
     gaps: dict[str, dict[int, list[float]]] = {label: defaultdict(list) for label in curves}

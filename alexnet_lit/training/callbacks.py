@@ -1,8 +1,8 @@
 """The training dashboards (throughput and epoch times, the HPARAMS tab of TensorBoard) and the
 fine-tuning schedule.
 
-The dashboards add a host-device sync to a training step: throughput counts images from the batch
-shape and times with ``time.perf_counter``. The evaluation pictures and reports are
+Neither dashboard adds a host-device sync to a training step: throughput counts images from the
+batch shape and times with ``time.perf_counter``. The evaluation pictures and reports are
 :mod:`alexnet_lit.evaluation.callbacks`.
 """
 
@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import callbacks
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from alexnet_lit.errors import DataConfigError
 from alexnet_lit.runs import logged_step, tensorboard_logger
 
 
@@ -171,6 +172,24 @@ class BackboneFinetuning(callbacks.BackboneFinetuning):
       silently keep the convolutions fixed.
     - The two groups are logged as the hyperparameter ``param_groups`` (``hparams.yaml``).
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The backbone's optimizer group appears at the thaw; what is built before then (a
+        # learning-rate scheduler, the module's no-decay split of biases) does not know it, and
+        # OneCycleLR or ReduceLROnPlateau would fail there, epochs into the fit.
+        if getattr(pl_module, "lr_scheduler", None) is not None:
+            raise DataConfigError(
+                "BackboneFinetuning sets the backbone's learning rate itself, from the epoch it "
+                "adds the backbone's optimizer group, which model.lr_scheduler would not know; "
+                "leave out the scheduler overlay or configs/finetune.yaml."
+            )
+        if pl_module.hparams.get("no_decay_bias"):
+            raise DataConfigError(
+                "BackboneFinetuning adds the backbone's optimizer group with weight decay on "
+                "every tensor, which model.no_decay_bias would not reach; set it false with "
+                "configs/finetune.yaml."
+            )
+        super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

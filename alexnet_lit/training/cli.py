@@ -97,8 +97,14 @@ class AlexNetCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if self.subcommand in (None, "fit") and not config.get("ckpt_path"):
-            _follow_weights(config)
+        checkpoint = self._loaded_checkpoints.get(config.get("ckpt_path"))
+        if checkpoint is not None:  # resume, validate, test, predict: the checkpoint's record
+            record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
+            _follow_preprocessing(config, record, f"--ckpt_path {config.ckpt_path} was")
+        elif self.subcommand in (None, "fit"):  # a new fit: the record of its starting weights
+            weights = config.model.weights
+            record = weights_preprocessing(weights, config.data.in_channels)
+            _follow_preprocessing(config, record, f"model.weights {weights} were")
         if config.get("native_mixed_precision"):
             trainer = config.trainer
             if trainer.precision is not None:
@@ -144,12 +150,11 @@ class AlexNetCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionCSVWriter())
 
 
-def _follow_weights(config) -> None:
-    """Set the data's unset preprocessing keys to those ``model.weights`` were trained with;
-    keys the config sets win, with one line each."""
-    record = weights_preprocessing(config.model.weights, config.data.in_channels)
-    if record is None:
-        return
+def _follow_preprocessing(config, record: dict | None, trained_with: str) -> None:
+    """Set the data's unset preprocessing keys to the ``record`` the weights were trained with
+    (``trained_with`` names them); keys the config sets win, with one line each."""
+    if not isinstance(record, dict) or record.get("in_channels") != config.data.in_channels:
+        return  # no record, or the other channel count, which the model refuses in one line
     for key in ("image_size", "mean", "std"):
         ours, theirs = config.data.get(key), record[key]
         if ours is None:
@@ -157,7 +162,7 @@ def _follow_weights(config) -> None:
         elif (ours if key == "image_size" else [float(v) for v in ours]) != theirs:
             rank_zero_info(
                 f"data.{key}: keeping {ours}, which the config sets, over the {theirs} that "
-                f"model.weights {config.model.weights} were trained with."
+                f"{trained_with} trained with."
             )
 
 
