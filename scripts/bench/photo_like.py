@@ -26,7 +26,10 @@ def polygon(sides: int, cx: float, cy: float, r: float, turn: float) -> list[tup
     ]  # fmt: skip
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, turn, colour) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, turn: float,
+    colour: tuple[int, int, int],
+) -> None:  # fmt: skip
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
     elif shape == "ring":
