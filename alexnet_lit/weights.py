@@ -164,6 +164,11 @@ def load_weights(model: nn.Module, weights: str, arch: str) -> str:
         elif key == FIRST_CONV and theirs.shape[1] == 3 and tensor.shape[1] == 1:
             state[key] = theirs.sum(dim=1, keepdim=True)  # as timm's adapt_input_conv
             notes.append(f"{key} summed over its 3 colour channels for grayscale input")
+        elif key == FIRST_CONV and theirs.shape[1] == 1 and theirs.shape[0] == tensor.shape[0]:
+            raise CheckpointError(
+                f"model.weights '{source}' were trained on grayscale images (1 input channel) "
+                f"but data.in_channels is {tensor.shape[1]}; set data.in_channels: 1."
+            )
         else:
             raise CheckpointError(
                 f"model.weights '{source}' does not fit model.arch {arch}: tensor {key} is "

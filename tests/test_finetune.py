@@ -104,6 +104,10 @@ def test_weights_of_another_architecture_name_the_first_misfit(imagenet, tmp_pat
     assert "tensor features.0.weight is [64, 3, 11, 11] there but [96, 3, 11, 11] here" in str(
         error.value
     )
+    gray = tmp_path / "gray.pth"  # grayscale weights for RGB data: the fix is data.in_channels
+    torch.save(build_alexnet("torchvision", 2, in_channels=1).state_dict(), gray)
+    with pytest.raises(CheckpointError, match=r"grayscale .* set data\.in_channels: 1\.$"):
+        load_weights(build_alexnet("torchvision", 2), str(gray), "torchvision")
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in imagenet.items() if not k.startswith("features.3")}, partial)
     with pytest.raises(CheckpointError, match=r"has no tensor features\.3\.weight"):
