@@ -25,7 +25,7 @@ from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSample
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
 from alexnet_lit.preprocessing import IMAGE_SIZE, MEAN, STD, normalize, preprocessing_record
-from alexnet_lit.runs import open_text, run_dir
+from alexnet_lit.runs import open_text, printable, run_dir
 
 # Augmentation preset where image_size, crop_scale or hflip are left unset (None) on your data.
 TUTORIAL_PRESET = {"image_size": IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
@@ -277,7 +277,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.predict_dir: '{self.predict_dir}' holds no images{ignored}."
             )
         if found.not_images:
-            rank_zero_warn(f"data.predict_dir: {not_images_note(found.not_images)}.")
+            rank_zero_warn(printable(f"data.predict_dir: {not_images_note(found.not_images)}."))
         for path, reason in found.unreadable.items():
             self.skipped.add(str(path), reason, "scan")
         return ImageListDataset(
