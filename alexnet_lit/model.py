@@ -1,9 +1,16 @@
-"""The tutorial's AlexNet as a plain ``nn.Module``: 5 conv layers and 3 fully connected layers."""
+"""The two AlexNets, plain ``nn.Module``s of 5 conv layers and 3 fully connected layers: the
+tutorial's (the default) and torchvision's (the one ImageNet weights exist for).
+"""
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
+import torchvision
 from torch import nn
+
+Arch = Literal["tutorial", "torchvision"]
+ARCHS = ("tutorial", "torchvision")
 
 # Positions of the weighted layers in the tutorial's ``nn.Sequential``, mapped to ours. The
 # tutorial's index 6 is a ReLU right after a max-pool: a no-op that we keep so shapes and outputs
@@ -92,6 +99,25 @@ class AlexNet(nn.Module):
                     "checkpoint was trained with."
                 )
         self.load_state_dict(converted)
+
+
+def build_alexnet(
+    arch: Arch, num_classes: int, in_channels: int = 3, dropout: float = 0.5
+) -> nn.Module:
+    """The ``arch`` AlexNet; both have ``features`` (the convolutions) and ``classifier``.
+
+    ``torchvision`` is torchvision's ``AlexNet`` (64/192/384/256/256 channels, a 6x6 map, a
+    9216-wide first linear layer; 57,012,034 parameters for 2 classes); a grayscale one gets a
+    1-channel first convolution.
+    """
+    if arch == "tutorial":
+        return AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
+    if arch != "torchvision":
+        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}.")
+    model = torchvision.models.AlexNet(num_classes=num_classes, dropout=dropout)
+    if in_channels != 3:
+        model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
+    return model
 
 
 def convert_tutorial_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

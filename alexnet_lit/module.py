@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import (
@@ -22,8 +23,9 @@ from torchvision.transforms import v2
 from alexnet_lit.checkpoints import unsafe_checkpoint_message
 from alexnet_lit.errors import CheckpointError, DataConfigError
 from alexnet_lit.metrics import EpochOutputs, expected_calibration_error
-from alexnet_lit.model import AlexNet
+from alexnet_lit.model import Arch, build_alexnet
 from alexnet_lit.preprocessing import preprocessing_record
+from alexnet_lit.weights import load_weights
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 # Schedules whose convention is one step per optimizer step, not per epoch (and any scheduler
@@ -43,6 +45,13 @@ class LitAlexNet(L.LightningModule):
         num_classes: Number of classes; the CLI links it from the DataModule.
         class_names: Class names in label order; the CLI links them from the DataModule.
         in_channels: 3 for RGB, 1 for grayscale.
+        arch: ``tutorial`` (the tutorial's AlexNet) or ``torchvision`` (torchvision's, the one
+            ImageNet weights exist for); see :func:`~alexnet_lit.model.build_alexnet`.
+        weights: Where a fit starts: None (random), ``imagenet`` (torchvision's
+            ``IMAGENET1K_V1``, from the torch hub cache), a ``.pth`` state dict of ``arch``, or
+            a ``.ckpt`` of this project; loaded when a fit starts (not when it resumes), the
+            last layer fresh when the class count differs. The CLI makes the data's
+            preprocessing follow them.
         dropout: Dropout probability in the classifier.
         optimizer: Builds the optimizer from the parameters; the tutorial's Adam(lr=1e-4) when
             not given. From YAML: ``class_path: torch.optim.SGD`` with ``init_args``.
@@ -73,6 +82,8 @@ class LitAlexNet(L.LightningModule):
         num_classes: int = 2,
         class_names: Sequence[str] | None = None,
         in_channels: int = 3,
+        arch: Arch = "tutorial",
+        weights: str | None = None,
         dropout: float = 0.5,
         optimizer: OptimizerCallable = tutorial_adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -106,6 +117,8 @@ class LitAlexNet(L.LightningModule):
                 "num_classes": num_classes,
                 "class_names": list(class_names),
                 "in_channels": in_channels,
+                "arch": arch,
+                "weights": None if weights is None else str(weights),
                 "dropout": dropout,
                 "preprocessing": dict(preprocessing),
                 "class_weights": None if class_weights is None else list(class_weights),
@@ -120,7 +133,8 @@ class LitAlexNet(L.LightningModule):
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.model = AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
+        self.model = build_alexnet(arch, num_classes, in_channels=in_channels, dropout=dropout)
+        self._start_weights_loaded = False  # see load_start_weights
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(
                 f"model.class_weights has {len(class_weights)} values but model.num_classes is "
@@ -154,8 +168,29 @@ class LitAlexNet(L.LightningModule):
             metrics["f1_macro"] = MulticlassF1Score(num_classes, average="macro")
         return nn.ModuleDict(metrics)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The convolutions, which fine-tuning (``BackboneFinetuning``) freezes, then thaws."""
+        return self.model.features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
+
+    def on_fit_start(self) -> None:
+        self.load_start_weights()
+
+    def load_start_weights(self) -> None:
+        """Load ``model.weights`` into the network once, when a new fit starts.
+
+        Not in ``__init__``: ``load_from_checkpoint`` and a resumed fit (restored before
+        ``on_fit_start``) must not read the starting weights again. The finders, which train in
+        their own ``on_fit_start`` before this module's, call it first so that they search from
+        the weights the fit starts from.
+        """
+        if self._start_weights_loaded or not self.hparams.weights or self.trainer.ckpt_path:
+            return
+        self._start_weights_loaded = True
+        rank_zero_info(load_weights(self.model, self.hparams.weights, self.hparams.arch))
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
@@ -263,6 +298,7 @@ class LitAlexNet(L.LightningModule):
             return False
 
     def configure_optimizers(self) -> Any:
+        # Frozen parameters (fine-tuning's backbone) get no optimizer state until they thaw.
         optimizer = self.optimizer(self._param_groups())
         if self.lr_scheduler is None:
             return optimizer
@@ -282,10 +318,10 @@ class LitAlexNet(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def _param_groups(self) -> Iterable:
-        if not self.hparams.no_decay_bias:
-            return self.parameters()
-        # Biases and other 1-d tensors (norm scales) are offsets, not weights to shrink.
         params = [p for p in self.parameters() if p.requires_grad]
+        if not self.hparams.no_decay_bias:
+            return params
+        # Biases and other 1-d tensors (norm scales) are offsets, not weights to shrink.
         return [
             {"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
@@ -315,6 +351,13 @@ class LitAlexNet(L.LightningModule):
         """Refuse a checkpoint trained on other classes or preprocessing than this data's, and
         adopt the temperature fitted for it."""
         trained = checkpoint.get("hyper_parameters", {})
+        trained_arch = trained.get("arch", "tutorial")  # older checkpoints: the tutorial's
+        if trained_arch != self.hparams.arch:
+            raise CheckpointError(
+                f"--ckpt_path '{self._checkpoint_path()}' holds a model.arch {trained_arch} "
+                f"network but model.arch is {self.hparams.arch}; pass the run's config.yaml with "
+                f"--config (or --model.arch {trained_arch})."
+            )
         if "temperature" in trained:
             self.hparams["temperature"] = float(trained["temperature"])
         if self._resuming_fit():

@@ -18,6 +18,26 @@ from PIL import Image
 CLASSES = ["ant", "bee", "cat"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist runs the tests in one process per core: split the cores between the workers
+    # instead of letting each worker's torch use all of them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    # pytest-xdist sends each report to the main process as UTF-8; a captured line naming a file
+    # whose name is not UTF-8 (the surrogates of os.fsdecode) would end the whole run there.
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
+    return report
+
+
 def make_image_folder(
     root: Path,
     classes: list[str] = CLASSES,

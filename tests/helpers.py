@@ -2,6 +2,7 @@
 trainer, and reading the CSV files a run writes."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,14 @@ def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
     command = [sys.executable, str(ROOT / "scripts" / script), *args]
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, errors="backslashreplace",
-        timeout=timeout,
+        timeout=timeout, preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
+    # handler; the script must meet Ctrl-C as it does in a terminal, however pytest was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tiny_trainer(**overrides: Any) -> L.Trainer:

@@ -16,7 +16,9 @@ from alexnet_lit.inference.predict import load_model, predict_main
 from alexnet_lit.metrics import expected_calibration_error
 from alexnet_lit.preprocessing import preprocessing_record
 from alexnet_lit.training.audits import (
+    chance_warning,
     find_label_issues_main,
+    fold_accuracy,
     learning_curve_main,
     nested_subsets,
     reading,
@@ -196,12 +198,37 @@ def test_flipped_labels_rank_above_the_clean_ones(tmp_path, monkeypatch, capsys)
     assert Path(top["path"]) in flipped and top["given"] != top["suggested"]
     assert float(top["suggested_prob"]) > float(top["given_prob"])
     assert sorted(p.name for p in run.iterdir() if p.is_file()) == [
-        "label_issues.csv", "label_issues.png"
+        "fold_accuracy.csv", "label_issues.csv", "label_issues.png"
     ]  # fmt: skip
+    # The fold models' out-of-sample accuracy, per class and overall, printed and recorded.
+    accuracy = read_csv(run / "fold_accuracy.csv")
+    assert [(r["class"], r["images"]) for r in accuracy] == [
+        ("blue", "12"), ("red", "12"), ("all", "24")
+    ]  # fmt: skip
+    overall = float(accuracy[-1]["accuracy"])
+    per_class = [float(r["accuracy"]) for r in accuracy[:2]]
+    assert overall == pytest.approx(sum(per_class) / 2, abs=1e-4)
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["fold_0", "fold_1", "fold_2"]
     assert not list(run.rglob("*.ckpt"))  # the fold models are not kept
     out = capsys.readouterr().out
     assert "likely label issue(s)" in out and "lightning_logs/version_0/label_issues.csv" in out
+    assert f"fold models' out-of-sample accuracy {overall:.2f} (chance 0.50); per class: " in out
+    assert "close to chance" not in out  # these fold models learned the colours
+
+
+def test_fold_accuracy_near_chance_says_the_ranking_means_little():
+    samples = [(Path(f"{c}_{i}"), c) for c in range(3) for i in range(10)]
+    probs = np.full((30, 3), 0.2)
+    probs[np.arange(30), [0, 1, 2] * 10] = 0.6  # argmax right for 12 of 30: near chance
+    probs[0] = np.nan  # an image that could not be scored (one of the 12) is left out
+    rows = fold_accuracy(samples, probs, ["a", "b", "c"])
+    assert rows[0] == {"class": "a", "images": 9, "accuracy": f"{3 / 9:.4f}"}
+    assert rows[-1] == {"class": "all", "images": 29, "accuracy": f"{11 / 29:.4f}"}
+    warning = chance_warning(rows, 3)
+    assert warning.startswith("warning: the fold models are close to chance (0.38 out of sample")
+    assert "--config configs/finetune.yaml" in warning
+    probs[np.arange(30), [0] * 10 + [1] * 10 + [2] * 10] = 0.9  # now right for all 29
+    assert chance_warning(fold_accuracy(samples, probs, ["a", "b", "c"]), 3) is None
 
 
 def test_more_folds_than_images_per_class_is_one_line(tmp_path, monkeypatch, capsys):
@@ -253,19 +280,63 @@ def test_a_fraction_outside_zero_to_one_is_one_line(fraction, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_learning_curve_writes_its_table_plot_and_reading(tmp_path, monkeypatch, capsys):
+def test_learning_curve_compares_a_start_from_known_weights(
+    tiny_ckpt, tmp_path, monkeypatch, capsys
+):
     colour_folder(tmp_path / "data", per_class=8, flipped_per_class=0)
     monkeypatch.chdir(tmp_path)
-    args = ["--fractions", "0.5", "1.0", "--seeds", "0", "1",
+    overlay = tmp_path / "from_ckpt.yaml"  # a 3-class checkpoint fine-tuned on these 2 classes
+    overlay.write_text(f"model:\n  weights: {tiny_ckpt}\n")
+    args = ["--fractions", "0.5", "1.0", "--seeds", "0", "--compare", str(overlay),
             *fit_args(tmp_path / "data", *AUDIT_FIT, "--trainer.max_epochs=2")[1:]]  # fmt: skip
     assert learning_curve_main(args) == 0
     run = tmp_path / "lightning_logs" / "version_0"
     rows = read_csv(run / "learning_curve.csv")
-    assert [(r["fraction"], r["seed"], r["train_images"]) for r in rows] == [
-        ("0.5", "0", "8"), ("1.0", "0", "16"), ("0.5", "1", "8"), ("1.0", "1", "16")
+    assert [(r["config"], r["fraction"], r["train_images"]) for r in rows] == [
+        ("baseline", "0.5", "8"), ("from_ckpt", "0.5", "8"),
+        ("baseline", "1.0", "16"), ("from_ckpt", "1.0", "16"),
     ]  # fmt: skip
-    assert all(0.0 <= float(r["best_val_acc"]) <= 1.0 for r in rows)
+    for base, other in (rows[0:2], rows[2:4]):  # the gap is paired: same subset, same seed
+        gap = float(other["best_val_acc"]) - float(base["best_val_acc"])
+        assert float(other["gap_vs_baseline"]) == pytest.approx(gap)
+        assert base["gap_vs_baseline"] == ""
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "baseline_f0.5_s0", "baseline_f1_s0", "from_ckpt_f0.5_s0", "from_ckpt_f1_s0"
+    ]  # fmt: skip
     with Image.open(run / "learning_curve.png") as picture:
         assert picture.width > 300
     out = capsys.readouterr().out
     assert "points per doubling of the training images (8 to 16)" in out
+    gaps = [100 * float(r["gap_vs_baseline"]) for r in rows if r["config"] == "from_ckpt"]
+    assert (
+        f"Starting from from_ckpt adds {gaps[0]:+.1f} points (± 0.0) at 4 images per class, "
+        f"{gaps[1]:+.1f} points (± 0.0) at the largest set (8 per class)."
+    ) in out
+
+
+@pytest.mark.slow
+def test_learning_curve_without_compare_writes_one_curve(tmp_path, monkeypatch, capsys):
+    colour_folder(tmp_path / "data", per_class=8, flipped_per_class=0)
+    monkeypatch.chdir(tmp_path)
+    args = ["--fractions", "0.5", "1.0", "--seeds", "0",
+            *fit_args(tmp_path / "data", *AUDIT_FIT, "--trainer.max_epochs=1")[1:]]  # fmt: skip
+    assert learning_curve_main(args) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    rows = read_csv(run / "learning_curve.csv")
+    assert [(r["fraction"], r["seed"], r["train_images"]) for r in rows] == [
+        ("0.5", "0", "8"), ("1.0", "0", "16")
+    ]  # fmt: skip
+    assert list(rows[0]) == ["fraction", "seed", "train_images", "best_val_acc"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["f0.5_s0", "f1_s0"]
+    out = capsys.readouterr().out
+    assert "points per doubling of the training images (8 to 16)" in out
+    assert "Starting from" not in out
+
+
+def test_a_missing_compare_overlay_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--compare", "nope.yaml", *fit_args(tmp_path)[1:]]
+    assert learning_curve_main(args) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == "error: --compare 'nope.yaml' does not exist; pass a YAML overlay."
+    assert not (tmp_path / "lightning_logs").exists()

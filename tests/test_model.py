@@ -4,13 +4,24 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet_lit.model import AlexNet
+from alexnet_lit.model import AlexNet, build_alexnet
 from scripts.bench.tutorial_loop import tutorial_alexnet
 
 
 def test_parameter_count_matches_the_tutorial():
     assert sum(p.numel() for p in AlexNet(num_classes=2).parameters()) == 46_755_202
     assert sum(p.numel() for p in tutorial_alexnet(3, 2).parameters()) == 46_755_202
+
+
+def test_torchvision_arch_is_torchvisions_alexnet_for_any_channels():
+    model = build_alexnet("torchvision", num_classes=2)
+    assert sum(p.numel() for p in model.parameters()) == 57_012_034
+    assert model(torch.rand(1, 3, 224, 224)).shape == (1, 2)
+    gray = build_alexnet("torchvision", num_classes=2, in_channels=1)
+    assert gray.features[0].weight.shape == (64, 1, 11, 11)
+    assert gray(torch.rand(1, 1, 224, 224)).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"model\.arch must be one of tutorial, torchvision"):
+        build_alexnet("resnet", num_classes=2)
 
 
 def test_feature_map_shapes_layer_by_layer():

@@ -149,15 +149,15 @@ def test_cli_predict_under_ddp_writes_each_image_once(tiny_run, tiny_ckpt, tmp_p
     assert not list(tmp_path.glob(".ddp.csv.rank*"))
 
 
-def test_cli_predict_refuses_preprocessing_other_than_the_checkpoints(
+def test_cli_predict_follows_the_checkpoints_preprocessing_unless_the_config_sets_other(
     tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    line = cli_error_line(  # trained at 96 px; the data default is 224
-        capsys,
-        ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
-         "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"],
-    )  # fmt: skip
+    args = ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
+            "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"]  # fmt: skip
+    cli = cli_main(args)  # trained at 96 px: the data takes that, where the config sets nothing
+    assert cli.datamodule.preprocessing["image_size"] == 96
+    line = cli_error_line(capsys, [*args, "--data.image_size=224"])
     assert line.startswith(f"error: --ckpt_path '{tiny_ckpt}' was trained with preprocessing")
     assert "'image_size': 96" in line and "'image_size': 224" in line and "--config" in line
 

@@ -145,7 +145,9 @@ class RequestRecorder:
                 continue
             connection.settimeout(1)
             try:
-                self.requests.append(connection.recv(512).split(b"\r\n")[0].decode("latin-1"))
+                first = connection.recv(512).split(b"\r\n")[0].decode("latin-1")
+                if first:  # Chromium may open a spare connection and close it unused
+                    self.requests.append(first)
             except OSError:
                 self.requests.append("?")
             connection.close()

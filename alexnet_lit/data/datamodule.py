@@ -24,8 +24,8 @@ from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_era
 from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
-from alexnet_lit.preprocessing import IMAGE_SIZE, normalize, preprocessing_record
-from alexnet_lit.runs import open_text, run_dir
+from alexnet_lit.preprocessing import IMAGE_SIZE, MEAN, STD, normalize, preprocessing_record
+from alexnet_lit.runs import open_text, printable, run_dir
 
 # Augmentation preset where image_size, crop_scale or hflip are left unset (None) on your data.
 TUTORIAL_PRESET = {"image_size": IMAGE_SIZE, "crop_scale": (0.08, 1.0), "hflip": True}
@@ -65,6 +65,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         image_size: Side of the square network input. None: the tutorial's 224 for your data,
             96 for the demo's 8x8 digits.
         in_channels: 3 for RGB, 1 to train on grayscale.
+        mean: Per-channel mean the network's input is normalized with, one value per channel.
+            None: the tutorial's 0.5, or what ``model.weights`` were trained with (the CLI
+            fills it in from them).
+        std: Per-channel standard deviation, as ``mean``; None: the tutorial's 0.5.
         crop_scale: Area range of the training RandomResizedCrop. None: the tutorial's
             (0.08, 1.0) for your data, (0.5, 1.0) for the demo.
         hflip: Random horizontal flips in training. None: on for your data (the tutorial's),
@@ -96,6 +100,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         image_size: int | None = None,
         in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         crop_scale: tuple[float, float] | None = None,
         hflip: bool | None = None,
         predict_dir: str | Path | None = None,
@@ -119,6 +125,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
         if in_channels not in (1, 3):
             raise DataConfigError(f"data.in_channels must be 1 or 3, got {in_channels}.")
+        for key, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) != in_channels:
+                raise DataConfigError(
+                    f"data.{key} has {len(values)} value(s) but data.in_channels is "
+                    f"{in_channels}; give one per channel."
+                )
+        if std is not None and min(std) <= 0:
+            raise DataConfigError(f"data.std must be positive, got {list(std)}.")
         if not 0.0 < val_split < 1.0:
             raise DataConfigError(f"data.val_split must be between 0 and 1, got {val_split}.")
         if on_bad_image not in ("skip", "error"):
@@ -144,7 +158,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.image_size = preset["image_size"] if image_size is None else image_size
         self.crop_scale = preset["crop_scale"] if crop_scale is None else tuple(crop_scale)
         self.hflip = preset["hflip"] if hflip is None else hflip
-        self.preprocessing = preprocessing_record(self.image_size, in_channels)
+        self.preprocessing = preprocessing_record(
+            self.image_size, in_channels, mean or MEAN, std or STD
+        )
         self.datasets: dict[str, ImageListDataset] = {}
         self.skipped = SkippedImages(on_bad_image)
         self.index = FolderIndex(self.data_dir, self.class_names, self.skipped, val_split, seed)
@@ -261,7 +277,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.predict_dir: '{self.predict_dir}' holds no images{ignored}."
             )
         if found.not_images:
-            rank_zero_warn(f"data.predict_dir: {not_images_note(found.not_images)}.")
+            rank_zero_warn(printable(f"data.predict_dir: {not_images_note(found.not_images)}."))
         for path, reason in found.unreadable.items():
             self.skipped.add(str(path), reason, "scan")
         return ImageListDataset(

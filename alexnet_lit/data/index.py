@@ -16,6 +16,7 @@ from alexnet_lit.data.folders import (
 from alexnet_lit.data.images import is_hidden
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
+from alexnet_lit.runs import printable
 
 
 def class_counts(samples: Sequence[tuple[Path, int]], class_names: Sequence[str]) -> dict[str, int]:
@@ -119,11 +120,13 @@ class FolderIndex:
         if scan.unreadable:
             path, reason = scan.unreadable[0]
             rank_zero_warn(
-                f"{split}/: {len(scan.unreadable)} unreadable image(s) left out before training, "
-                f"e.g. '{path}' ({reason}); listed in {self.skipped.where()}."
+                printable(
+                    f"{split}/: {len(scan.unreadable)} unreadable image(s) left out before "
+                    f"training, e.g. '{path}' ({reason}); listed in {self.skipped.where()}."
+                )
             )
         if scan.not_images:
-            rank_zero_warn(f"{split}/: {not_images_note(scan.not_images)}.")
+            rank_zero_warn(printable(f"{split}/: {not_images_note(scan.not_images)}."))
         if scan.hidden or scan.outside_classes:
             rank_zero_info(
                 f"{split}/: ignored {len(scan.hidden)} hidden or system entries and "
@@ -170,7 +173,9 @@ class FolderIndex:
             )
         missing = [name for name in self.class_names if not images.get(name)]
         if missing:
-            rank_zero_warn(f"'{split_dir}' has no images of train classes: {', '.join(missing)}.")
+            rank_zero_warn(
+                printable(f"'{split_dir}' has no images of train classes: {', '.join(missing)}.")
+            )
         return images
 
     def _as_samples(self, images: dict[str, list[Path]]) -> list[tuple[Path, int]]:

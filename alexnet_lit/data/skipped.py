@@ -5,7 +5,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_warn
 
 from alexnet_lit.errors import DataConfigError
-from alexnet_lit.runs import write_csv
+from alexnet_lit.runs import printable, write_csv
 
 SKIPPED_FILE = "skipped_images.csv"
 
@@ -64,7 +64,9 @@ class SkippedImages:
             return
         self.entries[path] = (reason, when)
         if when == "load":
-            rank_zero_warn(f"skipped image '{path}' ({reason}); recorded in {self.where()}.")
+            rank_zero_warn(
+                printable(f"skipped image '{path}' ({reason}); recorded in {self.where()}.")
+            )
         self._write()
 
     def where(self) -> str:

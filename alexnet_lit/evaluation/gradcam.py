@@ -8,13 +8,16 @@ where the evidence for that class is, upsampled to the image.
 import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
-
-from alexnet_lit.model import AlexNet
-
-LAST_CONV = 11  # features[11]: Conv2d(384, 256, 3), [256,12,12] for a 224x224 input
+from torch import nn
 
 
-def grad_cam(model: AlexNet, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def last_conv(model: nn.Module) -> nn.Conv2d:
+    """The last convolution of either AlexNet's ``features``: ``[256, 12, 12]`` (the tutorial's)
+    or ``[256, 13, 13]`` (torchvision's) for a 224x224 input."""
+    return [layer for layer in model.features if isinstance(layer, nn.Conv2d)][-1]
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Grad-CAM heatmaps ``[B, H, W]`` in [0, 1] (each scaled to its own maximum) of the network
     inputs ``images`` ``[B, C, H, W]`` for the classes ``targets`` ``[B]``.
 
@@ -23,7 +26,7 @@ def grad_cam(model: AlexNet, images: torch.Tensor, targets: torch.Tensor) -> tor
     """
     with torch.inference_mode(False), torch.enable_grad():
         inputs = images.detach().clone().requires_grad_(True)
-        cam = LayerGradCam(model, model.features[LAST_CONV])
+        cam = LayerGradCam(model, last_conv(model))
         attributions = cam.attribute(inputs, target=targets.tolist(), relu_attributions=True)
         heat = LayerAttribution.interpolate(
             attributions.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear"

@@ -230,7 +230,13 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
         if isinstance(optimizer, dict)
         else optimizer
     )
+    weights = model.get("weights")
     pairs = [
+        (
+            "network",
+            f"AlexNet ({model.get('arch') or 'tutorial'}), "
+            + (f"from {weights}" if weights else "random weights"),
+        ),
         ("optimizer", f"{name} (lr {init.get('lr', '?')})"),
         (
             "scheduler",
@@ -247,6 +253,18 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
         ("accelerator", f"{trainer.get('accelerator')} x {trainer.get('devices')}"),
         ("seed", str(config.get("seed_everything"))),
     ]
+    for callback in trainer.get("callbacks") or []:
+        if isinstance(callback, dict) and str(callback.get("class_path")).endswith(
+            "BackboneFinetuning"
+        ):
+            args = callback.get("init_args") or {}
+            pairs.append(
+                (
+                    "fine-tuning",
+                    f"convolutions frozen until epoch {args.get('unfreeze_backbone_at_epoch')}, "
+                    f"then at {args.get('backbone_initial_ratio_lr')} x the head's lr",
+                )
+            )
     return pairs
 
 

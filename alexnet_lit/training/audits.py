@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from alexnet_lit.errors import DataConfigError, UserError, run_main
+from alexnet_lit.evaluation.class_report import per_class_metrics, summary
 from alexnet_lit.runs import next_run_folder, printable, write_csv
 
 Samples = list[tuple[Path, int]]
@@ -120,9 +121,52 @@ def label_issue_rows(
     return rows
 
 
+def fold_accuracy(
+    samples: Samples, pred_probs: np.ndarray, class_names: Sequence[str]
+) -> list[dict]:
+    """The fold models' out-of-sample accuracy: one row per class (its recall), then ``all``;
+    images that could not be scored (NaN rows of ``pred_probs`` ``[N, C]``) are left out."""
+    labels = np.asarray([target for _, target in samples])
+    scored = ~np.isnan(pred_probs).any(axis=1)
+    confusion = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    np.add.at(confusion, (labels[scored], pred_probs[scored].argmax(axis=1)), 1)
+    per_class = per_class_metrics(confusion, class_names)
+    rows = [{"class": r["class"], "images": r["support"], "accuracy": f"{r['recall']:.4f}"}
+            for r in per_class]  # fmt: skip
+    overall = summary(confusion, per_class)
+    rows.append({"class": "all", "images": overall["images"],
+                 "accuracy": f"{overall['accuracy']:.4f}"})  # fmt: skip
+    return rows
+
+
+def accuracy_line(rows: Sequence[dict], num_classes: int) -> str:
+    """``fold models' out-of-sample accuracy 0.62 (chance 0.33); per class: a 0.70, ...``."""
+    *classes, overall = rows
+    per_class = ", ".join(f"{r['class']} {float(r['accuracy']):.2f}" for r in classes)
+    return printable(
+        f"fold models' out-of-sample accuracy {float(overall['accuracy']):.2f} (chance "
+        f"{1 / num_classes:.2f}); per class: {per_class}"
+    )
+
+
+def chance_warning(rows: Sequence[dict], num_classes: int) -> str | None:
+    """One line when the fold models are less than halfway from chance to perfect: their
+    probabilities then say little about any one label, so neither does the ranking."""
+    accuracy, chance = float(rows[-1]["accuracy"]), 1 / num_classes
+    if accuracy >= chance + (1 - chance) / 2:
+        return None
+    return (
+        f"warning: the fold models are close to chance ({accuracy:.2f} out of sample, chance "
+        f"{chance:.2f}), so this ranking means little; train them longer (--trainer.max_epochs) "
+        "or start from known weights (--config configs/finetune.yaml, or --model.weights "
+        "a checkpoint of other classes)."
+    )
+
+
 def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) -> Path:
     """Train one model per fold, score each held-out fold, rank the likely label errors, and
-    write ``label_issues.csv`` and ``label_issues.png``; returns the run folder."""
+    write ``label_issues.csv``, ``label_issues.png`` and the fold models' out-of-sample accuracy
+    (``fold_accuracy.csv``); returns the run folder."""
     from alexnet_lit.inference.predict import predict_probs
 
     require_cleanlab()  # before any training
@@ -143,6 +187,12 @@ def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) ->
     rows = label_issue_rows(samples, pred_probs, class_names)
     fields = ["rank", "path", "given", "suggested", "suggested_prob", "given_prob"]
     write_csv(run / "label_issues.csv", rows, fields)
+    accuracy = fold_accuracy(samples, pred_probs, class_names)
+    write_csv(run / "fold_accuracy.csv", accuracy, ["class", "images", "accuracy"])
+    print(accuracy_line(accuracy, len(class_names)))
+    warning = chance_warning(accuracy, len(class_names))
+    if warning:
+        print(warning)
     _suspects_grid(rows[:top], run / "label_issues.png")
     scored = int((~np.isnan(pred_probs).any(axis=1)).sum())
     print(f"{len(rows)} likely label issue(s) among {scored} training images ({folds}-fold "
@@ -241,63 +291,114 @@ def reading(points: dict[int, list[float]]) -> str:
     )
 
 
+def gap_reading(label: str, gaps: dict[int, list[float]], num_classes: int) -> str:
+    """One sentence on what an overlay adds over the baseline (``gaps``: per training-set size,
+    its best val/acc minus the baseline's, seed by seed), at the smallest size and the full set."""
+    sizes = sorted(gaps)
+
+    def at(size: int) -> str:
+        points = 100 * statistics.mean(gaps[size])
+        sd = 100 * statistics.stdev(gaps[size]) if len(gaps[size]) > 1 else 0.0
+        return f"{points:+.1f} points (± {sd:.1f})"
+
+    per_class = round(sizes[0] / num_classes)
+    line = f"Starting from {label} adds {at(sizes[0])} at {per_class} images per class"
+    if len(sizes) > 1:
+        line += f", {at(sizes[-1])} at the largest set ({round(sizes[-1] / num_classes)} per class)"
+    return line + "."
+
+
 def learning_curve(
-    fit_args: Sequence[str], fractions: Sequence[float], seeds: Sequence[int]
+    fit_args: Sequence[str],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    compare: Sequence[str] = (),
 ) -> Path:
-    """Train on nested subsets (the val split fixed), write ``learning_curve.csv`` and
+    """Train on nested subsets (the val split fixed), with the given arguments and again with
+    each ``compare`` overlay (same subsets and seeds); write ``learning_curve.csv`` and
     ``learning_curve.png``, print a one-line reading; returns the run folder."""
     fractions = sorted(set(fractions))
     nested_subsets([], fractions, 0)  # refuse bad fractions before any training
+    missing = [config for config in compare if not Path(config).is_file()]
+    if missing:
+        raise DataConfigError(f"--compare '{missing[0]}' does not exist; pass a YAML overlay.")
+    # The baseline, then one curve per overlay, each named after its file.
+    curves = {"baseline": [], **{Path(c).stem: ["--config", c] for c in compare}}
+    if len(curves) != len(compare) + 1:
+        raise DataConfigError("--compare: give overlays with different file names.")
     run = next_run_folder()
-    results, samples = [], None
+    results, samples, num_classes = [], None, 0
     for seed in seeds:
         subsets = None
         for fraction in fractions:
-            cli = instantiate(
-                [*fit_args, f"--seed_everything={seed}"], run, f"f{fraction:g}_s{seed}"
-            )
-            if samples is None:
-                samples = cli.datamodule.samples("train")
-            if subsets is None:  # this seed's nested subsets, once
-                subsets = nested_subsets(samples, fractions, seed)
-            subset = subsets[fraction]
-            print(f"learning curve: {len(subset)} training images ({fraction:g}), seed {seed}")
-            model = fit_on(cli, subset)
-            results.append(
-                {
-                    "fraction": fraction,
-                    "seed": seed,
-                    "train_images": len(subset),
-                    "best_val_acc": float(model.val_acc_best.compute()),
-                }
-            )
-    rows = ({**r, "fraction": str(r["fraction"])} for r in results)  # 0.5, 1.0
-    write_csv(
-        run / "learning_curve.csv", rows, ["fraction", "seed", "train_images", "best_val_acc"]
-    )
-    points: dict[int, list[float]] = defaultdict(list)
+            for label, overlay in curves.items():
+                name = f"f{fraction:g}_s{seed}" if not compare else f"{label}_f{fraction:g}_s{seed}"
+                args = [*fit_args, *overlay, f"--seed_everything={seed}"]
+                cli = instantiate(args, run, name)
+                if samples is None:
+                    samples, num_classes = (
+                        cli.datamodule.samples("train"),
+                        cli.datamodule.num_classes,
+                    )
+                if subsets is None:  # this seed's nested subsets, once
+                    subsets = nested_subsets(samples, fractions, seed)
+                subset = subsets[fraction]
+                print(f"learning curve: {len(subset)} training images ({fraction:g}), seed {seed}"
+                      + (f", {label}" if compare else ""))  # fmt: skip
+                model = fit_on(cli, subset)
+                results.append(
+                    {
+                        "config": label,
+                        "fraction": fraction,
+                        "seed": seed,
+                        "train_images": len(subset),
+                        "best_val_acc": float(model.val_acc_best.compute()),
+                    }
+                )
+    baseline = {(r["fraction"], r["seed"]): r["best_val_acc"] for r in results
+                if r["config"] == "baseline"}  # fmt: skip
     for result in results:
-        points[result["train_images"]].append(result["best_val_acc"])
+        if result["config"] != "baseline":  # paired: same subset, same seed
+            key = (result["fraction"], result["seed"])
+            result["gap_vs_baseline"] = result["best_val_acc"] - baseline[key]
+    fields = ["fraction", "seed", "train_images", "best_val_acc"]
+    if compare:
+        fields = ["config", *fields, "gap_vs_baseline"]
+    # "fraction" as 0.5, 1.0; "config" only when there is more than the baseline.
+    rows = ({f: str(r[f]) if f == "fraction" else r.get(f) for f in fields} for r in results)
+    write_csv(run / "learning_curve.csv", rows, fields)
+    points: dict[str, dict[int, list[float]]] = {label: defaultdict(list) for label in curves}
+    gaps: dict[str, dict[int, list[float]]] = {label: defaultdict(list) for label in curves}
+    for result in results:
+        points[result["config"]][result["train_images"]].append(result["best_val_acc"])
+        if "gap_vs_baseline" in result:
+            gaps[result["config"]][result["train_images"]].append(result["gap_vs_baseline"])
     _plot_curve(points, run / "learning_curve.png")
-    for size in sorted(points):
-        values = points[size]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"{size:>7} training images: best val/acc {statistics.mean(values):.3f} ± "
-              f"{sd:.3f} over {len(values)} seed(s)")  # fmt: skip
-    print(reading(points))
+    for label, curve in points.items():
+        for size in sorted(curve):
+            values = curve[size]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            which = f", {label}" if compare else ""
+            print(f"{size:>7} training images: best val/acc {statistics.mean(values):.3f} ± "
+                  f"{sd:.3f} over {len(values)} seed(s){which}")  # fmt: skip
+    print(reading(points["baseline"]))
+    for label in curves:
+        if label != "baseline":
+            print(gap_reading(label, gaps[label], num_classes))
     print(f"table: {run / 'learning_curve.csv'}\nplot: {run / 'learning_curve.png'}")
     rank_zero_info(f"learning curve written to {run}")
     return run
 
 
-def _plot_curve(points: dict[int, list[float]], out: Path) -> None:
+def _plot_curve(curves: dict[str, dict[int, list[float]]], out: Path) -> None:
     from alexnet_lit.evaluation.pictures import figure
 
-    sizes = sorted(points)
-    means = [statistics.mean(points[s]) for s in sizes]
-    sds = [statistics.stdev(points[s]) if len(points[s]) > 1 else 0.0 for s in sizes]
     with figure((5.6, 4), out) as axes:
-        axes.errorbar(sizes, means, yerr=sds, marker="o", capsize=4)
+        for label, points in curves.items():
+            sizes = sorted(points)
+            means = [statistics.mean(points[s]) for s in sizes]
+            sds = [statistics.stdev(points[s]) if len(points[s]) > 1 else 0.0 for s in sizes]
+            axes.errorbar(sizes, means, yerr=sds, marker="o", capsize=4, label=label)
         axes.set_xscale("log")
         axes.set_xticks(sizes, [str(s) for s in sizes])
         axes.minorticks_off()
@@ -305,6 +406,8 @@ def _plot_curve(points: dict[int, list[float]], out: Path) -> None:
         axes.set_ylabel("best val/acc, mean ± sd over seeds")
         axes.set_title("Learning curve")
         axes.grid(True, alpha=0.3)
+        if len(curves) > 1:
+            axes.legend()
 
 
 def learning_curve_main(argv: Sequence[str] | None = None) -> int:
@@ -315,5 +418,10 @@ def learning_curve_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--compare", action="append", default=[], metavar="CONFIG",
+        help="also train with this YAML overlay (e.g. configs/finetune.yaml) on the same subsets "
+        "and seeds, and report what it adds; repeatable",
+    )  # fmt: skip
     own, fit_args = split_args(argv, parser)
-    return run_main(lambda: learning_curve(fit_args, own.fractions, own.seeds))
+    return run_main(lambda: learning_curve(fit_args, own.fractions, own.seeds, own.compare))

@@ -1,7 +1,8 @@
-"""The training dashboards: throughput and epoch times, and the HPARAMS tab of TensorBoard.
+"""The training dashboards (throughput and epoch times, the HPARAMS tab of TensorBoard) and the
+fine-tuning schedule.
 
-Neither adds a host-device sync to a training step: throughput counts images from the batch
-shape and times with ``time.perf_counter``. The evaluation pictures and reports are
+Neither dashboard adds a host-device sync to a training step: throughput counts images from the
+batch shape and times with ``time.perf_counter``. The evaluation pictures and reports are
 :mod:`alexnet_lit.evaluation.callbacks`.
 """
 
@@ -11,8 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch import callbacks
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from alexnet_lit.errors import DataConfigError
 from alexnet_lit.runs import logged_step, tensorboard_logger
 
 
@@ -119,7 +122,7 @@ def run_hyperparameters(trainer: L.Trainer, pl_module: L.LightningModule) -> dic
     """The settings of a started run as flat ``group/name`` scalars and strings."""
     hp = pl_module.hparams
     params: dict[str, Any] = {"model/class": type(pl_module).__name__}
-    for key in ("num_classes", "in_channels", "dropout"):
+    for key in ("arch", "weights", "num_classes", "in_channels", "dropout"):
         if key in hp:
             params[f"model/{key}"] = hp[key]
     if "preprocessing" in hp:
@@ -157,3 +160,58 @@ def _hparam_value(value: Any) -> bool | int | float | str:
     if isinstance(value, list | tuple):
         return str(tuple(value))
     return str(value)
+
+
+class BackboneFinetuning(callbacks.BackboneFinetuning):
+    """Lightning's ``BackboneFinetuning`` (the backbone, ``pl_module.backbone``, frozen until
+    ``unfreeze_backbone_at_epoch``, then trained in its own optimizer group at a fraction of the
+    head's learning rate that grows each epoch up to it), plus two things it lacks:
+
+    - A fit resumed after the thaw trains the backbone. Lightning's restores the backbone's
+      optimizer group but leaves the freeze of its ``setup`` in place, so the resumed fit would
+      silently keep the convolutions fixed.
+    - The two groups are logged as the hyperparameter ``param_groups`` (``hparams.yaml``).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The backbone's optimizer group appears at the thaw; what is built before then (a
+        # learning-rate scheduler, the module's no-decay split of biases) does not know it, and
+        # OneCycleLR or ReduceLROnPlateau would fail there, epochs into the fit.
+        if getattr(pl_module, "lr_scheduler", None) is not None:
+            raise DataConfigError(
+                "BackboneFinetuning sets the backbone's learning rate itself, from the epoch it "
+                "adds the backbone's optimizer group, which model.lr_scheduler would not know; "
+                "leave out the scheduler overlay or configs/finetune.yaml."
+            )
+        if pl_module.hparams.get("no_decay_bias"):
+            raise DataConfigError(
+                "BackboneFinetuning adds the backbone's optimizer group with weight decay on "
+                "every tensor, which model.no_decay_bias would not reach; set it false with "
+                "configs/finetune.yaml."
+            )
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.previous_backbone_lr is not None:  # restored from a checkpoint after the thaw
+            self.make_trainable(pl_module.backbone)
+        if trainer.logger is not None and trainer.optimizers:
+            trainer.logger.log_hyperparams({"param_groups": self.param_groups(trainer)})
+
+    def param_groups(self, trainer: L.Trainer) -> dict[str, dict[str, Any]]:
+        """The head's and the backbone's learning rates and the epoch each starts training."""
+        head_lr = trainer.optimizers[0].defaults.get("lr")
+        start = self.unfreeze_backbone_at_epoch
+        backbone_lr = self.backbone_initial_lr
+        if backbone_lr is None and head_lr is not None:
+            backbone_lr = head_lr * self.backbone_initial_ratio_lr
+        growth = self.lambda_func(start + 1)
+        capped = " up to the head's" if self.should_align else ""
+        return {
+            "head": {"trains_from_epoch": 0, "lr": head_lr},
+            "backbone": {
+                "trains_from_epoch": start,
+                "lr": backbone_lr,
+                "lr_each_later_epoch": f"x {growth:g}{capped}",
+            },
+        }

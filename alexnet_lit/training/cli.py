@@ -19,11 +19,12 @@ from alexnet_lit.checkpoints import (
     load_checkpoint,
 )
 from alexnet_lit.data import ImageFolderDataModule
-from alexnet_lit.errors import UserError, print_error
+from alexnet_lit.errors import CheckpointError, UserError, print_error
 from alexnet_lit.inference.predict import PredictionCSVWriter
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.training.fault_tolerance import NonFiniteLossError
 from alexnet_lit.training.precision import native_mixed_precision
+from alexnet_lit.weights import weights_preprocessing
 
 _VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 INTERRUPTED = 130  # the exit status of a process ended by Ctrl-C (128 + SIGINT)
@@ -85,10 +86,25 @@ class AlexNetCLI(LightningCLI):
             return
         self._resolve_ckpt_path(config, subcommand)
         if "://" not in config.ckpt_path:  # remote files are left to the trainer
-            self._loaded_checkpoints[config.ckpt_path] = load_checkpoint(config.ckpt_path)
+            checkpoint = load_checkpoint(config.ckpt_path)
+            if subcommand == "fit" and "optimizer_states" not in checkpoint:
+                raise CheckpointError(
+                    f"--ckpt_path '{config.ckpt_path}' holds weights only (no optimizer or loop "
+                    "state), so there is no fit to resume; start a new fit from it with "
+                    f"--model.weights {config.ckpt_path} instead."
+                )
+            self._loaded_checkpoints[config.ckpt_path] = checkpoint
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        checkpoint = self._loaded_checkpoints.get(config.get("ckpt_path"))
+        if checkpoint is not None:  # resume, validate, test, predict: the checkpoint's record
+            record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
+            _follow_preprocessing(config, record, f"--ckpt_path {config.ckpt_path} was")
+        elif self.subcommand in (None, "fit"):  # a new fit: the record of its starting weights
+            weights = config.model.weights
+            record = weights_preprocessing(weights, config.data.in_channels)
+            _follow_preprocessing(config, record, f"model.weights {weights} were")
         if config.get("native_mixed_precision"):
             trainer = config.trainer
             if trainer.precision is not None:
@@ -132,6 +148,22 @@ class AlexNetCLI(LightningCLI):
         # predict writes predictions.csv into the run directory unless a writer is configured.
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionCSVWriter())
+
+
+def _follow_preprocessing(config, record: dict | None, trained_with: str) -> None:
+    """Set the data's unset preprocessing keys to the ``record`` the weights were trained with
+    (``trained_with`` names them); keys the config sets win, with one line each."""
+    if not isinstance(record, dict) or record.get("in_channels") != config.data.in_channels:
+        return  # no record, or the other channel count, which the model refuses in one line
+    for key in ("image_size", "mean", "std"):
+        ours, theirs = config.data.get(key), record[key]
+        if ours is None:
+            config.data[key] = theirs
+        elif (ours if key == "image_size" else [float(v) for v in ours]) != theirs:
+            rank_zero_info(
+                f"data.{key}: keeping {ours}, which the config sets, over the {theirs} that "
+                f"{trained_with} trained with."
+            )
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:

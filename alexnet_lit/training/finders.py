@@ -8,12 +8,20 @@ import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 
 from alexnet_lit.evaluation.pictures import close_and_save
+from alexnet_lit.module import LitAlexNet
 from alexnet_lit.runs import run_dir
 
 
 def _stop(trainer: L.Trainer) -> None:
     """End the fit before its first epoch: the finder's result is what the run was for."""
     trainer.should_stop = True
+
+
+def _start_weights(pl_module: L.LightningModule) -> None:
+    # A finder trains in its on_fit_start, which Lightning runs before the module's: load
+    # model.weights now, or it would search from random weights.
+    if isinstance(pl_module, LitAlexNet):
+        pl_module.load_start_weights()
 
 
 class LRFinder(LearningRateFinder):
@@ -47,6 +55,7 @@ class LRFinder(LearningRateFinder):
         self.stop = stop
 
     def lr_find(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _start_weights(pl_module)
         super().lr_find(trainer, pl_module)
         finder = self.optimal_lr
         if finder is None:  # skipped, e.g. under fast_dev_run
@@ -104,6 +113,7 @@ class BatchSizeSearch(BatchSizeFinder):
         self.stop = stop
 
     def scale_batch_size(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _start_weights(pl_module)
         super().scale_batch_size(trainer, pl_module)
         if self.optimal_batch_size is None:
             return
