@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,11 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # instead of letting each worker's torch use all of them.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
     report = yield
     # pytest-xdist sends each report to the main process as UTF-8; a captured line naming a file
     # whose name is not UTF-8 (the surrogates of os.fsdecode) would end the whole run there.

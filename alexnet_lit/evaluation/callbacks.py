@@ -347,5 +347,7 @@ def _build(folder: Path, fit: L.Trainer | None = None) -> tuple[Path, dict[str, 
     try:
         return build_report(folder, fit)
     except Exception as err:  # whatever a damaged run folder raises
-        rank_zero_warn(f"report.html not written in {folder}: {type(err).__name__}: {err}")
+        rank_zero_warn(
+            printable(f"report.html not written in {folder}: {type(err).__name__}: {err}")
+        )
         return None

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import callbacks
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from alexnet_lit.errors import DataConfigError
+from alexnet_lit.errors import UserError
 from alexnet_lit.runs import logged_step, tensorboard_logger
 
 
@@ -177,17 +177,17 @@ class BackboneFinetuning(callbacks.BackboneFinetuning):
         # The backbone's optimizer group appears at the thaw; what is built before then (a
         # learning-rate scheduler, the module's no-decay split of biases) does not know it, and
         # OneCycleLR or ReduceLROnPlateau would fail there, epochs into the fit.
-        if getattr(pl_module, "lr_scheduler", None) is not None:
-            raise DataConfigError(
+        if stage == "fit" and getattr(pl_module, "lr_scheduler", None) is not None:
+            raise UserError(
                 "BackboneFinetuning sets the backbone's learning rate itself, from the epoch it "
                 "adds the backbone's optimizer group, which model.lr_scheduler would not know; "
                 "leave out the scheduler overlay or configs/finetune.yaml."
             )
-        if pl_module.hparams.get("no_decay_bias"):
-            raise DataConfigError(
+        if stage == "fit" and pl_module.hparams.get("no_decay_bias"):
+            raise UserError(
                 "BackboneFinetuning adds the backbone's optimizer group with weight decay on "
-                "every tensor, which model.no_decay_bias would not reach; set it false with "
-                "configs/finetune.yaml."
+                "every tensor, which model.no_decay_bias would not reach; pass "
+                "--model.no_decay_bias false with configs/finetune.yaml."
             )
         super().setup(trainer, pl_module, stage)
 

@@ -6,6 +6,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
@@ -101,7 +102,9 @@ class AlexNetCLI(LightningCLI):
         if checkpoint is not None:  # resume, validate, test, predict: the checkpoint's record
             record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
             _follow_preprocessing(config, record, f"--ckpt_path {config.ckpt_path} was")
-        elif self.subcommand in (None, "fit"):  # a new fit: the record of its starting weights
+        elif self.subcommand in (None, "fit") and not config.get("ckpt_path"):
+            # A new fit: the record of its starting weights. (A remote --ckpt_path is left to
+            # the trainer, unread, so its record cannot be followed here.)
             weights = config.model.weights
             record = weights_preprocessing(weights, config.data.in_channels)
             _follow_preprocessing(config, record, f"model.weights {weights} were")
@@ -150,7 +153,7 @@ class AlexNetCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionCSVWriter())
 
 
-def _follow_preprocessing(config, record: dict | None, trained_with: str) -> None:
+def _follow_preprocessing(config: Namespace, record: dict | None, trained_with: str) -> None:
     """Set the data's unset preprocessing keys to the ``record`` the weights were trained with
     (``trained_with`` names them); keys the config sets win, with one line each."""
     if not isinstance(record, dict) or record.get("in_channels") != config.data.in_channels:

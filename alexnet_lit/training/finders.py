@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+from lightning.pytorch.trainer.states import TrainerFn
 
 from alexnet_lit.evaluation.pictures import close_and_save
 from alexnet_lit.module import LitAlexNet
@@ -17,10 +18,10 @@ def _stop(trainer: L.Trainer) -> None:
     trainer.should_stop = True
 
 
-def _start_weights(pl_module: L.LightningModule) -> None:
+def _start_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     # A finder trains in its on_fit_start, which Lightning runs before the module's: load
-    # model.weights now, or it would search from random weights.
-    if isinstance(pl_module, LitAlexNet):
+    # model.weights now, or it would search from random weights. (Only a fit starts from them.)
+    if trainer.state.fn == TrainerFn.FITTING and isinstance(pl_module, LitAlexNet):
         pl_module.load_start_weights()
 
 
@@ -55,7 +56,7 @@ class LRFinder(LearningRateFinder):
         self.stop = stop
 
     def lr_find(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _start_weights(pl_module)
+        _start_weights(trainer, pl_module)
         super().lr_find(trainer, pl_module)
         finder = self.optimal_lr
         if finder is None:  # skipped, e.g. under fast_dev_run
@@ -113,7 +114,7 @@ class BatchSizeSearch(BatchSizeFinder):
         self.stop = stop
 
     def scale_batch_size(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _start_weights(pl_module)
+        _start_weights(trainer, pl_module)
         super().scale_batch_size(trainer, pl_module)
         if self.optimal_batch_size is None:
             return
