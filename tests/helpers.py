@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+import yaml
 
 from alexnet_lit import ImageFolderDataModule, LitAlexNet
 from alexnet_lit.runs import read_csv as read_run_csv
@@ -59,6 +60,15 @@ def _default_sigint() -> None:
     # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
     # handler; the script must meet Ctrl-C as it does in a terminal, however pytest was started.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def edited_overlay(tmp_path: Path, path: Path, **init_args) -> str:
+    """A copy of overlay ``path`` in ``tmp_path`` with its one callback's ``init_args`` updated."""
+    overlay = yaml.safe_load(path.read_text())
+    overlay["trainer"]["callbacks+"][0]["init_args"].update(init_args)
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(overlay))
+    return str(copy)
 
 
 def tiny_trainer(**overrides: Any) -> L.Trainer:

@@ -21,7 +21,7 @@ from alexnet_lit.training.callbacks import BackboneFinetuning
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.weights import imagenet_file, load_weights, weights_preprocessing
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, cli_error_line, fit_args, tiny_trainer
+from tests.helpers import ROOT, cli_error_line, edited_overlay, fit_args, tiny_trainer
 
 FINETUNE = str(ROOT / "configs" / "finetune.yaml")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -194,19 +194,13 @@ def test_frozen_backbone_gets_no_gradient_or_state_until_it_thaws(image_folder):
 def test_resume_after_the_thaw_continues_the_schedule_exactly(imagenet, tmp_path, caplog):
     # From ImageNet, whose preprocessing the resumed fit must take from its checkpoint.
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
-    overlay = tmp_path / "finetune.yaml"
-    overlay.write_text(
-        "model: {arch: torchvision, weights: imagenet}\n"
-        "trainer:\n  callbacks+:\n"
-        "    - class_path: alexnet_lit.training.callbacks.BackboneFinetuning\n"
-        "      init_args: {unfreeze_backbone_at_epoch: 1}\n"
-    )
+    overlay = edited_overlay(tmp_path, Path(FINETUNE), unfreeze_backbone_at_epoch=1)
 
     def fit(folder: str, *extra: str):
         (tmp_path / folder).mkdir(exist_ok=True)
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(tmp_path / folder)
-            args = fit_args(data, "--config", str(overlay), "--trainer.deterministic=true", *extra)
+            args = fit_args(data, "--config", overlay, "--trainer.deterministic=true", *extra)
             return cli_main(args)
 
     full = fit("a", "--trainer.max_epochs=3")
@@ -276,13 +270,9 @@ def test_a_finder_searches_from_the_weights_the_fit_starts_from(tiny_ckpt, tmp_p
     # it started from: that must be the checkpoint's network, not random weights.
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
-    overlay = tmp_path / "lr_find.yaml"
-    overlay.write_text(
-        "trainer:\n  callbacks+:\n"
-        "    - class_path: alexnet_lit.training.finders.LRFinder\n"
-        "      init_args: {num_training_steps: 2, early_stop_threshold: null}\n"
-    )
-    cli = cli_main(fit_args(data, "--config", str(overlay), f"--model.weights={tiny_ckpt}"))
+    lr_find = ROOT / "configs" / "tools" / "lr_find.yaml"
+    overlay = edited_overlay(tmp_path, lr_find, num_training_steps=2, early_stop_threshold=None)
+    cli = cli_main(fit_args(data, "--config", overlay, f"--model.weights={tiny_ckpt}"))
     assert (tmp_path / "lightning_logs" / "version_0" / "lr_find.json").is_file()
     trained = load_checkpoint(tiny_ckpt)["state_dict"]
     for key, tensor in cli.model.model.features.state_dict().items():

@@ -22,7 +22,7 @@ from alexnet_lit.training.cli import cli_main
 from alexnet_lit.training.finders import BatchSizeSearch, LRFinder
 from alexnet_lit.training.schedules import WarmupCosineLR
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, fit_args, tiny_fit
+from tests.helpers import ROOT, edited_overlay, fit_args, tiny_fit
 
 OVERLAYS = sorted((ROOT / "configs").glob("experiments/*.yaml")) + sorted(
     (ROOT / "configs").glob("tools/*.yaml")
@@ -257,15 +257,6 @@ def test_ema_weights_are_validated_and_checkpointed_beside_the_raw_ones(image_fo
     key = "model.classifier.6.weight"
     assert torch.equal(spy.checkpoint["state_dict"][key], validated)  # ... is evaluated, saved
     assert torch.equal(spy.checkpoint["current_model_state"][key], raw)  # and the raw is kept
-
-
-def edited_overlay(tmp_path: Path, path: Path, **init_args) -> str:
-    """A copy of overlay ``path`` in ``tmp_path`` with its one callback's ``init_args`` updated."""
-    overlay = yaml.safe_load(path.read_text())
-    overlay["trainer"]["callbacks+"][0]["init_args"].update(init_args)
-    copy = tmp_path / path.name
-    copy.write_text(yaml.safe_dump(overlay))
-    return str(copy)
 
 
 def tool_overlay(tmp_path: Path, name: str, **init_args) -> str:
