@@ -279,13 +279,20 @@ def test_a_finder_searches_from_the_weights_the_fit_starts_from(tiny_ckpt, tmp_p
         assert torch.equal(tensor, trained[f"model.features.{key}"]), key
 
 
-def test_a_learning_rate_schedule_with_the_finetune_overlay_is_one_line(
-    imagenet, image_folder, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize(
+    ("extra", "start", "end"),
+    [
+        (["--config", str(ROOT / "configs" / "experiments" / "onecycle.yaml")],
+         "error: BackboneFinetuning sets the backbone's learning rate itself",
+         "leave out the scheduler overlay or configs/finetune.yaml."),
+        (["--model.no_decay_bias=true"],
+         "error: BackboneFinetuning adds the backbone's optimizer group with weight decay",
+         "pass --model.no_decay_bias false with configs/finetune.yaml."),
+    ],
+)  # fmt: skip
+def test_what_the_finetune_schedule_cannot_reach_is_one_line(
+    extra, start, end, imagenet, image_folder, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    onecycle = str(ROOT / "configs" / "experiments" / "onecycle.yaml")
-    line = cli_error_line(
-        capsys, fit_args(image_folder, "--config", FINETUNE, "--config", onecycle)
-    )
-    assert line.startswith("error: BackboneFinetuning sets the backbone's learning rate itself")
-    assert line.endswith("leave out the scheduler overlay or configs/finetune.yaml.")
+    line = cli_error_line(capsys, fit_args(image_folder, "--config", FINETUNE, *extra))
+    assert line.startswith(start) and line.endswith(end)
