@@ -14,34 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from alexnet_lit.errors import DataConfigError, UserError, run_main
 from alexnet_lit.evaluation.class_report import per_class_metrics, summary
 from alexnet_lit.runs import next_run_folder, printable, write_csv
+from alexnet_lit.training.cli import fit_cli
 
 Samples = list[tuple[Path, int]]
 AUDIT_INSTALL = "pip install -e '.[audit]'"
-
-
-def instantiate(fit_args: Sequence[str], run: Path, name: str):
-    """The CLI of ``train.py fit FIT_ARGS``, instantiated but not run, logging to ``run/name``
-    and without ModelCheckpoint callbacks."""
-    from alexnet_lit.training.cli import cli_main
-
-    logger = [
-        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
-        f"--trainer.logger.init_args.save_dir={run}",
-        "--trainer.logger.init_args.name=",
-        f"--trainer.logger.init_args.version={name}",
-        "--trainer.logger.init_args.default_hp_metric=false",
-    ]
-    cli = cli_main([*fit_args, *logger], run=False)
-    cli.trainer.callbacks[:] = [
-        callback for callback in cli.trainer.callbacks if not isinstance(callback, ModelCheckpoint)
-    ]
-    return cli
 
 
 def fit_on(cli, train: Samples, val: Samples | None = None):
@@ -171,7 +152,7 @@ def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) ->
 
     require_cleanlab()  # before any training
     run = next_run_folder()
-    cli = instantiate(fit_args, run, "fold_0")
+    cli = fit_cli(fit_args, run, "fold_0", checkpoints=False)
     data = cli.datamodule
     samples, class_names = data.samples("train"), data.class_names
     splits = stratified_folds([t for _, t in samples], folds, data.hparams.seed, class_names)
@@ -180,7 +161,7 @@ def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) ->
         print(f"fold {k + 1}/{folds}: training on {len(train_idx)} images, then scoring the "
               f"{len(held_idx)} it did not see")  # fmt: skip
         if k:
-            cli = instantiate(fit_args, run, f"fold_{k}")
+            cli = fit_cli(fit_args, run, f"fold_{k}", checkpoints=False)
         held = [samples[i] for i in held_idx]
         model = fit_on(cli, [samples[i] for i in train_idx], held)
         pred_probs[held_idx] = predict_probs(model, held).numpy()
@@ -334,7 +315,7 @@ def learning_curve(
             for label, overlay in curves.items():
                 name = f"f{fraction:g}_s{seed}" if not compare else f"{label}_f{fraction:g}_s{seed}"
                 args = [*fit_args, *overlay, f"--seed_everything={seed}"]
-                cli = instantiate(args, run, name)
+                cli = fit_cli(args, run, name, checkpoints=False)
                 if samples is None:
                     samples, num_classes = (
                         cli.datamodule.samples("train"),

@@ -1,14 +1,16 @@
 """The LightningCLI entry point behind ``scripts/train.py``."""
 
+import functools
 import re
 import sys
 from argparse import ArgumentError
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -202,13 +204,75 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
             _exit_with(_interrupted_message(err.__context__), code=INTERRUPTED)
         raise
     except ArgumentError as err:
-        moved = _moved_class_path(str(err), sys.argv[1:] if args is None else args)
-        if moved:
-            _exit_with(moved)
-        # jsonargparse puts the key on the first line and the reason on the second.
-        message = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
-        message = message.rstrip(".")
-        _exit_with(f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys.")
+        _exit_with(argument_error_line(err, sys.argv[1:] if args is None else args))
+
+
+def argument_error_line(err: ArgumentError, args: Sequence[str]) -> str:
+    """The one line a CLI argument or config mistake ends in."""
+    moved = _moved_class_path(str(err), list(args))
+    if moved:
+        return moved
+    # jsonargparse puts the key on the first line and the reason on the second.
+    message = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
+    message = message.rstrip(".")
+    return f"{message}; see 'python scripts/train.py SUBCOMMAND --help' for valid keys."
+
+
+class _ParseOnly(AlexNetCLI):
+    """The CLI's parser and parsed config; nothing is read from disk or built."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_fit_args(args: Sequence[str]) -> Namespace:
+    """The config ``train.py fit ARGS`` resolves to, without building or reading anything.
+
+    Raises:
+        ArgumentError: An unknown key or a value its type refuses (:func:`argument_error_line`
+            says it in one line).
+    """
+    return _fit_parser().parse_args(list(args))
+
+
+@functools.cache
+def _fit_parser() -> ArgumentParser:
+    # Building the parser takes most of a parse's time: once per process.
+    return _ParseOnly(
+        LitAlexNet,
+        ImageFolderDataModule,
+        args=[],
+        run=False,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+    ).parser
+
+
+def fit_cli(
+    args: Sequence[str], save_dir: str | Path, version: str, checkpoints: bool = True
+) -> AlexNetCLI:
+    """The CLI of ``train.py fit ARGS``, instantiated but not run, with its run folder at
+    ``save_dir/version`` (a TensorBoard logger in place of the configured one); without
+    ModelCheckpoint callbacks unless ``checkpoints``. Mistakes end the process as the CLI does.
+    """
+    logger = [
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.logger.init_args.name=",
+        f"--trainer.logger.init_args.version={version}",
+        "--trainer.logger.init_args.default_hp_metric=false",
+    ]
+    cli = cli_main([*args, *logger], run=False)
+    if not checkpoints:
+        cli.trainer.callbacks[:] = [
+            callback
+            for callback in cli.trainer.callbacks
+            if not isinstance(callback, ModelCheckpoint)
+        ]
+    return cli
 
 
 def _renamed(name: str) -> str | None:
