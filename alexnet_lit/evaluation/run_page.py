@@ -130,10 +130,11 @@ def fit_summary(page: Path, summary: dict[str, Any]) -> str:
 
 def _png(path: Path) -> str | None:
     """A PNG file as a data URI, or None when it is not there."""
-    return _uri(path.read_bytes()) if path.is_file() else None
+    return png_data_uri(path.read_bytes()) if path.is_file() else None
 
 
-def _uri(png: bytes) -> str:
+def png_data_uri(png: bytes) -> str:
+    """PNG bytes as a data URI, to inline in a page."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -159,7 +160,7 @@ def _curves(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, str]]
             axes.set_title(title)
             axes.grid(True, alpha=0.3)
             axes.legend(fontsize=8)
-        curves.append({"title": title, "src": _uri(buffer.getvalue())})
+        curves.append({"title": title, "src": png_data_uri(buffer.getvalue())})
     return curves
 
 
@@ -291,8 +292,6 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
     Raises:
         UserError: ``folder`` is not a run folder (no ``config.yaml``).
     """
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
     folder = Path(folder)
     if fit is not None:
         record_shared_files(folder, fit)
@@ -322,12 +321,8 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
     ]
     scalars = read_scalars(folder)  # the event file, read once
     summary = result_summary(folder, scalars)
-    environment = Environment(
-        loader=PackageLoader("alexnet_lit.evaluation", "templates"),
-        autoescape=select_autoescape(default=True, default_for_string=True),
-    )
-    environment.filters["printable"] = printable
-    html = environment.get_template("report.html.j2").render(
+    html = render_page(
+        "report.html.j2",
         folder=str(folder),
         name=folder.name,
         record=record,
@@ -350,6 +345,18 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
     with open_text(out) as file:
         file.write(html)
     return out, summary
+
+
+def render_page(template: str, **context: Any) -> str:
+    """One of the package's HTML pages (``templates/TEMPLATE``), every value escaped."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    environment = Environment(
+        loader=PackageLoader("alexnet_lit.evaluation", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+    environment.filters["printable"] = printable
+    return environment.get_template(template).render(**context)
 
 
 def report_main(argv: list[str] | None = None) -> int:
