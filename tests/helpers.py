@@ -48,11 +48,23 @@ def cli_error_line(capsys, args: list[str], code: int = 2) -> str:
 
 def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
     """Run ``scripts/SCRIPT`` in a subprocess on this checkout; returns the completed process."""
+    process = start_script(script, args, cwd)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def start_script(script: str, args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``scripts/SCRIPT`` in a subprocess on this checkout, its output captured."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(ROOT / "scripts" / script), *args]
-    return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, errors="backslashreplace",
-        timeout=timeout, preexec_fn=_default_sigint,
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        errors="backslashreplace", preexec_fn=_default_sigint,
     )  # fmt: skip
 
 

@@ -35,3 +35,13 @@ class SignalAtStep(L.Callback):
     def _send(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+def kill_at(step: int, signal_name: str, during_update: bool = False) -> list[str]:
+    """CLI arguments that add :class:`SignalAtStep` to a fit."""
+    return [
+        "--trainer.callbacks+=tests.signals.SignalAtStep",
+        f"--trainer.callbacks.step={step}",
+        f"--trainer.callbacks.signal_name={signal_name}",
+        f"--trainer.callbacks.during_update={during_update}",
+    ]

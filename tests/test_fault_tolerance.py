@@ -22,6 +22,7 @@ from alexnet_lit.training.cli import AlexNetCLI, cli_main
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, cli_error_line, run_script
 from tests.helpers import fit_args as tiny_fit_args
+from tests.signals import kill_at
 
 # 6 training images, batch 2: 3 steps an epoch.
 STEPS_PER_EPOCH = 3
@@ -266,15 +267,6 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
     adam_full = full.trainer.optimizers[0].state_dict()["state"]
     adam_resumed = resumed.trainer.optimizers[0].state_dict()["state"]
     assert torch.equal(adam_full[0]["exp_avg"], adam_resumed[0]["exp_avg"])
-
-
-def kill_at(step: int, signal_name: str, during_update: bool = False) -> list[str]:
-    return [
-        "--trainer.callbacks+=tests.signals.SignalAtStep",
-        f"--trainer.callbacks.step={step}",
-        f"--trainer.callbacks.signal_name={signal_name}",
-        f"--trainer.callbacks.during_update={during_update}",
-    ]
 
 
 @pytest.mark.slow

@@ -1,0 +1,105 @@
+"""``sweep.html``: one self-contained page per sweep, like a run's ``report.html``.
+
+The trials table (best first, each linked to its run's ``report.html``), the optimisation
+history, the parameter importances (Optuna's own evaluator) and each parameter's slice plot, all
+drawn by Optuna's matplotlib plots and inlined as PNGs. It is rebuilt from the study after every
+trial, so it reads the same whichever worker wrote it last.
+"""
+
+import datetime
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alexnet_lit.evaluation.run_page import REPORT, png_data_uri, render_page
+from alexnet_lit.runs import open_text
+
+PAGE = "sweep.html"
+
+
+def build_sweep_page(
+    study: Any,
+    out: Path,
+    sweep_dir: Path,
+    params: Sequence[str],
+    storage: str,
+    rerun: str | None,
+) -> None:
+    """Write the page of ``study`` (an ``optuna.Study``) to ``out``; links to the trials' pages
+    are relative to ``sweep_dir``, where the page goes."""
+    import optuna
+
+    from alexnet_lit.training.sweep import OBJECTIVE, best_trial, trial_rows
+
+    rows = trial_rows(study)
+    for row in rows:
+        page = Path(row["run_dir"] or "/nonexistent") / REPORT
+        row["report"] = os.path.relpath(page, sweep_dir.resolve()) if page.is_file() else None
+    # Best first: complete trials by result, then pruned by how far they got, then the rest.
+    order = {"complete": 0, "pruned": 1, "running": 2, "fail": 3, "waiting": 4}
+    rows.sort(key=lambda r: (order.get(r["state"], 5), -(r["best_val_acc"] or 0.0), r["number"]))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    best = best_trial(study)
+    complete = [r for r in rows if r["state"] == "complete"]
+    pictures, notes = [], []
+    if complete:
+        pictures.append(("Optimisation history", _plot(optuna, "plot_optimization_history", study)))
+        pictures.append(("Each parameter's slice", _plot(optuna, "plot_slice", study)))
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+            pictures.insert(
+                1, ("Parameter importances", _plot(optuna, "plot_param_importances", study))
+            )
+        except (RuntimeError, ValueError) as err:  # e.g. every trial had the same values
+            notes.append(f"Parameter importances: not computed ({err}).")
+    else:
+        notes.append("Parameter importances need two complete trials or more.")
+    html = render_page(
+        "sweep.html.j2",
+        name=study.study_name,
+        folder=str(sweep_dir),
+        storage=storage,
+        objective=OBJECTIVE,
+        params=list(params),
+        rows=rows,
+        counts=counts,
+        best=best,
+        rerun=rerun,
+        importances=importances,
+        pictures=[(title, uri) for title, uri in pictures if uri is not None],
+        notes=notes,
+        generated=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+    with open_text(out) as file:
+        file.write(html)
+
+
+def _plot(optuna: Any, name: str, study: Any) -> str | None:
+    """One of Optuna's matplotlib plots of ``study`` as a PNG data URI (None if it fails)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plots are marked experimental; tight_layout warns
+        try:
+            axes = getattr(optuna.visualization.matplotlib, name)(study)
+        except (RuntimeError, ValueError):
+            return None
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        try:
+            buffer = io.BytesIO()
+            figure.set_dpi(90)
+            figure.tight_layout()
+            figure.savefig(buffer, format="png")
+            return png_data_uri(buffer.getvalue())
+        finally:
+            plt.close(figure)

@@ -1,0 +1,753 @@
+"""Hyperparameter sweeps on Optuna: many ordinary fits, one study.
+
+    python scripts/tune.py --config configs/default.yaml --search configs/search/recipe.yaml \\
+        --trials 20 [any other train.py fit argument]
+
+Each trial is ``train.py fit`` with the given arguments plus the values Optuna's sampler picks for
+the keys of the search file, run in this process into its own run folder,
+``lightning_logs/sweeps/STUDY/trial_K/``. The objective is the trial's best ``val/acc``; Optuna's
+pruner stops trials that trail the others at the same epoch. The study lives in a journal file in
+the sweep folder, or in any database Optuna's RDB storage takes (``--storage
+postgresql://...``), where workers on many machines share it. After every trial the sweep folder
+gets ``sweep.csv``, ``sweep.html`` and ``best.yaml`` (see :mod:`alexnet_lit.evaluation.sweep_page`).
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from alexnet_lit.errors import UserError, first_line, print_error
+from alexnet_lit.evaluation.run_page import result_summary
+from alexnet_lit.runs import printable, write_csv
+from alexnet_lit.training.cli import (
+    INTERRUPTED,
+    argument_error_line,
+    fit_cli,
+    parse_fit_args,
+)
+from alexnet_lit.training.fault_tolerance import NonFiniteLossError
+
+try:  # the optional extra; require_optuna() says how to install it
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+except ImportError:
+    optuna = None
+    PyTorchLightningPruningCallback = Callback
+
+TUNE_INSTALL = "pip install -e '.[tune]'"
+OBJECTIVE = "val/acc"  # maximised
+TERMINATED = 128 + signal.SIGTERM  # the exit status a shell reports for SIGTERM
+# The checkout's configs/default.yaml: best.yaml is an overlay on it.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+_KINDS = ("float", "int", "choice")
+_OPTIONS = {"float": {"log", "step"}, "int": {"log", "step"}, "choice": set()}
+
+
+def require_optuna() -> None:
+    """Say in one sentence how to install the sweep's extra when it is missing."""
+    if optuna is None:
+        raise UserError(
+            f"sweeps need optuna and optuna-integration, an optional extra that is not "
+            f"installed; install it with {TUNE_INSTALL}."
+        )
+
+
+# --- the search space ------------------------------------------------------------------------
+
+
+def load_search_space(path: str | Path) -> dict[str, "optuna.distributions.BaseDistribution"]:
+    """The search file's keys and their distributions, in file order.
+
+    A key is any ``train.py fit`` key (``model.dropout``); its value is one of
+    ``{float: [LOW, HIGH]}`` (``log: true``, ``step: S`` optional), ``{int: [LOW, HIGH]}``
+    (the same options) or ``{choice: [A, B, ...]}``.
+
+    Raises:
+        UserError: The file is missing or not such a mapping; the message names the key.
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UserError(f"cannot read the search file '{path}': {err.strerror}.") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"'{path}' is not valid YAML: {first_line(err)}.") from err
+    if not isinstance(spec, dict) or not spec:
+        raise UserError(
+            f"'{path}' holds no search space; write one key per line, for example "
+            "'model.dropout: {float: [0.2, 0.7]}'."
+        )
+    return {str(key): _distribution(path, str(key), value) for key, value in spec.items()}
+
+
+def _distribution(path: Path, key: str, value: Any) -> "optuna.distributions.BaseDistribution":
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    where = f"'{path}', key '{key}'"
+    kinds = [kind for kind in _KINDS if isinstance(value, dict) and kind in value]
+    if len(kinds) != 1:
+        raise UserError(
+            f"{where}: give exactly one of float: [LOW, HIGH], int: [LOW, HIGH] or "
+            f"choice: [A, B, ...], not {value!r}."
+        )
+    kind = kinds[0]
+    unknown = sorted(set(value) - {kind} - _OPTIONS[kind])
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[kind])) or "nothing"
+        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; {kind} takes {allowed}.")
+    bounds = value[kind]
+    if kind == "choice":
+        if not isinstance(bounds, list) or not bounds:
+            raise UserError(f"{where}: choice needs a non-empty list of values, got {bounds!r}.")
+        if not all(v is None or isinstance(v, bool | int | float | str) for v in bounds):
+            raise UserError(f"{where}: choices must be numbers, strings, booleans or null.")
+        return CategoricalDistribution(bounds)
+    number = int if kind == "int" else (int, float)
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != 2
+        or not all(isinstance(b, number) and not isinstance(b, bool) for b in bounds)
+    ):
+        raise UserError(f"{where}: {kind} needs [LOW, HIGH], two {kind} numbers, got {bounds!r}.")
+    low, high = bounds
+    if low > high:
+        raise UserError(f"{where}: the low end {low} is above the high end {high}.")
+    log, step = bool(value.get("log", False)), value.get("step")
+    if log and low <= 0:
+        raise UserError(f"{where}: a log scale needs a low end above 0, got {low}.")
+    if log and step is not None:
+        raise UserError(f"{where}: use log or step, not both.")
+    if kind == "int":
+        return IntDistribution(low, high, log=log, step=1 if step is None else step)
+    return FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def value_arg(key: str, value: Any) -> str:
+    """``--KEY=VALUE`` as ``train.py`` takes it (``true``/``null`` for booleans and None)."""
+    text = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+    return f"--{key}={text}"
+
+
+def check_search_space(space: Mapping[str, Any], fit_args: Sequence[str], path: Path) -> Namespace:
+    """Check, before any trial runs, that every key is one ``train.py fit FIT_ARGS`` takes and
+    that the CLI's parser accepts the ends of every range and every choice; returns the config
+    ``FIT_ARGS`` resolve to.
+
+    Raises:
+        UserError: The arguments, or a key or value of the search file, in one sentence.
+    """
+    from argparse import ArgumentError
+
+    try:
+        config = parse_fit_args(fit_args)
+    except ArgumentError as err:
+        raise UserError(argument_error_line(err, fit_args)) from err
+    for key in space:
+        if key not in config or key.split(".")[0] == "config":
+            raise UserError(
+                f"'{path}': '{key}' is not a key of 'train.py fit' with these arguments; see "
+                "'python scripts/train.py fit --help' (and --model.help / --data.help) for them."
+            )
+        if key.startswith("trainer.logger") or key == "seed_everything":
+            raise UserError(f"'{path}': '{key}' is set by the sweep itself; leave it out.")
+    values = {key: _ends(distribution) for key, distribution in space.items()}
+    for i in range(max(len(v) for v in values.values())):
+        picked = {key: v[min(i, len(v) - 1)] for key, v in values.items()}
+        try:
+            parse_fit_args([*fit_args, *(value_arg(k, v) for k, v in picked.items())])
+        except ArgumentError as err:
+            raise UserError(f"'{path}': {argument_error_line(err, fit_args)}") from err
+    return config
+
+
+def _ends(distribution: Any) -> list[Any]:
+    if hasattr(distribution, "choices"):
+        return list(distribution.choices)
+    return [distribution.low, distribution.high]
+
+
+def suggest(trial: "optuna.Trial", key: str, distribution: Any) -> Any:
+    """The trial's value for ``key``, drawn by the study's sampler from ``distribution``."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(
+            key, distribution.low, distribution.high, log=distribution.log, step=distribution.step
+        )
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(
+            key, distribution.low, distribution.high, log=distribution.log, step=distribution.step
+        )
+    return trial.suggest_categorical(key, distribution.choices)
+
+
+# --- one trial ---------------------------------------------------------------------------
+
+
+class StopHopelessTrial(PyTorchLightningPruningCallback):
+    """Optuna's pruning callback (it reports ``val/acc`` after each validation epoch and asks the
+    study's pruner), except that a trial it prunes stops the way an early-stopped fit does: its
+    run folder gets its checkpoints and ``report.html`` like any other, and the objective then
+    reports the trial pruned. (The stock callback raises inside the fit, which skips both.)"""
+
+    def __init__(self, trial: "optuna.Trial", monitor: str = OBJECTIVE) -> None:
+        super().__init__(trial, monitor)
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        try:
+            super().on_validation_end(trainer, pl_module)
+        except optuna.TrialPruned:
+            self.pruned_at = pl_module.current_epoch
+            trainer.should_stop = True
+            rank_zero_info(
+                f"Pruned at epoch {self.pruned_at}: {self.monitor} "
+                f"{float(trainer.callback_metrics[self.monitor]):.4f} trails the other trials "
+                "at this epoch; the fit stops here."
+            )
+
+
+class TrialEnded(Exception):
+    """A trial stopped by Ctrl-C, SIGTERM or a mistake the CLI reported; Optuna marks it failed
+    and the sweep ends with ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Objective:
+    """One trial: ``train.py fit FIT_ARGS`` plus the sampled values, in ``sweep_dir/trial_K``.
+
+    Returns the run's best ``val/acc``. A trial the pruner stops, or whose loss stops being
+    finite (a learning rate far too high), is reported pruned.
+    """
+
+    def __init__(self, fit_args: Sequence[str], space: Mapping[str, Any], sweep_dir: Path) -> None:
+        self.fit_args = list(fit_args)
+        self.space = dict(space)
+        self.sweep_dir = sweep_dir
+
+    def __call__(self, trial: "optuna.Trial") -> float:
+        params = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
+        folder = self.sweep_dir / f"trial_{trial.number}"
+        trial.set_user_attr("run_dir", str(folder.resolve()))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        print(f"\ntrial {trial.number}: {format_params(params)}", flush=True)
+        if folder.exists():
+            raise UserError(
+                f"'{folder}' exists from an earlier study of this name; move it away, or pass "
+                "another --study."
+            )
+        args = [*self.fit_args, *(value_arg(key, value) for key, value in params.items())]
+        pruning = StopHopelessTrial(trial)
+        try:
+            cli = fit_cli(args, self.sweep_dir, folder.name)
+            if cli.trainer.world_size > 1:
+                raise UserError(
+                    f"a sweep trial runs in one process, but these arguments start "
+                    f"{cli.trainer.world_size}; run one worker per GPU instead "
+                    "(CUDA_VISIBLE_DEVICES=N python scripts/tune.py ... --study NAME)."
+                )
+            cli.trainer.callbacks.append(pruning)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        except NonFiniteLossError as err:
+            epoch = cli.trainer.current_epoch
+            self._record(trial, folder, f"diverged at epoch {epoch} (loss not finite)")
+            raise optuna.TrialPruned(f"diverged at epoch {epoch}") from err
+        except SIGTERMException as err:
+            trial.set_user_attr("note", "stopped by SIGTERM")
+            raise TrialEnded(f"trial {trial.number} stopped by SIGTERM", TERMINATED) from err
+        except SystemExit as err:  # the CLI's one-line mistakes, and Ctrl-C (Lightning exits 1)
+            if isinstance(err.__context__, KeyboardInterrupt) or err.code == INTERRUPTED:
+                trial.set_user_attr("note", "stopped by Ctrl-C")
+                raise TrialEnded(f"trial {trial.number} stopped by Ctrl-C", INTERRUPTED) from err
+            trial.set_user_attr("note", "the fit ended with an error")
+            raise TrialEnded(f"trial {trial.number} failed", err.code or 1) from err
+        finally:
+            cli = None
+            gc.collect()
+        if pruning.pruned_at is not None:
+            self._record(trial, folder, f"pruned at epoch {pruning.pruned_at}")
+            raise optuna.TrialPruned(f"pruned at epoch {pruning.pruned_at}")
+        best = self._record(trial, folder)
+        if best is None:
+            raise UserError(
+                f"trial {trial.number} logged no {OBJECTIVE}, which the sweep maximises; keep "
+                "validation on (trainer.limit_val_batches above 0)."
+            )
+        return best
+
+    @staticmethod
+    def _record(trial: "optuna.Trial", folder: Path, note: str | None = None) -> float | None:
+        """Store the run's best val/acc and its epoch (and ``note``) with the trial."""
+        summary = result_summary(folder) if folder.is_dir() else {}
+        best = summary.get("best_val_acc")
+        trial.set_user_attr("best_val_acc", best)
+        trial.set_user_attr("best_epoch", summary.get("best_epoch"))
+        if note:
+            trial.set_user_attr("note", note)
+        return best
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """``dropout=0.41, lr=0.00012``: each key's last part and its value, briefly."""
+    return ", ".join(f"{key.rsplit('.', 1)[-1]}={_brief(v)}" for key, v in params.items())
+
+
+def at_epoch(trial: "optuna.trial.FrozenTrial") -> str:
+    """`` (epoch E)``: where the trial's best was reached, when known."""
+    epoch = trial.user_attrs.get("best_epoch")
+    return "" if epoch is None else f" (epoch {epoch})"
+
+
+def _brief(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- the study -----------------------------------------------------------------------------
+
+
+def shown_url(storage: str) -> str:
+    """A storage URL with any password hidden, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: say it as given
+        return storage
+
+
+def open_storage(storage: str | None, sweep_dir: Path) -> Any:
+    """The study's storage: ``sweep_dir/journal.log`` by default, a journal file at a path, or
+    Optuna's RDB storage for a database URL (with a heartbeat, so that a trial whose worker
+    died is marked failed by the next worker to start one).
+
+    Raises:
+        UserError: The driver is missing, or the database cannot be reached.
+    """
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage is None or "://" not in storage:
+        path = Path(storage) if storage else sweep_dir / "journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    try:
+        with warnings.catch_warnings():  # the heartbeat is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+    except ModuleNotFoundError as err:
+        raise UserError(
+            f"--storage {shown_url(storage)} needs the database driver '{err.name}', which is "
+            f"not installed; for PostgreSQL install the extra with {TUNE_INSTALL}."
+        ) from err
+    except Exception as err:  # SQLAlchemy's OperationalError, ArgumentError, ...
+        raise UserError(
+            f"cannot open the study storage {shown_url(storage)}: "
+            f"{first_line(getattr(err, 'orig', None) or err)}; check the URL and that the "
+            "database server runs."
+        ) from err
+
+
+def open_study(
+    storage: Any, name: str, space: Mapping[str, Any], fit_args: Sequence[str], own: Any
+) -> "optuna.Study":
+    """Create the study, or load it to continue; refuse one that searches another space."""
+    from optuna.distributions import distribution_to_json
+
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        # constant_liar: workers running at once are steered away from each other's points.
+        sampler=optuna.samplers.TPESampler(seed=own.sampler_seed, constant_liar=True),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=own.prune_after_trials, n_warmup_steps=own.prune_warmup_epochs
+        ),
+    )
+    searched = {key: json.loads(distribution_to_json(d)) for key, d in space.items()}
+    earlier = study.user_attrs.get("search_space")
+    if earlier is None:
+        study.set_user_attr("search_space", searched)
+        study.set_user_attr("fit_args", list(fit_args))
+    elif earlier != searched:
+        raise UserError(
+            f"study '{name}' searches another space ({', '.join(sorted(earlier))}); continue it "
+            "with the same search file, or start a new study with --study NEW_NAME."
+        )
+    elif study.user_attrs.get("fit_args") != list(fit_args):
+        print(
+            f"note: study '{name}' began with other fit arguments: "
+            f"{shlex.join(study.user_attrs.get('fit_args', []))}",
+            flush=True,
+        )
+    return study
+
+
+def finished_trials(study: "optuna.Study") -> list["optuna.trial.FrozenTrial"]:
+    """The study's complete and pruned trials: those ``--trials`` counts."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def best_trial(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
+    """The complete trial with the highest objective, or None."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def trial_line(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> str:
+    """The line printed when a trial ends: its values, its result, the best so far."""
+    state = trial.state.name.lower()
+    if state == "complete":
+        result = f"{OBJECTIVE} {trial.value:.4f}{at_epoch(trial)}"
+    else:
+        result = trial.user_attrs.get("note") or state
+    best = best_trial(study)
+    best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
+    return f"trial {trial.number} done: {format_params(trial.params)} -> {result}; {best_text}"
+
+
+# --- what a sweep leaves behind ------------------------------------------------------------
+
+
+def trial_rows(study: "optuna.Study") -> list[dict[str, Any]]:
+    """One row per trial of the study, in trial order, as ``sweep.csv`` has them."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        # A pruned trial's value is its last epoch's; its best is kept with it.
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        best = trial.value if complete else trial.user_attrs.get("best_val_acc")
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name.lower(),
+                # In full: write_csv rounds floats to 4 decimals, too few for a learning rate.
+                **{k: repr(v) if isinstance(v, float) else v for k, v in trial.params.items()},
+                "best_val_acc": best,
+                "best_epoch": trial.user_attrs.get("best_epoch"),
+                "note": trial.user_attrs.get("note", ""),
+                "worker": trial.user_attrs.get("worker", ""),
+                "run_dir": trial.user_attrs.get("run_dir", ""),
+            }
+        )
+    return rows
+
+
+def write_results(
+    study: "optuna.Study",
+    sweep_dir: Path,
+    space: Mapping[str, Any],
+    storage: str,
+    page: bool = True,
+    overlay_of: int | None = None,
+) -> tuple[Path | None, int | None]:
+    """Write ``sweep.csv``, ``best.yaml`` (unless it already shows trial ``overlay_of``) and,
+    with ``page``, ``sweep.html`` into ``sweep_dir``, each file replaced whole. Returns
+    ``best.yaml``'s path and the trial it shows (None, None before any trial completes)."""
+    rows = trial_rows(study)
+    fields = ["number", "state", *space, "best_val_acc", "best_epoch", "note", "worker", "run_dir"]
+    with _replaced(sweep_dir / "sweep.csv") as tmp:
+        write_csv(tmp, rows, fields)
+    best = best_trial(study)
+    best_yaml = sweep_dir / "best.yaml"
+    if best is None:
+        best_yaml = None
+    elif best.number != overlay_of:
+        text = best_overlay_text(study.study_name, best, best_yaml)
+        if text is None:
+            best_yaml = None
+        else:
+            with _replaced(best_yaml) as tmp:
+                tmp.write_text(text)
+    if page:
+        from alexnet_lit.evaluation.sweep_page import build_sweep_page
+
+        with _replaced(sweep_dir / "sweep.html") as tmp:
+            build_sweep_page(study, tmp, sweep_dir, list(space), storage, rerun_command(best_yaml))
+    return best_yaml, None if best_yaml is None else best.number
+
+
+@contextlib.contextmanager
+def _replaced(path: Path) -> Iterator[Path]:
+    """A temporary file that replaces ``path`` whole when the block ends: a reader (or another
+    worker writing the same file) never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def best_overlay(run_config: Path) -> dict[str, Any]:
+    """The overlay on ``configs/default.yaml`` that reproduces the run ``run_config`` (its
+    ``config.yaml``) describes: every key whose value differs, the logger left out (a re-run
+    gets its own run folder)."""
+    base = parse_fit_args(["--config", str(DEFAULT_CONFIG)]).as_dict()
+    run = parse_fit_args(["--config", str(run_config)]).as_dict()
+    for config in (base, run):
+        config.pop("config", None)
+        config.get("trainer", {}).pop("logger", None)
+    return _difference(base, run)
+
+
+def _difference(base: Any, new: Any) -> Any:
+    """What ``new`` sets differently from ``base``, as a nested overlay; ``{}`` when nothing.
+    A class whose ``class_path`` changed, and any list, is given whole."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        if "class_path" in new and base.get("class_path") != new.get("class_path"):
+            return new
+        changed = {}
+        for key, value in new.items():
+            if key not in base:
+                changed[key] = value
+                continue
+            delta = _difference(base[key], value)
+            if delta != {}:
+                changed[key] = delta
+        return changed
+    return {} if base == new else new
+
+
+def best_overlay_text(study_name: str, best: "optuna.trial.FrozenTrial", path: Path) -> str | None:
+    """``best.yaml``'s text: the overlay reproducing the best trial, with a header saying which
+    trial and how to run it; None when the trial's config.yaml is not on this machine."""
+    run_config = Path(best.user_attrs.get("run_dir", "")) / "config.yaml"
+    if not run_config.is_file():
+        return None
+    overlay = best_overlay(run_config)
+    header = (
+        f"# The best trial of study '{study_name}': trial {best.number}, {OBJECTIVE} "
+        f"{best.value:.4f}{at_epoch(best)}.\n"
+        f"# Its values: {format_params(best.params)}\n"
+        f"# Re-run it: {rerun_command(path)}\n"
+    )
+    return header + yaml.safe_dump(overlay, sort_keys=False)
+
+
+def rerun_command(best_yaml: Path | None) -> str | None:
+    """``python scripts/train.py fit --config configs/default.yaml --config BEST_YAML``."""
+    if best_yaml is None:
+        return None
+    default = _relative(DEFAULT_CONFIG)
+    return shlex.join(
+        ["python", "scripts/train.py", "fit", "--config", default, "--config", _relative(best_yaml)]
+    )
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def keep_best_checkpoints(study: "optuna.Study", sweep_dir: Path) -> None:
+    """Delete the checkpoints of this sweep folder's ended trials other than the best one
+    (~560 MB each for the tutorial's AlexNet): a sweep of 20 would fill ~20 GB otherwise."""
+    best = best_trial(study)
+    ended = (
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.FAIL,
+    )
+    for trial in study.get_trials(deepcopy=False, states=ended):
+        if best is not None and trial.number == best.number:
+            continue
+        folder = sweep_dir / f"trial_{trial.number}"
+        if Path(trial.user_attrs.get("run_dir", "")) != folder.resolve():
+            continue  # another machine's, or another folder's, trial
+        for checkpoint in folder.glob("checkpoints/*.ckpt"):
+            checkpoint.unlink(missing_ok=True)  # another worker may have done it
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def _raise_sigterm(signum: int, frame: Any) -> None:
+    # Called directly, no fit is running: stop here. During a fit Lightning calls it from its
+    # own handler, after noting the signal; the fit then stops at the next batch and raises.
+    if signal.getsignal(signal.SIGTERM) is _raise_sigterm:
+        raise SIGTERMException
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune.py",
+        description="Search hyperparameters with Optuna: each trial is a train.py fit with the "
+        "other arguments given here (--config overlays, --data.data_dir, ...).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--search", type=Path, required=True, help="the search space (YAML)")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials the study needs")
+    parser.add_argument("--study", help="the study's name (default: the search file's name)")
+    parser.add_argument(
+        "--storage",
+        help="a journal file (default: SWEEP_DIR/journal.log) or a database URL such as "
+        "postgresql://user@host/db, shared by every worker of the study",
+    )
+    parser.add_argument(
+        "--sweep-dir", type=Path, help="default: lightning_logs/sweeps/STUDY; one folder per trial"
+    )
+    parser.add_argument(
+        "--sampler-seed",
+        type=int,
+        help="seed of the TPE sampler, for a repeatable sweep in one worker (workers that "
+        "share a study must not share a seed)",
+    )
+    parser.add_argument(
+        "--prune-after-trials",
+        type=int,
+        default=4,
+        help="finished trials before the median pruner stops any (default 4)",
+    )
+    parser.add_argument(
+        "--prune-warmup-epochs",
+        type=int,
+        default=2,
+        help="epochs every trial runs before it can be pruned (default 2)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        choices=("best", "all"),
+        default="best",
+        help="'best' (default) deletes the checkpoints of every trial but the best one",
+    )
+    return parser
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/tune.py``: run (or continue) a sweep; exit 2 with one line on a mistake."""
+    parser = build_parser()
+    own, fit_args = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    fit_args = fit_args[1:] if fit_args[:1] == ["fit"] else fit_args
+    # Trials run the CLI in this process, with args=[...], which is what this warns about.
+    warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_sigterm)
+    try:
+        return _sweep(own, fit_args)
+    except UserError as err:
+        print_error(err)
+        return 2
+    except TrialEnded as err:
+        print_error(f"{err}; it is marked failed in the study. Run the same command to continue.")
+        return err.code
+    except SIGTERMException:
+        print_error("stopped by SIGTERM; run the same command to continue.")
+        return TERMINATED
+    except KeyboardInterrupt:
+        print_error("interrupted (Ctrl-C); run the same command to continue.")
+        return INTERRUPTED
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _raise_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
+    require_optuna()
+    if own.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {own.trials}.")
+    for option in ("prune_after_trials", "prune_warmup_epochs"):
+        if getattr(own, option) < 0:
+            flag = "--" + option.replace("_", "-")
+            raise UserError(f"{flag} must be 0 or more, got {getattr(own, option)}.")
+    space = load_search_space(own.search)
+    name = own.study or own.search.stem
+    sweep_dir = own.sweep_dir or Path("lightning_logs", "sweeps", name)
+    check_search_space(space, fit_args, own.search)
+    storage = open_storage(own.storage, sweep_dir)
+    storage_text = shown_url(own.storage) if own.storage else str(sweep_dir / "journal.log")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's own line says it
+    study = open_study(storage, name, space, fit_args, own)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    done = len(finished_trials(study))
+    print(
+        printable(
+            f"study '{name}' in {storage_text}: {done} of {own.trials} trials finished; "
+            f"runs in {sweep_dir}/trial_K"
+        ),
+        flush=True,
+    )
+
+    best_yaml, overlay_of = None, None
+
+    def after_trial(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
+        nonlocal best_yaml, overlay_of
+        print(printable(trial_line(study, trial)), flush=True)
+        if own.keep_checkpoints == "best":
+            keep_best_checkpoints(study, sweep_dir)
+        # The table and best.yaml after every trial; the page (a few seconds) at the end.
+        best_yaml, overlay_of = write_results(
+            study, sweep_dir, space, storage_text, page=False, overlay_of=overlay_of
+        )
+
+    try:
+        if done < own.trials:
+            study.optimize(
+                Objective(fit_args, space, sweep_dir),
+                n_trials=own.trials - done,
+                # Every worker stops once the study as a whole has --trials finished trials.
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(
+                        own.trials,
+                        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
+                    ),
+                    after_trial,
+                ],
+                # Out of memory at one trial's values (a large batch) fails that trial only.
+                catch=(torch.OutOfMemoryError,),
+                gc_after_trial=True,
+            )
+    finally:  # also when a trial ended the sweep: the page shows what there is
+        best_yaml, overlay_of = write_results(
+            study, sweep_dir, space, storage_text, overlay_of=overlay_of
+        )
+    print(printable(_closing_lines(study, sweep_dir, best_yaml)), flush=True)
+    return 0
+
+
+def _closing_lines(study: "optuna.Study", sweep_dir: Path, best_yaml: Path | None) -> str:
+    best = best_trial(study)
+    lines = ["", f"Sweep '{study.study_name}': {len(finished_trials(study))} trials finished."]
+    if best is None:
+        lines.append("  no trial completed yet.")
+    else:
+        lines += [
+            f"  best: trial {best.number}, {OBJECTIVE} {best.value:.4f}{at_epoch(best)}: "
+            f"{format_params(best.params)}",
+            f"  its run: {best.user_attrs.get('run_dir')}",
+        ]
+        if best_yaml is not None:
+            lines.append(f"  re-run it: {rerun_command(best_yaml)}")
+    lines += [
+        f"  table: {sweep_dir / 'sweep.csv'}; page: {sweep_dir / 'sweep.html'}",
+        f"  dashboards: tensorboard --logdir {sweep_dir}",
+    ]
+    return "\n".join(lines)
