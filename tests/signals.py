@@ -45,3 +45,14 @@ def kill_at(step: int, signal_name: str, during_update: bool = False) -> list[st
         f"--trainer.callbacks.signal_name={signal_name}",
         f"--trainer.callbacks.during_update={during_update}",
     ]
+
+
+class SignalAtTrainEnd(L.Callback):
+    """Send ``signal_name`` to this process when training ends: after the fit's last look for
+    a SIGTERM, before its teardown."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        self.signal_name = signal_name
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        os.kill(os.getpid(), getattr(signal, self.signal_name))

@@ -22,41 +22,46 @@ PAGE = "sweep.html"
 
 def build_sweep_page(
     study: Any,
+    rows: list[dict[str, Any]],
+    best: Any,
     out: Path,
     sweep_dir: Path,
     params: Sequence[str],
+    objective: str,
     storage: str,
     rerun: str | None,
 ) -> None:
-    """Write the page of ``study`` (an ``optuna.Study``) to ``out``; links to the trials' pages
-    are relative to ``sweep_dir``, where the page goes."""
+    """Write the page of ``study`` (an ``optuna.Study``) to ``out``: ``rows`` are its trials as
+    ``sweep.csv`` has them, ``best`` its best trial (or None), ``objective`` the metric's name.
+    Links to the trials' pages are relative to ``sweep_dir``, where the page goes."""
     import optuna
 
-    from alexnet_lit.training.sweep import OBJECTIVE, best_trial, trial_rows
-
-    rows = trial_rows(study)
+    rows = [dict(row) for row in rows]  # the caller's rows stay as sweep.csv has them
     for row in rows:
         page = Path(row["run_dir"] or "/nonexistent") / REPORT
         row["report"] = os.path.relpath(page, sweep_dir.resolve()) if page.is_file() else None
-    # Best first: complete trials by result, then pruned by how far they got, then the rest.
+    # Best first: complete trials by result, then pruned ones by their best, then the rest.
     order = {"complete": 0, "pruned": 1, "running": 2, "fail": 3, "waiting": 4}
-    rows.sort(key=lambda r: (order.get(r["state"], 5), -(r["best_val_acc"] or 0.0), r["number"]))
+    rows = sorted(
+        rows, key=lambda r: (order.get(r["state"], 5), -(r["best_val_acc"] or 0.0), r["number"])
+    )
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    best = best_trial(study)
     complete = [r for r in rows if r["state"] == "complete"]
     pictures, notes = [], []
     if complete:
-        pictures.append(("Optimisation history", _plot(optuna, "plot_optimization_history", study)))
-        pictures.append(("Each parameter's slice", _plot(optuna, "plot_slice", study)))
+        history = _plot(optuna, "plot_optimization_history", study, objective)
+        pictures += [("Optimisation history", history)]
+        pictures += [("Each parameter's slice", _plot(optuna, "plot_slice", study, objective))]
     importances = {}
     if len(complete) >= 2:
         try:
-            importances = optuna.importance.get_param_importances(study)
-            pictures.insert(
-                1, ("Parameter importances", _plot(optuna, "plot_param_importances", study))
-            )
+            with warnings.catch_warnings():  # e.g. too few trials to tell the parameters apart
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(study)
+            importance = _plot(optuna, "plot_param_importances", study, objective)
+            pictures.insert(1, ("Parameter importances", importance))
         except (RuntimeError, ValueError) as err:  # e.g. every trial had the same values
             notes.append(f"Parameter importances: not computed ({err}).")
     else:
@@ -66,7 +71,7 @@ def build_sweep_page(
         name=study.study_name,
         folder=str(sweep_dir),
         storage=storage,
-        objective=OBJECTIVE,
+        objective=objective,
         params=list(params),
         rows=rows,
         counts=counts,
@@ -81,8 +86,9 @@ def build_sweep_page(
         file.write(html)
 
 
-def _plot(optuna: Any, name: str, study: Any) -> str | None:
-    """One of Optuna's matplotlib plots of ``study`` as a PNG data URI (None if it fails)."""
+def _plot(optuna: Any, name: str, study: Any, target: str) -> str | None:
+    """One of Optuna's matplotlib plots of ``study`` (``target``: the objective's name) as a PNG
+    data URI; None if it cannot be drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +97,7 @@ def _plot(optuna: Any, name: str, study: Any) -> str | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plots are marked experimental; tight_layout warns
         try:
-            axes = getattr(optuna.visualization.matplotlib, name)(study)
+            axes = getattr(optuna.visualization.matplotlib, name)(study, target_name=target)
         except (RuntimeError, ValueError):
             return None
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -24,7 +25,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -44,6 +45,7 @@ from alexnet_lit.training.cli import (
     parse_fit_args,
 )
 from alexnet_lit.training.fault_tolerance import NonFiniteLossError
+from alexnet_lit.training.recipes import ROOT
 
 try:  # the optional extra; require_optuna() says how to install it
     import optuna
@@ -55,8 +57,7 @@ except ImportError:
 TUNE_INSTALL = "pip install -e '.[tune]'"
 OBJECTIVE = "val/acc"  # maximised
 TERMINATED = 128 + signal.SIGTERM  # the exit status a shell reports for SIGTERM
-# The checkout's configs/default.yaml: best.yaml is an overlay on it.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"  # best.yaml is an overlay on it
 _KINDS = ("float", "int", "choice")
 _OPTIONS = {"float": {"log", "step"}, "int": {"log", "step"}, "choice": set()}
 
@@ -135,6 +136,8 @@ def _distribution(path: Path, key: str, value: Any) -> "optuna.distributions.Bas
     if low > high:
         raise UserError(f"{where}: the low end {low} is above the high end {high}.")
     log, step = bool(value.get("log", False)), value.get("step")
+    if step is not None and (not isinstance(step, number) or isinstance(step, bool) or step <= 0):
+        raise UserError(f"{where}: step must be a positive {kind} number, got {step!r}.")
     if log and low <= 0:
         raise UserError(f"{where}: a log scale needs a low end above 0, got {low}.")
     if log and step is not None:
@@ -148,6 +151,11 @@ def value_arg(key: str, value: Any) -> str:
     """``--KEY=VALUE`` as ``train.py`` takes it (``true``/``null`` for booleans and None)."""
     text = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
     return f"--{key}={text}"
+
+
+def value_args(params: Mapping[str, Any]) -> list[str]:
+    """A trial's values as ``train.py fit`` arguments."""
+    return [value_arg(key, value) for key, value in params.items()]
 
 
 def check_search_space(space: Mapping[str, Any], fit_args: Sequence[str], path: Path) -> Namespace:
@@ -170,13 +178,15 @@ def check_search_space(space: Mapping[str, Any], fit_args: Sequence[str], path: 
                 f"'{path}': '{key}' is not a key of 'train.py fit' with these arguments; see "
                 "'python scripts/train.py fit --help' (and --model.help / --data.help) for them."
             )
-        if key.startswith("trainer.logger") or key == "seed_everything":
-            raise UserError(f"'{path}': '{key}' is set by the sweep itself; leave it out.")
+        if key.startswith("trainer.logger"):
+            raise UserError(
+                f"'{path}': '{key}' is set by the sweep (each trial's run folder); leave it out."
+            )
     values = {key: _ends(distribution) for key, distribution in space.items()}
     for i in range(max(len(v) for v in values.values())):
         picked = {key: v[min(i, len(v) - 1)] for key, v in values.items()}
         try:
-            parse_fit_args([*fit_args, *(value_arg(k, v) for k, v in picked.items())])
+            parse_fit_args([*fit_args, *value_args(picked)])
         except ArgumentError as err:
             raise UserError(f"'{path}': {argument_error_line(err, fit_args)}") from err
     return config
@@ -207,12 +217,14 @@ def suggest(trial: "optuna.Trial", key: str, distribution: Any) -> Any:
 
 
 class StopHopelessTrial(PyTorchLightningPruningCallback):
-    """Optuna's pruning callback (it reports ``val/acc`` after each validation epoch and asks the
-    study's pruner), except that a trial it prunes stops the way an early-stopped fit does: its
-    run folder gets its checkpoints and ``report.html`` like any other, and the objective then
-    reports the trial pruned. (The stock callback raises inside the fit, which skips both.)"""
+    """Optuna's pruning callback: after each validation epoch it reports the best ``val/acc`` so
+    far (``val/acc_best``, what the objective ends as) and asks the study's pruner. Two changes:
+    a trial it prunes stops the way an early-stopped fit does, so its run folder gets its
+    checkpoints and ``report.html`` like any other (the stock callback raises inside the fit,
+    which skips both), and a trial in its last epoch is never pruned (nothing would be saved,
+    and a pruned trial cannot be the best)."""
 
-    def __init__(self, trial: "optuna.Trial", monitor: str = OBJECTIVE) -> None:
+    def __init__(self, trial: "optuna.Trial", monitor: str = f"{OBJECTIVE}_best") -> None:
         super().__init__(trial, monitor)
         self.pruned_at: int | None = None
 
@@ -220,6 +232,9 @@ class StopHopelessTrial(PyTorchLightningPruningCallback):
         try:
             super().on_validation_end(trainer, pl_module)
         except optuna.TrialPruned:
+            last = trainer.max_epochs is not None and trainer.max_epochs > 0
+            if last and pl_module.current_epoch + 1 >= trainer.max_epochs:
+                return
             self.pruned_at = pl_module.current_epoch
             trainer.should_stop = True
             rank_zero_info(
@@ -229,13 +244,24 @@ class StopHopelessTrial(PyTorchLightningPruningCallback):
             )
 
 
-class TrialEnded(Exception):
-    """A trial stopped by Ctrl-C, SIGTERM or a mistake the CLI reported; Optuna marks it failed
-    and the sweep ends with ``code``."""
+class Terminated(Exception):
+    """SIGTERM while no fit runs. An Exception, so that Optuna marks a trial it ends failed:
+    Lightning's own SIGTERMException is a SystemExit, which Optuna lets through."""
 
-    def __init__(self, message: str, code: int) -> None:
+
+class TrialEnded(Exception):
+    """A trial stopped by Ctrl-C, SIGTERM or a mistake the CLI reported (and said: then
+    ``message`` is None); Optuna marks it failed and the sweep ends with ``code``."""
+
+    def __init__(self, message: str | None, code: int) -> None:
         super().__init__(message)
+        self.message = message
         self.code = code
+
+
+def worker_id() -> str:
+    """``host:pid`` of this worker, kept with each trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Objective:
@@ -249,20 +275,24 @@ class Objective:
         self.fit_args = list(fit_args)
         self.space = dict(space)
         self.sweep_dir = sweep_dir
+        self.stop = False  # a SIGTERM came at the end of the last fit: stop after its trial
 
     def __call__(self, trial: "optuna.Trial") -> float:
+        trial.set_user_attr("worker", worker_id())
         params = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
         folder = self.sweep_dir / f"trial_{trial.number}"
-        trial.set_user_attr("run_dir", str(folder.resolve()))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         print(f"\ntrial {trial.number}: {format_params(params)}", flush=True)
-        if folder.exists():
+        try:
+            folder.mkdir(parents=True)  # claimed: no other study's trial writes into it
+        except FileExistsError as err:
             raise UserError(
                 f"'{folder}' exists from an earlier study of this name; move it away, or pass "
                 "another --study."
-            )
-        args = [*self.fit_args, *(value_arg(key, value) for key, value in params.items())]
+            ) from err
+        trial.set_user_attr("run_dir", str(folder.resolve()))
+        args = [*self.fit_args, *value_args(params)]
         pruning = StopHopelessTrial(trial)
+        cli = None
         try:
             cli = fit_cli(args, self.sweep_dir, folder.name)
             if cli.trainer.world_size > 1:
@@ -273,11 +303,13 @@ class Objective:
                 )
             cli.trainer.callbacks.append(pruning)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            # Lightning noted a SIGTERM after its last check: the trial is done, the sweep stops.
+            self.stop = cli.trainer.received_sigterm
         except NonFiniteLossError as err:
             epoch = cli.trainer.current_epoch
             self._record(trial, folder, f"diverged at epoch {epoch} (loss not finite)")
             raise optuna.TrialPruned(f"diverged at epoch {epoch}") from err
-        except SIGTERMException as err:
+        except (SIGTERMException, Terminated) as err:
             trial.set_user_attr("note", "stopped by SIGTERM")
             raise TrialEnded(f"trial {trial.number} stopped by SIGTERM", TERMINATED) from err
         except SystemExit as err:  # the CLI's one-line mistakes, and Ctrl-C (Lightning exits 1)
@@ -285,7 +317,7 @@ class Objective:
                 trial.set_user_attr("note", "stopped by Ctrl-C")
                 raise TrialEnded(f"trial {trial.number} stopped by Ctrl-C", INTERRUPTED) from err
             trial.set_user_attr("note", "the fit ended with an error")
-            raise TrialEnded(f"trial {trial.number} failed", err.code or 1) from err
+            raise TrialEnded(None, err.code if isinstance(err.code, int) else 1) from err
         finally:
             cli = None
             gc.collect()
@@ -331,13 +363,10 @@ def _brief(value: Any) -> str:
 
 
 def shown_url(storage: str) -> str:
-    """A storage URL with any password hidden, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: say it as given
-        return storage
+    """A storage URL with its password hidden (``user:***@``, ``password=***``), for messages
+    and pages, whether or not it is a URL a database would take."""
+    shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", storage)
+    return re.sub(r"(password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
 def open_storage(storage: str | None, sweep_dir: Path) -> Any:
@@ -359,10 +388,11 @@ def open_storage(storage: str | None, sweep_dir: Path) -> Any:
         with warnings.catch_warnings():  # the heartbeat is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(storage, heartbeat_interval=60, grace_period=180)
-    except ModuleNotFoundError as err:
+    except ImportError as err:  # Optuna re-raises SQLAlchemy's missing driver as one
+        driver = getattr(err.__cause__, "name", None) or "for it"
         raise UserError(
-            f"--storage {shown_url(storage)} needs the database driver '{err.name}', which is "
-            f"not installed; for PostgreSQL install the extra with {TUNE_INSTALL}."
+            f"--storage {shown_url(storage)} needs the database driver {driver}, which is not "
+            f"installed; for PostgreSQL install the extra with {TUNE_INSTALL}."
         ) from err
     except Exception as err:  # SQLAlchemy's OperationalError, ArgumentError, ...
         raise UserError(
@@ -383,12 +413,14 @@ def open_study(
         storage=storage,
         direction="maximize",
         load_if_exists=True,
-        # constant_liar: workers running at once are steered away from each other's points.
-        sampler=optuna.samplers.TPESampler(seed=own.sampler_seed, constant_liar=True),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=own.prune_after_trials, n_warmup_steps=own.prune_warmup_epochs
         ),
     )
+    # constant_liar: workers running at once are steered away from each other's points. A seed
+    # goes on from the trials there are, or a continued sweep would draw the same values again.
+    seed = None if own.sampler_seed is None else own.sampler_seed + len(study.trials)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     searched = {key: json.loads(distribution_to_json(d)) for key, d in space.items()}
     earlier = study.user_attrs.get("search_space")
     if earlier is None:
@@ -408,15 +440,39 @@ def open_study(
     return study
 
 
+def fail_abandoned_trials(study: "optuna.Study") -> None:
+    """Mark failed the running trials of this machine's workers that are gone (SIGKILL, the
+    out-of-memory killer, a crash): a journal file has no heartbeat to notice them."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        print(f"note: trial {trial.number}'s worker ({host}:{pid}) is gone; marked failed.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def finished_trials(study: "optuna.Study") -> list["optuna.trial.FrozenTrial"]:
     """The study's complete and pruned trials: those ``--trials`` counts."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return study.get_trials(deepcopy=False, states=states)
 
 
-def best_trial(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
-    """The complete trial with the highest objective, or None."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+def best_trial(
+    trials: Sequence["optuna.trial.FrozenTrial"],
+) -> "optuna.trial.FrozenTrial | None":
+    """The complete trial with the highest objective (the first of equals), or None."""
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     return max(complete, key=lambda t: t.value) if complete else None
 
 
@@ -427,7 +483,7 @@ def trial_line(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> str:
         result = f"{OBJECTIVE} {trial.value:.4f}{at_epoch(trial)}"
     else:
         result = trial.user_attrs.get("note") or state
-    best = best_trial(study)
+    best = best_trial(study.get_trials(deepcopy=False))
     best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
     return f"trial {trial.number} done: {format_params(trial.params)} -> {result}; {best_text}"
 
@@ -435,11 +491,11 @@ def trial_line(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> str:
 # --- what a sweep leaves behind ------------------------------------------------------------
 
 
-def trial_rows(study: "optuna.Study") -> list[dict[str, Any]]:
-    """One row per trial of the study, in trial order, as ``sweep.csv`` has them."""
+def trial_rows(trials: Sequence["optuna.trial.FrozenTrial"]) -> list[dict[str, Any]]:
+    """One row per trial, in trial order, as ``sweep.csv`` has them."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
-        # A pruned trial's value is its last epoch's; its best is kept with it.
+    for trial in trials:
+        # A pruned trial's value is its last report; its best is kept with it.
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         best = trial.value if complete else trial.user_attrs.get("best_val_acc")
         rows.append(
@@ -458,44 +514,65 @@ def trial_rows(study: "optuna.Study") -> list[dict[str, Any]]:
     return rows
 
 
+@contextlib.contextmanager
+def results_lock(sweep_dir: Path) -> Iterator[None]:
+    """Held while a worker rewrites the sweep folder's files from the study, so that one
+    worker's older view never replaces another's newer one (Optuna's own lock file, which
+    works across processes and breaks a lock its holder left behind)."""
+    from optuna.storages.journal import JournalFileOpenLock
+
+    lock = JournalFileOpenLock(str(sweep_dir / "results"))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def write_results(
     study: "optuna.Study",
     sweep_dir: Path,
     space: Mapping[str, Any],
+    fit_args: Sequence[str],
     storage: str,
+    keep_checkpoints: str = "best",
     page: bool = True,
-    overlay_of: int | None = None,
-) -> tuple[Path | None, int | None]:
-    """Write ``sweep.csv``, ``best.yaml`` (unless it already shows trial ``overlay_of``) and,
-    with ``page``, ``sweep.html`` into ``sweep_dir``, each file replaced whole. Returns
-    ``best.yaml``'s path and the trial it shows (None, None before any trial completes)."""
-    rows = trial_rows(study)
-    fields = ["number", "state", *space, "best_val_acc", "best_epoch", "note", "worker", "run_dir"]
-    with _replaced(sweep_dir / "sweep.csv") as tmp:
-        write_csv(tmp, rows, fields)
-    best = best_trial(study)
-    best_yaml = sweep_dir / "best.yaml"
-    if best is None:
-        best_yaml = None
-    elif best.number != overlay_of:
-        text = best_overlay_text(study.study_name, best, best_yaml)
-        if text is None:
+) -> Path | None:
+    """From one reading of the study: delete the checkpoints of this folder's ended trials but
+    the best (unless ``keep_checkpoints`` is ``all``), and write ``sweep.csv``, ``best.yaml`` and,
+    with ``page``, ``sweep.html``, each file replaced whole. Returns ``best.yaml``'s path, None
+    before any trial completes."""
+    with results_lock(sweep_dir):
+        trials = study.get_trials(deepcopy=False)
+        best = best_trial(trials)
+        if keep_checkpoints == "best":
+            delete_checkpoints(trials, best, sweep_dir)
+        rows = trial_rows(trials)
+        fields = ["number", "state", *space, "best_val_acc", "best_epoch", "note", "worker"]
+        with _replaced(sweep_dir / "sweep.csv") as tmp:
+            write_csv(tmp, rows, [*fields, "run_dir"])
+        best_yaml = sweep_dir / "best.yaml"
+        if best is None:
+            best_yaml.unlink(missing_ok=True)
             best_yaml = None
         else:
             with _replaced(best_yaml) as tmp:
-                tmp.write_text(text)
-    if page:
-        from alexnet_lit.evaluation.sweep_page import build_sweep_page
+                tmp.write_text(best_overlay_text(study.study_name, best, fit_args, best_yaml))
+        if page:
+            from alexnet_lit.evaluation.sweep_page import build_sweep_page
 
-        with _replaced(sweep_dir / "sweep.html") as tmp:
-            build_sweep_page(study, tmp, sweep_dir, list(space), storage, rerun_command(best_yaml))
-    return best_yaml, None if best_yaml is None else best.number
+            with _replaced(sweep_dir / "sweep.html") as tmp:
+                rerun = rerun_command(best_yaml)
+                build_sweep_page(
+                    study, rows, best, tmp, sweep_dir, list(space), OBJECTIVE, storage, rerun
+                )
+    return best_yaml
 
 
 @contextlib.contextmanager
 def _replaced(path: Path) -> Iterator[Path]:
-    """A temporary file that replaces ``path`` whole when the block ends: a reader (or another
-    worker writing the same file) never sees half of it."""
+    """A temporary file that replaces ``path`` whole when the block ends: a reader never sees
+    half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -504,15 +581,14 @@ def _replaced(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def best_overlay(run_config: Path) -> dict[str, Any]:
-    """The overlay on ``configs/default.yaml`` that reproduces the run ``run_config`` (its
-    ``config.yaml``) describes: every key whose value differs, the logger left out (a re-run
-    gets its own run folder)."""
+def best_overlay(fit_args: Sequence[str], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The overlay on ``configs/default.yaml`` that reproduces ``train.py fit FIT_ARGS`` with a
+    trial's values: every key whose value differs (the sweep's logger is not among them, so a
+    re-run gets its own run folder)."""
     base = parse_fit_args(["--config", str(DEFAULT_CONFIG)]).as_dict()
-    run = parse_fit_args(["--config", str(run_config)]).as_dict()
+    run = parse_fit_args([*fit_args, *value_args(params)]).as_dict()
     for config in (base, run):
         config.pop("config", None)
-        config.get("trainer", {}).pop("logger", None)
     return _difference(base, run)
 
 
@@ -534,20 +610,19 @@ def _difference(base: Any, new: Any) -> Any:
     return {} if base == new else new
 
 
-def best_overlay_text(study_name: str, best: "optuna.trial.FrozenTrial", path: Path) -> str | None:
-    """``best.yaml``'s text: the overlay reproducing the best trial, with a header saying which
-    trial and how to run it; None when the trial's config.yaml is not on this machine."""
-    run_config = Path(best.user_attrs.get("run_dir", "")) / "config.yaml"
-    if not run_config.is_file():
-        return None
-    overlay = best_overlay(run_config)
+def best_overlay_text(
+    study_name: str, best: "optuna.trial.FrozenTrial", fit_args: Sequence[str], path: Path
+) -> str:
+    """``best.yaml``'s text: the overlay reproducing the best trial with this worker's
+    arguments (paths may differ between machines), and a header saying which trial it is."""
     header = (
         f"# The best trial of study '{study_name}': trial {best.number}, {OBJECTIVE} "
-        f"{best.value:.4f}{at_epoch(best)}.\n"
+        f"{best.value:.4f}{at_epoch(best)}, run in {best.user_attrs.get('run_dir')} "
+        f"({best.user_attrs.get('worker')}).\n"
         f"# Its values: {format_params(best.params)}\n"
         f"# Re-run it: {rerun_command(path)}\n"
     )
-    return header + yaml.safe_dump(overlay, sort_keys=False)
+    return header + yaml.safe_dump(best_overlay(fit_args, best.params), sort_keys=False)
 
 
 def rerun_command(best_yaml: Path | None) -> str | None:
@@ -567,23 +642,26 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def keep_best_checkpoints(study: "optuna.Study", sweep_dir: Path) -> None:
-    """Delete the checkpoints of this sweep folder's ended trials other than the best one
-    (~560 MB each for the tutorial's AlexNet): a sweep of 20 would fill ~20 GB otherwise."""
-    best = best_trial(study)
+def delete_checkpoints(
+    trials: Sequence["optuna.trial.FrozenTrial"],
+    best: "optuna.trial.FrozenTrial | None",
+    sweep_dir: Path,
+) -> None:
+    """Delete the checkpoints of this sweep folder's ended trials other than ``best`` (~560 MB
+    each for the tutorial's AlexNet: a sweep of 20 would fill ~20 GB otherwise)."""
     ended = (
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,
         optuna.trial.TrialState.FAIL,
     )
-    for trial in study.get_trials(deepcopy=False, states=ended):
-        if best is not None and trial.number == best.number:
+    for trial in trials:
+        if trial.state not in ended or (best is not None and trial.number == best.number):
             continue
         folder = sweep_dir / f"trial_{trial.number}"
         if Path(trial.user_attrs.get("run_dir", "")) != folder.resolve():
             continue  # another machine's, or another folder's, trial
         for checkpoint in folder.glob("checkpoints/*.ckpt"):
-            checkpoint.unlink(missing_ok=True)  # another worker may have done it
+            checkpoint.unlink(missing_ok=True)
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -593,18 +671,25 @@ def _raise_sigterm(signum: int, frame: Any) -> None:
     # Called directly, no fit is running: stop here. During a fit Lightning calls it from its
     # own handler, after noting the signal; the fit then stops at the next batch and raises.
     if signal.getsignal(signal.SIGTERM) is _raise_sigterm:
-        raise SIGTERMException
+        raise Terminated
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the usage text
+        raise UserError(f"{message}; see 'python scripts/tune.py --help'.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tune.py",
         description="Search hyperparameters with Optuna: each trial is a train.py fit with the "
         "other arguments given here (--config overlays, --data.data_dir, ...).",
         allow_abbrev=False,
     )
     parser.add_argument("--search", type=Path, required=True, help="the search space (YAML)")
-    parser.add_argument("--trials", type=int, default=20, help="finished trials the study needs")
+    parser.add_argument(
+        "--trials", type=int, default=20, help="complete or pruned trials the study needs"
+    )
     parser.add_argument("--study", help="the study's name (default: the search file's name)")
     parser.add_argument(
         "--storage",
@@ -624,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-after-trials",
         type=int,
         default=4,
-        help="finished trials before the median pruner stops any (default 4)",
+        help="complete trials before the median pruner stops any (default 4)",
     )
     parser.add_argument(
         "--prune-warmup-epochs",
@@ -643,23 +728,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tune_main(argv: Sequence[str] | None = None) -> int:
     """``scripts/tune.py``: run (or continue) a sweep; exit 2 with one line on a mistake."""
-    parser = build_parser()
-    own, fit_args = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    fit_args = fit_args[1:] if fit_args[:1] == ["fit"] else fit_args
     # Trials run the CLI in this process, with args=[...], which is what this warns about.
     warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_sigterm)
     try:
-        return _sweep(own, fit_args)
+        own, fit_args = build_parser().parse_known_args(
+            sys.argv[1:] if argv is None else list(argv)
+        )
+        return _sweep(own, fit_args[1:] if fit_args[:1] == ["fit"] else fit_args)
     except UserError as err:
         print_error(err)
         return 2
     except TrialEnded as err:
-        print_error(f"{err}; it is marked failed in the study. Run the same command to continue.")
+        if err.message is not None:  # else the CLI said it
+            print_error(
+                f"{err.message}; it is marked failed in the study. Run the same command to "
+                "continue."
+            )
         return err.code
-    except SIGTERMException:
+    except (SIGTERMException, Terminated):
         print_error("stopped by SIGTERM; run the same command to continue.")
         return TERMINATED
     except KeyboardInterrupt:
@@ -687,6 +776,7 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's own line says it
     study = open_study(storage, name, space, fit_args, own)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    fail_abandoned_trials(study)
     done = len(finished_trials(study))
     print(
         printable(
@@ -695,23 +785,23 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
         ),
         flush=True,
     )
+    objective = Objective(fit_args, space, sweep_dir)
 
-    best_yaml, overlay_of = None, None
+    def results(page: bool = False) -> Path | None:
+        return write_results(
+            study, sweep_dir, space, fit_args, storage_text, own.keep_checkpoints, page
+        )
 
     def after_trial(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
-        nonlocal best_yaml, overlay_of
         print(printable(trial_line(study, trial)), flush=True)
-        if own.keep_checkpoints == "best":
-            keep_best_checkpoints(study, sweep_dir)
-        # The table and best.yaml after every trial; the page (a few seconds) at the end.
-        best_yaml, overlay_of = write_results(
-            study, sweep_dir, space, storage_text, page=False, overlay_of=overlay_of
-        )
+        results()  # the table and best.yaml after every trial; the page (seconds) at the end
+        if objective.stop:
+            study.stop()
 
     try:
         if done < own.trials:
             study.optimize(
-                Objective(fit_args, space, sweep_dir),
+                objective,
                 n_trials=own.trials - done,
                 # Every worker stops once the study as a whole has --trials finished trials.
                 callbacks=[
@@ -726,15 +816,18 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
                 gc_after_trial=True,
             )
     finally:  # also when a trial ended the sweep: the page shows what there is
-        best_yaml, overlay_of = write_results(
-            study, sweep_dir, space, storage_text, overlay_of=overlay_of
-        )
+        best_yaml = results(page=True)
     print(printable(_closing_lines(study, sweep_dir, best_yaml)), flush=True)
+    if objective.stop:
+        print_error(
+            "stopped by SIGTERM after its trial finished; run the same command to continue."
+        )
+        return TERMINATED
     return 0
 
 
 def _closing_lines(study: "optuna.Study", sweep_dir: Path, best_yaml: Path | None) -> str:
-    best = best_trial(study)
+    best = best_trial(study.get_trials(deepcopy=False))
     lines = ["", f"Sweep '{study.study_name}': {len(finished_trials(study))} trials finished."]
     if best is None:
         lines.append("  no trial completed yet.")
