@@ -1,6 +1,7 @@
 """Sweeps (scripts/tune.py): trials as ordinary runs, pruning, the results a sweep leaves, many
 workers on one journal file or one real PostgreSQL server, one-line mistakes, and SIGTERM."""
 
+import json
 import logging
 import os
 import pwd
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from alexnet_lit.training.cli import cli_main
-from alexnet_lit.training.sweep import TERMINATED, tune_main
+from alexnet_lit.training.sweep import TERMINATED, load_search_space, process_space, tune_main
 from tests.conftest import make_image_folder
 from tests.helpers import DEFAULT_CONFIG, TINY, read_csv, start_script
 from tests.signals import kill_at
@@ -259,7 +260,8 @@ def test_bad_input_is_one_line(search, extra, expected, data, tmp_path, capsys, 
 @pytest.mark.slow
 def test_stopped_workers_leave_no_trial_running_and_the_next_run_continues(data, tmp_path):
     search = search_file(tmp_path, f"{DROPOUT}: {{float: [0.2, 0.7]}}\n")
-    args = tune_args(search, data, "--trials", "2")
+    # --study: the runs differ in the test's signal callbacks, which is fine to continue with.
+    args = tune_args(search, data, "--trials", "2", "--study", "search")
     sweep_dir = tmp_path / "lightning_logs" / "sweeps" / "search"
 
     def run(*extra: str) -> tuple[int, str, str]:
@@ -276,10 +278,9 @@ def test_stopped_workers_leave_no_trial_running_and_the_next_run_continues(data,
     )
     # 2. A worker killed outright (SIGKILL, the out-of-memory killer) leaves its trial running
     # in the journal, which has no heartbeat...
-    gone = _dead_pid()
-    journal_study(sweep_dir, "search").ask().set_user_attr(
-        "worker", f"{socket.gethostname()}:{gone}"
-    )
+    orphan = journal_study(sweep_dir, "search").ask()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{_dead_pid()}")
+    orphan.set_user_attr("process", f"{process_space()}/{_dead_pid()}")
     # 3. ...until the next worker on this machine sees that its worker is gone. This one gets
     # SIGTERM as trial 2's training ends, after Lightning's last look for one: trial 2
     # completes, and the worker stops instead of starting trial 3.
@@ -316,3 +317,29 @@ def test_search_file_values_become_cli_arguments():
     assert value_arg("data.hflip", True) == "--data.hflip=true"
     assert value_arg("model.weights", None) == "--model.weights=null"
     assert value_arg(LR, 1.0e-4) == f"--{LR}=0.0001"
+
+
+def test_a_study_with_other_fit_arguments_is_not_continued_by_default(
+    data, tmp_path, capsys, monkeypatch
+):
+    from optuna.distributions import distribution_to_json
+
+    monkeypatch.chdir(tmp_path)
+    search = search_file(tmp_path, f"{DROPOUT}: {{float: [0.2, 0.7]}}\n")
+    study = journal_study(tmp_path / "lightning_logs" / "sweeps" / "search", "search")
+    space = {k: json.loads(distribution_to_json(d)) for k, d in load_search_space(search).items()}
+    study.set_user_attr("search_space", space)
+    study.set_user_attr("fit_args", ["--trainer.max_epochs=30"])
+    assert tune_main(tune_args(search, data, "--trials", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "study 'search' began with other fit arguments" in err[0], err
+    assert "--study search" in err[0] and study.trials == []
+
+
+def test_a_trial_on_several_devices_is_refused_in_one_line(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    search = search_file(tmp_path, f"{DROPOUT}: {{float: [0.2, 0.7]}}\n")
+    args = tune_args(search, data, "--trials", "1", "--trainer.strategy=ddp")
+    assert tune_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: a sweep trial trains on one device") and len(err) == 1, err

@@ -235,11 +235,12 @@ def parse_fit_args(args: Sequence[str]) -> Namespace:
         ArgumentError: An unknown key or a value its type refuses (:func:`argument_error_line`
             says it in one line).
     """
-    return _fit_parser().parse_args(list(args))
+    return fit_parser().parse_args(list(args))
 
 
 @functools.cache
-def _fit_parser() -> ArgumentParser:
+def fit_parser() -> ArgumentParser:
+    """The parser of ``train.py fit``'s arguments."""
     # Building the parser takes most of a parse's time: once per process.
     return _ParseOnly(
         LitAlexNet,
@@ -264,6 +265,8 @@ def fit_cli(
         "--trainer.logger.init_args.name=",
         f"--trainer.logger.init_args.version={version}",
         "--trainer.logger.init_args.default_hp_metric=false",
+        # Lightning's own files (and, under SLURM, the checkpoints it resumes from) go there too.
+        f"--trainer.default_root_dir={Path(save_dir, version)}",
     ]
     cli = cli_main([*args, *logger], run=False)
     if not checkpoints:

@@ -32,6 +32,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -42,9 +43,10 @@ from alexnet_lit.training.cli import (
     INTERRUPTED,
     argument_error_line,
     fit_cli,
+    fit_parser,
     parse_fit_args,
 )
-from alexnet_lit.training.fault_tolerance import NonFiniteLossError
+from alexnet_lit.training.fault_tolerance import CheckpointOnInterrupt, NonFiniteLossError
 from alexnet_lit.training.recipes import ROOT
 
 try:  # the optional extra; require_optuna() says how to install it
@@ -278,7 +280,10 @@ class Objective:
         self.stop = False  # a SIGTERM came at the end of the last fit: stop after its trial
 
     def __call__(self, trial: "optuna.Trial") -> float:
+        _SIGTERM.check()  # one that came while Optuna was starting this trial
         trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("process", f"{process_space()}/{os.getpid()}")
+        trial.set_user_attr("fit_args", self.fit_args)
         params = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
         folder = self.sweep_dir / f"trial_{trial.number}"
         print(f"\ntrial {trial.number}: {format_params(params)}", flush=True)
@@ -294,16 +299,22 @@ class Objective:
         pruning = StopHopelessTrial(trial)
         cli = None
         try:
-            cli = fit_cli(args, self.sweep_dir, folder.name)
-            if cli.trainer.world_size > 1:
+            with _SIGTERM.interruptible():
+                cli = fit_cli(args, self.sweep_dir, folder.name)
+            if not isinstance(cli.trainer.strategy, SingleDeviceStrategy):
                 raise UserError(
-                    f"a sweep trial runs in one process, but these arguments start "
-                    f"{cli.trainer.world_size}; run one worker per GPU instead "
-                    "(CUDA_VISIBLE_DEVICES=N python scripts/tune.py ... --study NAME)."
+                    f"a sweep trial trains on one device, but these arguments choose "
+                    f"{type(cli.trainer.strategy).__name__}; leave configs/ddp.yaml out and run "
+                    "one worker per GPU (CUDA_VISIBLE_DEVICES=N python scripts/tune.py ...)."
                 )
+            # A failed trial is never resumed: no last.ckpt on Ctrl-C or SIGTERM, no resume hint.
+            cli.trainer.callbacks[:] = [
+                c for c in cli.trainer.callbacks if not isinstance(c, CheckpointOnInterrupt)
+            ]
             cli.trainer.callbacks.append(pruning)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            # Lightning noted a SIGTERM after its last check: the trial is done, the sweep stops.
+            with _SIGTERM.interruptible():
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            # A SIGTERM Lightning noted after its last look: the trial is done, the sweep stops.
             self.stop = cli.trainer.received_sigterm
         except NonFiniteLossError as err:
             epoch = cli.trainer.current_epoch
@@ -321,6 +332,8 @@ class Objective:
         finally:
             cli = None
             gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next trial's batch size may differ
         if pruning.pruned_at is not None:
             self._record(trial, folder, f"pruned at epoch {pruning.pruned_at}")
             raise optuna.TrialPruned(f"pruned at epoch {pruning.pruned_at}")
@@ -365,7 +378,7 @@ def _brief(value: Any) -> str:
 def shown_url(storage: str) -> str:
     """A storage URL with its password hidden (``user:***@``, ``password=***``), for messages
     and pages, whether or not it is a URL a database would take."""
-    shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", storage)
+    shown = re.sub(r"(//[^/@:]*:)[^@]*@", r"\1***@", storage)
     return re.sub(r"(password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
@@ -387,7 +400,13 @@ def open_storage(storage: str | None, sweep_dir: Path) -> Any:
     try:
         with warnings.catch_warnings():  # the heartbeat is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+            return RDBStorage(
+                storage,
+                # A connection idle through a long epoch may have been dropped on the way.
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=60,
+                grace_period=180,
+            )
     except ImportError as err:  # Optuna re-raises SQLAlchemy's missing driver as one
         driver = getattr(err.__cause__, "name", None) or "for it"
         raise UserError(
@@ -432,24 +451,42 @@ def open_study(
             "with the same search file, or start a new study with --study NEW_NAME."
         )
     elif study.user_attrs.get("fit_args") != list(fit_args):
-        print(
-            f"note: study '{name}' began with other fit arguments: "
-            f"{shlex.join(study.user_attrs.get('fit_args', []))}",
-            flush=True,
-        )
+        began = shlex.join(study.user_attrs.get("fit_args", []))
+        if not own.study:  # a default name: most likely another experiment, not this one
+            raise UserError(
+                f"study '{name}' began with other fit arguments ({began}); continue it with "
+                f"these anyway with --study {name}, or start a new one with --study NEW_NAME."
+            )
+        print(f"note: study '{name}' began with other fit arguments: {began}", flush=True)
     return study
 
 
 def fail_abandoned_trials(study: "optuna.Study") -> None:
     """Mark failed the running trials of this machine's workers that are gone (SIGKILL, the
     out-of-memory killer, a crash): a journal file has no heartbeat to notice them."""
-    host = socket.gethostname()
+    here = process_space()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if name != host or not pid.isdigit() or _alive(int(pid)):
+        space, _, pid = str(trial.user_attrs.get("process", "")).rpartition("/")
+        if space != here or not pid.isdigit() or _alive(int(pid)):
             continue
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        print(f"note: trial {trial.number}'s worker ({host}:{pid}) is gone; marked failed.")
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker starting now marked it first
+        worker = trial.user_attrs.get("worker")
+        print(f"note: trial {trial.number}'s worker ({worker}) is gone; marked failed.")
+
+
+def process_space() -> str:
+    """Where this process's ID means this process: the host, its boot and its PID namespace
+    (Linux; containers sharing a host name have their own), so that a worker only judges the
+    processes it can see."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "|".join(parts)
 
 
 def _alive(pid: int) -> bool:
@@ -517,16 +554,20 @@ def trial_rows(trials: Sequence["optuna.trial.FrozenTrial"]) -> list[dict[str, A
 @contextlib.contextmanager
 def results_lock(sweep_dir: Path) -> Iterator[None]:
     """Held while a worker rewrites the sweep folder's files from the study, so that one
-    worker's older view never replaces another's newer one (Optuna's own lock file, which
-    works across processes and breaks a lock its holder left behind)."""
-    from optuna.storages.journal import JournalFileOpenLock
-
-    lock = JournalFileOpenLock(str(sweep_dir / "results"))
-    lock.acquire()
+    worker's older view never replaces another's newer one: an advisory lock on
+    ``sweep_dir/.results.lock``, which the kernel releases if its holder dies (POSIX; elsewhere
+    the files are written unlocked)."""
     try:
+        import fcntl
+    except ImportError:  # Windows
         yield
-    finally:
-        lock.release()
+        return
+    with open(sweep_dir / ".results.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_results(
@@ -585,10 +626,11 @@ def best_overlay(fit_args: Sequence[str], params: Mapping[str, Any]) -> dict[str
     """The overlay on ``configs/default.yaml`` that reproduces ``train.py fit FIT_ARGS`` with a
     trial's values: every key whose value differs (the sweep's logger is not among them, so a
     re-run gets its own run folder)."""
-    base = parse_fit_args(["--config", str(DEFAULT_CONFIG)]).as_dict()
-    run = parse_fit_args([*fit_args, *value_args(params)]).as_dict()
-    for config in (base, run):
-        config.pop("config", None)
+    base, run = (
+        # dump(): YAML as a config file has it (a callable default as its import path).
+        yaml.safe_load(fit_parser().dump(parse_fit_args(args)))
+        for args in (["--config", str(DEFAULT_CONFIG)], [*fit_args, *value_args(params)])
+    )
     return _difference(base, run)
 
 
@@ -613,8 +655,9 @@ def _difference(base: Any, new: Any) -> Any:
 def best_overlay_text(
     study_name: str, best: "optuna.trial.FrozenTrial", fit_args: Sequence[str], path: Path
 ) -> str:
-    """``best.yaml``'s text: the overlay reproducing the best trial with this worker's
-    arguments (paths may differ between machines), and a header saying which trial it is."""
+    """``best.yaml``'s text: the overlay reproducing the best trial (its own fit arguments, or
+    ``fit_args`` for a trial that did not record them), and a header saying which trial it is."""
+    fit_args = best.user_attrs.get("fit_args", fit_args)
     header = (
         f"# The best trial of study '{study_name}': trial {best.number}, {OBJECTIVE} "
         f"{best.value:.4f}{at_epoch(best)}, run in {best.user_attrs.get('run_dir')} "
@@ -667,11 +710,38 @@ def delete_checkpoints(
 # --- the command -----------------------------------------------------------------------------
 
 
-def _raise_sigterm(signum: int, frame: Any) -> None:
-    # Called directly, no fit is running: stop here. During a fit Lightning calls it from its
-    # own handler, after noting the signal; the fit then stops at the next batch and raises.
-    if signal.getsignal(signal.SIGTERM) is _raise_sigterm:
-        raise Terminated
+class _SigtermState:
+    """SIGTERM in a sweep worker. Noted wherever it comes; raised (:class:`Terminated`) only
+    while a trial's CLI is built or its fit runs before Lightning's own handler is in place
+    (the data scan), and elsewhere acted on at the next safe point: the start of a trial, the
+    end of one (the sweep stops), the end of the sweep. Raised anywhere else it could land in
+    Optuna's storage code or in a finalizer that swallows it. During a fit Lightning's handler
+    calls this one after noting the signal, and the fit stops at its next batch."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._interruptible = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        if self._interruptible and signal.getsignal(signal.SIGTERM) == self.handle:
+            raise Terminated
+
+    def check(self) -> None:
+        if self.received:
+            raise Terminated
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.check()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+
+_SIGTERM = _SigtermState()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -731,8 +801,9 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     # Trials run the CLI in this process, with args=[...], which is what this warns about.
     warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
     previous = signal.getsignal(signal.SIGTERM)
+    _SIGTERM.received = False
     if previous is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_sigterm)
+        signal.signal(signal.SIGTERM, _SIGTERM.handle)
     try:
         own, fit_args = build_parser().parse_known_args(
             sys.argv[1:] if argv is None else list(argv)
@@ -755,7 +826,7 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
         print_error("interrupted (Ctrl-C); run the same command to continue.")
         return INTERRUPTED
     finally:
-        if signal.getsignal(signal.SIGTERM) is _raise_sigterm:
+        if signal.getsignal(signal.SIGTERM) == _SIGTERM.handle:
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -795,11 +866,11 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
     def after_trial(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
         print(printable(trial_line(study, trial)), flush=True)
         results()  # the table and best.yaml after every trial; the page (seconds) at the end
-        if objective.stop:
+        if objective.stop or _SIGTERM.received:
             study.stop()
 
     try:
-        if done < own.trials:
+        if done < own.trials and not _SIGTERM.received:
             study.optimize(
                 objective,
                 n_trials=own.trials - done,
@@ -818,7 +889,7 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
     finally:  # also when a trial ended the sweep: the page shows what there is
         best_yaml = results(page=True)
     print(printable(_closing_lines(study, sweep_dir, best_yaml)), flush=True)
-    if objective.stop:
+    if objective.stop or _SIGTERM.received:
         print_error(
             "stopped by SIGTERM after its trial finished; run the same command to continue."
         )
