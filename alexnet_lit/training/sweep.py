@@ -9,7 +9,8 @@ the keys of the search file, run in this process into its own run folder,
 pruner stops trials that trail the others at the same epoch. The study lives in a journal file in
 the sweep folder, or in any database Optuna's RDB storage takes (``--storage
 postgresql://...``), where workers on many machines share it. After every trial the sweep folder
-gets ``sweep.csv``, ``sweep.html`` and ``best.yaml`` (see :mod:`alexnet_lit.evaluation.sweep_page`).
+gets ``sweep.csv`` and ``best.yaml``, and at the end of a worker's run ``sweep.html`` (see
+:mod:`alexnet_lit.evaluation.sweep_page`). docs/sweeps.md is the user's guide.
 """
 
 import argparse
@@ -180,7 +181,7 @@ def check_search_space(space: Mapping[str, Any], fit_args: Sequence[str], path: 
                 f"'{path}': '{key}' is not a key of 'train.py fit' with these arguments; see "
                 "'python scripts/train.py fit --help' (and --model.help / --data.help) for them."
             )
-        if key.startswith("trainer.logger"):
+        if key.startswith(("trainer.logger", "trainer.default_root_dir")):
             raise UserError(
                 f"'{path}': '{key}' is set by the sweep (each trial's run folder); leave it out."
             )
