@@ -38,7 +38,6 @@ def build_sweep_page(
 
     rows = [dict(row) for row in rows]  # the caller's rows stay as sweep.csv has them
     for row in rows:
-        row["shown"] = {key: _brief(row.get(key)) for key in params}
         page = Path(row["run_dir"] or "/nonexistent") / REPORT
         row["report"] = os.path.relpath(page, sweep_dir.resolve()) if page.is_file() else None
     # Best first: complete trials by result, then pruned ones by their best, then the rest.
@@ -85,16 +84,6 @@ def build_sweep_page(
     )
     with open_text(out) as file:
         file.write(html)
-
-
-def _brief(value: Any) -> str:
-    """A parameter's value for the table: 4 significant digits (sweep.csv has it in full)."""
-    if value is None:
-        return ""
-    try:
-        return f"{float(value):.4g}" if not isinstance(value, bool) else str(value)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _plot(optuna: Any, name: str, study: Any, target: str) -> str | None:

@@ -15,6 +15,7 @@ gets ``sweep.csv`` and ``best.yaml``, and at the end of a worker's run ``sweep.h
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -500,10 +501,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def finished_states() -> tuple["optuna.trial.TrialState", ...]:
+    """Complete and pruned: the trials ``--trials`` counts."""
+    return (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
 def finished_trials(study: "optuna.Study") -> list["optuna.trial.FrozenTrial"]:
-    """The study's complete and pruned trials: those ``--trials`` counts."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return study.get_trials(deepcopy=False, states=states)
+    """The study's complete and pruned trials."""
+    return study.get_trials(deepcopy=False, states=finished_states())
 
 
 def best_trial(
@@ -540,8 +545,7 @@ def trial_rows(trials: Sequence["optuna.trial.FrozenTrial"]) -> list[dict[str, A
             {
                 "number": trial.number,
                 "state": trial.state.name.lower(),
-                # In full: write_csv rounds floats to 4 decimals, too few for a learning rate.
-                **{k: repr(v) if isinstance(v, float) else v for k, v in trial.params.items()},
+                **trial.params,
                 "best_val_acc": best,
                 "best_epoch": trial.user_attrs.get("best_epoch"),
                 "note": trial.user_attrs.get("note", ""),
@@ -591,8 +595,13 @@ def write_results(
             delete_checkpoints(trials, best, sweep_dir)
         rows = trial_rows(trials)
         fields = ["number", "state", *space, "best_val_acc", "best_epoch", "note", "worker"]
+        # Parameters in full: write_csv rounds floats to 4 decimals, too few for a learning rate.
+        in_full = [
+            {k: repr(v) if k in space and isinstance(v, float) else v for k, v in row.items()}
+            for row in rows
+        ]
         with _replaced(sweep_dir / "sweep.csv") as tmp:
-            write_csv(tmp, rows, [*fields, "run_dir"])
+            write_csv(tmp, in_full, [*fields, "run_dir"])
         best_yaml = sweep_dir / "best.yaml"
         if best is None:
             best_yaml.unlink(missing_ok=True)
@@ -627,12 +636,19 @@ def best_overlay(fit_args: Sequence[str], params: Mapping[str, Any]) -> dict[str
     """The overlay on ``configs/default.yaml`` that reproduces ``train.py fit FIT_ARGS`` with a
     trial's values: every key whose value differs (the sweep's logger is not among them, so a
     re-run gets its own run folder)."""
-    base, run = (
-        # dump(): YAML as a config file has it (a callable default as its import path).
-        yaml.safe_load(fit_parser().dump(parse_fit_args(args)))
-        for args in (["--config", str(DEFAULT_CONFIG)], [*fit_args, *value_args(params)])
-    )
-    return _difference(base, run)
+    return _difference(_default_config(), _dumped([*fit_args, *value_args(params)]))
+
+
+@functools.cache
+def _default_config() -> dict[str, Any]:
+    """``configs/default.yaml`` resolved: once per process, not once per trial (read only)."""
+    return _dumped(["--config", str(DEFAULT_CONFIG)])
+
+
+def _dumped(args: Sequence[str]) -> dict[str, Any]:
+    """The config ``train.py fit ARGS`` resolves to, as YAML has it in a config file (a callable
+    default as its import path)."""
+    return yaml.safe_load(fit_parser().dump(parse_fit_args(args)))
 
 
 def _difference(base: Any, new: Any) -> Any:
@@ -693,11 +709,7 @@ def delete_checkpoints(
 ) -> None:
     """Delete the checkpoints of this sweep folder's ended trials other than ``best`` (~560 MB
     each for the tutorial's AlexNet: a sweep of 20 would fill ~20 GB otherwise)."""
-    ended = (
-        optuna.trial.TrialState.COMPLETE,
-        optuna.trial.TrialState.PRUNED,
-        optuna.trial.TrialState.FAIL,
-    )
+    ended = (*finished_states(), optuna.trial.TrialState.FAIL)
     for trial in trials:
         if trial.state not in ended or (best is not None and trial.number == best.number):
             continue
@@ -877,10 +889,7 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
                 n_trials=own.trials - done,
                 # Every worker stops once the study as a whole has --trials finished trials.
                 callbacks=[
-                    optuna.study.MaxTrialsCallback(
-                        own.trials,
-                        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-                    ),
+                    optuna.study.MaxTrialsCallback(own.trials, states=finished_states()),
                     after_trial,
                 ],
                 # Out of memory at one trial's values (a large batch) fails that trial only.
