@@ -24,6 +24,7 @@ import shlex
 import signal
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -392,7 +393,7 @@ def open_storage(storage: str | None, sweep_dir: Path) -> Any:
     Raises:
         UserError: The driver is missing, or the database cannot be reached.
     """
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     if storage is None or "://" not in storage:
@@ -400,15 +401,7 @@ def open_storage(storage: str | None, sweep_dir: Path) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     try:
-        with warnings.catch_warnings():  # the heartbeat is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                storage,
-                # A connection idle through a long epoch may have been dropped on the way.
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=60,
-                grace_period=180,
-            )
+        return _rdb_storage(storage)
     except ImportError as err:  # Optuna re-raises SQLAlchemy's missing driver as one
         driver = getattr(err.__cause__, "name", None) or "for it"
         raise UserError(
@@ -421,6 +414,33 @@ def open_storage(storage: str | None, sweep_dir: Path) -> Any:
             f"{first_line(getattr(err, 'orig', None) or err)}; check the URL and that the "
             "database server runs."
         ) from err
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> Any:
+    """Optuna's RDB storage at ``url``. Workers started together on a new database each create
+    its tables, and all but one can meet the others' half-made ones (a unique key or a table
+    that exists already); the creation checks what exists, so trying again a moment later
+    succeeds."""
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    def create() -> Any:
+        with warnings.catch_warnings():  # the heartbeat is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                # A connection idle through a long epoch may have been dropped on the way.
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=60,
+                grace_period=180,
+            )
+
+    for attempt in range(1, attempts):
+        try:
+            return create()
+        except (IntegrityError, ProgrammingError):
+            time.sleep(0.5 * attempt)
+    return create()
 
 
 def open_study(
