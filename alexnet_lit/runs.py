@@ -43,11 +43,18 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 
 def next_run_folder(root: str | Path = "lightning_logs") -> Path:
-    """Create and return ``root/version_N`` for the next free N, the folder a fit's default
-    TensorBoardLogger would take (its own numbering), for commands that are not one fit."""
-    folder = Path(TensorBoardLogger(save_dir=root, name="").log_dir)
-    folder.mkdir(parents=True)
-    return folder
+    """Create and return ``root/version_N`` for the next free N, the folder a TensorBoardLogger
+    would take (its own numbering). Creating it is the claim: a run started at the same moment
+    gets the next N."""
+    version = TensorBoardLogger(save_dir=root, name="").version
+    Path(root).mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = Path(root, f"version_{version}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            version += 1
 
 
 def open_text(path: str | Path, mode: str = "w") -> IO[str]:
@@ -103,11 +110,6 @@ def read_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
         tag: [(event.step, event.value) for event in events.Scalars(tag)]
         for tag in events.Tags().get("scalars", [])
     }
-
-
-def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
-    """The trainer's TensorBoard logger, if it has one."""
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 def logged_step(trainer: L.Trainer) -> int:

@@ -3,6 +3,7 @@ trainer, and reading the CSV files a run writes."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ def cli_error_line(capsys, args: list[str], code: int = 2) -> str:
         cli_main(args)
     assert exit_info.value.code == code
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a test's own server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):

@@ -17,7 +17,7 @@ import yaml
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.training.sweep import TERMINATED, load_search_space, process_space, tune_main
 from tests.conftest import make_image_folder
-from tests.helpers import DEFAULT_CONFIG, TINY, read_csv, start_script
+from tests.helpers import DEFAULT_CONFIG, TINY, free_port, read_csv, start_script
 from tests.signals import kill_at
 
 LR = "model.optimizer.init_args.lr"
@@ -166,12 +166,6 @@ def _postgres_bin() -> Path | None:
     return installed[-1].parent if installed else None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def postgres(tmp_path):
     """A throwaway PostgreSQL cluster in tmp_path on a free 127.0.0.1 port; yields its URL."""
@@ -191,7 +185,7 @@ def postgres(tmp_path):
                 break
             folder.chmod(folder.stat().st_mode | 0o001)  # let it pass through, not list
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     data_dir = cluster / "data"
 
     def run(*command: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""The evaluation callbacks: pictures for TensorBoard, the class reports, temperature scaling and
+"""The evaluation callbacks: pictures for the loggers, the class reports, temperature scaling and
 the run page.
 
 Every one of them reads the evaluation epoch the LightningModule collected once
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
 
 from alexnet_lit.checkpoints import best_checkpoint, checkpoint_temperature
 from alexnet_lit.evaluation.calibration import fit_temperature, render_reliability
@@ -29,8 +30,9 @@ from alexnet_lit.evaluation.pictures import (
     to_pixels,
 )
 from alexnet_lit.evaluation.run_page import build_report, fit_summary, record_run, source_run
+from alexnet_lit.loggers import log_files, log_image, set_tags, takes_pictures
 from alexnet_lit.metrics import Evaluated, expected_calibration_error
-from alexnet_lit.runs import logged_step, printable, run_dir, tensorboard_logger
+from alexnet_lit.runs import logged_step, printable, run_dir
 
 MISCLASSIFIED = "val_misclassified.png"
 
@@ -55,11 +57,12 @@ def _has_run_folder(trainer: L.Trainer) -> bool:
 
 
 class ValidationImages(_WritesIntoTheRun):
-    """Log pictures to TensorBoard: training inputs once, and each validation epoch the confusion
-    matrix (``val/confusion_matrix``) and the most confident mistakes (``val/misclassified``),
-    each row of mistakes followed by a row of their Grad-CAM heatmaps (what the network looked
-    at for the class it predicted). The mistakes are also saved as ``val_misclassified.png`` for
-    the run page.
+    """Log pictures to every logger that takes them (TensorBoard, MLflow; see
+    :func:`alexnet_lit.loggers.log_image`): training inputs once, and each validation epoch the
+    confusion matrix (``val/confusion_matrix``) and the most confident mistakes
+    (``val/misclassified``), each row of mistakes followed by a row of their Grad-CAM heatmaps
+    (what the network looked at for the class it predicted). The mistakes are also saved as
+    ``val_misclassified.png`` for the run page.
 
     Args:
         max_images: Images per grid, at most.
@@ -78,17 +81,14 @@ class ValidationImages(_WritesIntoTheRun):
         if self._inputs_logged:
             return
         self._inputs_logged = True
-        logger = tensorboard_logger(trainer)
-        if logger is None or not trainer.is_global_zero:
+        if not takes_pictures(trainer) or not trainer.is_global_zero:
             return
         images, targets = batch[0][: self.max_images], batch[1][: self.max_images]
         pixels = to_pixels(images, pl_module.hparams.preprocessing, self.tile).cpu().numpy()
         names = pl_module.hparams.class_names
         captions = [short_name(names[int(t)]) for t in targets.cpu()]
         grid = image_grid(pixels, captions, tile=self.tile)
-        logger.experiment.add_image(
-            "train/inputs", np.asarray(grid), logged_step(trainer), dataformats="HWC"
-        )
+        log_image(trainer, "train/inputs", np.asarray(grid), logged_step(trainer))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mistakes = None
@@ -128,22 +128,19 @@ class ValidationImages(_WritesIntoTheRun):
         self._mistakes = batch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = tensorboard_logger(trainer)
-        if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
+        if trainer.sanity_checking or not takes_pictures(trainer) or not trainer.is_global_zero:
             return
         names = pl_module.hparams.class_names
         step = logged_step(trainer)
         picture = render_confusion_matrix(_evaluated(pl_module, "val").confusion, names)
-        logger.experiment.add_image(
-            "val/confusion_matrix", np.asarray(picture), step, dataformats="HWC"
-        )
+        log_image(trainer, "val/confusion_matrix", np.asarray(picture), step)
         grid = self._mistakes_grid(pl_module)
         saved = run_dir(trainer) / MISCLASSIFIED if _has_run_folder(trainer) else None
         if grid is None:  # no mistake this epoch: the run page must not show an earlier epoch's
             if saved is not None:
                 saved.unlink(missing_ok=True)
             return
-        logger.experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
+        log_image(trainer, "val/misclassified", np.asarray(grid), step)
         if saved is not None:
             grid.save(saved)
 
@@ -281,13 +278,16 @@ class EvaluationReport(_WritesIntoTheRun):
         render_confusion_matrix(evaluated.confusion, names).save(
             folder / f"{stage}_confusion_matrix.png"
         )
-        render_reliability(
+        reliability = render_reliability(
             *evaluated[:2],
             folder / f"{stage}_reliability.png",
             temperature,
             f"{stage} reliability",
             eces=(raw, calibrated),
         )
+        with Image.open(reliability) as picture:
+            pixels = np.asarray(picture.convert("RGB"))
+        log_image(trainer, f"{stage}/reliability", pixels, logged_step(trainer))
         if trainer.state.fn != "fit":
             rank_zero_info(printable(f"{stage} report: {paths['markdown']}"))
 
@@ -316,8 +316,15 @@ class RunReport(_WritesIntoTheRun):
 
     def _record(self, trainer: L.Trainer) -> None:
         folder = self._folder(trainer)
-        if folder is not None:
-            record_run(folder, trainer)
+        if folder is None:
+            return
+        record_run(folder, trainer)
+        data = trainer.datamodule
+        tags = {"run_folder": printable(folder.resolve())}
+        if data is not None and hasattr(data, "class_names"):
+            dataset = printable(Path(data.data_dir).resolve())
+            tags |= {"dataset": dataset, "classes": len(data.class_names)}
+        set_tags(trainer, tags, run_name=folder.name)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self._folder(trainer)
@@ -326,6 +333,7 @@ class RunReport(_WritesIntoTheRun):
         built = _build(folder, trainer)
         if built is not None:
             print(printable(fit_summary(*built)), flush=True)
+        _upload(trainer, folder, best_checkpoint(folder))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # After every callback's on_validation_end/on_test_end: the evaluation files are written.
@@ -337,9 +345,19 @@ class RunReport(_WritesIntoTheRun):
         built = _build(folder)
         if built is not None:
             rank_zero_info(printable(f"report: {built[0]}"))
+        _upload(trainer, folder)
         source = source_run(trainer.ckpt_path)
         if source is not None and source.resolve() != folder.resolve():
             _build(source)  # the trained run's page lists this evaluation too
+
+
+def _upload(trainer: L.Trainer, folder: Path, checkpoint: Path | None = None) -> None:
+    """Give the trackers (MLflow) the run folder's files: the config, hyperparameters, reports
+    and pictures, and the best checkpoint; TensorBoard's event file is theirs already."""
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("events.out.tfevents"))
+    log_files(trainer, files)
+    if checkpoint is not None:
+        log_files(trainer, [checkpoint], "checkpoints")
 
 
 def _build(folder: Path, fit: L.Trainer | None = None) -> tuple[Path, dict[str, Any]] | None:

@@ -16,7 +16,8 @@ from lightning.pytorch import callbacks
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from alexnet_lit.errors import UserError
-from alexnet_lit.runs import logged_step, tensorboard_logger
+from alexnet_lit.loggers import log_params, tensorboard_logger
+from alexnet_lit.runs import logged_step
 
 
 def _in_fit(trainer: L.Trainer) -> bool:
@@ -86,7 +87,8 @@ class EpochTimer(L.Callback):
 
 
 class HyperparametersToTensorBoard(L.Callback):
-    """Fill TensorBoard's HPARAMS tab with the run's real settings and ``hp_metric``.
+    """Fill TensorBoard's HPARAMS tab with the run's real settings and ``hp_metric``, and give
+    the same settings to the other loggers (MLflow's parameters).
 
     At the start of training it records the model, optimizer, scheduler, data and trainer
     settings actually in use (read from the live objects, not from defaults); after every
@@ -95,10 +97,13 @@ class HyperparametersToTensorBoard(L.Callback):
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = tensorboard_logger(trainer)
-        if logger is None or not trainer.is_global_zero:
+        if not trainer.loggers or not trainer.is_global_zero:
             return
         params = run_hyperparameters(trainer, pl_module)
+        log_params(trainer, params)  # the same settings as parameters of an MLflow run
+        logger = tensorboard_logger(trainer)
+        if logger is None:
+            return
         # Written here rather than with logger.log_hyperparams, which would also log hp_metric
         # at step 0 and add these flat keys to hparams.yaml beside the model's.
         experiment, start, end = hparams_summary(params, {"hp_metric": 0.0})

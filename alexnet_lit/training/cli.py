@@ -1,6 +1,9 @@
 """The LightningCLI entry point behind ``scripts/train.py``."""
 
+import contextlib
 import functools
+import json
+import os
 import re
 import sys
 from argparse import ArgumentError
@@ -13,7 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from alexnet_lit.checkpoints import (
     AtomicCheckpointIO,
@@ -24,12 +27,15 @@ from alexnet_lit.checkpoints import (
 from alexnet_lit.data import ImageFolderDataModule
 from alexnet_lit.errors import CheckpointError, UserError, print_error
 from alexnet_lit.inference.predict import PredictionCSVWriter
+from alexnet_lit.loggers import FOLDER_LOGGERS, arrange_loggers, check_logger_config
 from alexnet_lit.module import LitAlexNet
+from alexnet_lit.runs import next_run_folder
 from alexnet_lit.training.fault_tolerance import NonFiniteLossError
 from alexnet_lit.training.precision import native_mixed_precision
 from alexnet_lit.weights import weights_preprocessing
 
-_VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+# The loggers that write a version_N folder, by class name, the run folder's first.
+FOLDER_LOGGER_NAMES = tuple(cls.__name__ for cls in FOLDER_LOGGERS)
 INTERRUPTED = 130  # the exit status of a process ended by Ctrl-C (128 + SIGINT)
 # Classes a config may name by their path before the package was grouped into data/, training/,
 # evaluation/ and inference/: a run's saved config.yaml that names one is told the new path.
@@ -100,6 +106,7 @@ class AlexNetCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_logger_config(_class_paths(config.trainer.logger))
         checkpoint = self._loaded_checkpoints.get(config.get("ckpt_path"))
         if checkpoint is not None:  # resume, validate, test, predict: the checkpoint's record
             record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
@@ -122,8 +129,8 @@ class AlexNetCLI(LightningCLI):
                 rank_zero_info(f"native_mixed_precision: {trainer.precision}, {reason}.")
 
     def _resolve_ckpt_path(self, config, subcommand: str) -> None:
-        logger = config.trainer.logger
-        versioned = getattr(logger, "class_path", "").rsplit(".", 1)[-1] in _VERSIONED_LOGGERS
+        logger = _folder_logger(config)
+        versioned = logger is not None
         if versioned:
             log_root = Path(logger.init_args.save_dir, logger.init_args.name or "")
         else:
@@ -142,8 +149,27 @@ class AlexNetCLI(LightningCLI):
         ):
             logger.init_args.version = run_dir.name
 
+    def instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        logger = _claim_run_folder(config)
+        if logger is None:
+            return super().instantiate_classes()
+        name, version = logger.init_args.name or "", f"version_{logger.init_args.version}"
+        folder = Path(logger.init_args.save_dir, name, version)
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            with contextlib.suppress(OSError):  # nothing ran: leave no empty run folder behind
+                folder.rmdir()
+            raise
+        finally:
+            # The saved config.yaml keeps version null, as the user wrote it, so that running it
+            # again makes a new run.
+            logger.init_args.version = None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        arrange_loggers(trainer, self.subcommand)
         # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO(self._loaded_checkpoints)
@@ -153,6 +179,46 @@ class AlexNetCLI(LightningCLI):
         # predict writes predictions.csv into the run directory unless a writer is configured.
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionCSVWriter())
+
+
+def _loggers(config: Any) -> list[Namespace]:
+    """The logger configs of ``trainer.logger`` (one, a list, or none)."""
+    loggers = config if isinstance(config, list) else [config]
+    return [logger for logger in loggers if isinstance(logger, Namespace)]
+
+
+def _class_paths(config: Any) -> list[str]:
+    return [logger.class_path for logger in _loggers(config)]
+
+
+def _folder_logger(config: Namespace) -> Namespace | None:
+    """The config of the logger whose ``version_N`` folder is the run folder: TensorBoard's, or
+    a CSV logger's where there is no TensorBoard logger (as ``arrange_loggers`` orders them)."""
+    loggers = _loggers(config.trainer.logger)
+    for name in FOLDER_LOGGER_NAMES:
+        found = [logger for logger in loggers if logger.class_path.endswith(name)]
+        if found:
+            return found[0]
+    return None
+
+
+def _claim_run_folder(config: Namespace) -> Namespace | None:
+    """Create the next ``version_N`` folder now and set it as the logger's version, so that
+    runs started together never share one (the logger would list the folders, then create its
+    own later). Returns the logger config it set, or None where there was nothing to claim."""
+    logger = _folder_logger(config)
+    if logger is None or config.trainer.get("fast_dev_run"):
+        return None  # fast_dev_run: Lightning runs it without loggers, so without a run folder
+    # DDP's other processes take rank 0's folder (Trainer.log_dir broadcasts it); only the
+    # process that will be global rank 0 claims one.
+    rank_zero = rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+    root = Path(logger.init_args.save_dir, logger.init_args.get("name") or "")
+    remote = "://" in str(logger.init_args.save_dir)
+    if logger.init_args.get("version") is not None or not rank_zero or remote:
+        return None
+    # The number, as the logger would pick it: its folder is version_N, the progress bar's v_num N.
+    logger.init_args.version = int(next_run_folder(root).name.removeprefix("version_"))
+    return logger
 
 
 def _follow_preprocessing(config: Namespace, record: dict | None, trained_with: str) -> None:
@@ -253,18 +319,29 @@ def fit_parser() -> ArgumentParser:
 
 
 def fit_cli(
-    args: Sequence[str], save_dir: str | Path, version: str, checkpoints: bool = True
+    args: Sequence[str],
+    save_dir: str | Path,
+    version: str,
+    checkpoints: bool = True,
+    experiment: str | None = None,
 ) -> AlexNetCLI:
     """The CLI of ``train.py fit ARGS``, instantiated but not run, with its run folder at
-    ``save_dir/version`` (a TensorBoard logger in place of the configured one); without
-    ModelCheckpoint callbacks unless ``checkpoints``. Mistakes end the process as the CLI does.
+    ``save_dir/version`` (a TensorBoard logger in place of the configured one; trackers such as
+    MLflow's kept beside it, their runs in ``experiment`` where given); without ModelCheckpoint
+    callbacks unless ``checkpoints``. Mistakes end the process as the CLI does.
     """
+    tensorboard = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {
+            "save_dir": str(save_dir),
+            "name": "",
+            "version": version,
+            "default_hp_metric": False,
+        },
+    }
+    loggers = [tensorboard, *_trackers(args, experiment)]
     logger = [
-        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
-        f"--trainer.logger.init_args.save_dir={save_dir}",
-        "--trainer.logger.init_args.name=",
-        f"--trainer.logger.init_args.version={version}",
-        "--trainer.logger.init_args.default_hp_metric=false",
+        f"--trainer.logger={json.dumps(loggers)}",
         # Lightning's own files (and, under SLURM, the checkpoints it resumes from) go there too.
         f"--trainer.default_root_dir={Path(save_dir, version)}",
     ]
@@ -276,6 +353,23 @@ def fit_cli(
             if not isinstance(callback, ModelCheckpoint)
         ]
     return cli
+
+
+def _trackers(args: Sequence[str], experiment: str | None) -> list[dict[str, Any]]:
+    """The loggers ``args`` configure besides TensorBoard and CSV, as config dicts."""
+    try:
+        loggers = parse_fit_args(args).trainer.logger
+    except ArgumentError:
+        return []  # the fit's own parse says what is wrong, in one line
+    trackers = []
+    for logger in _loggers(loggers):
+        if logger.class_path.endswith(FOLDER_LOGGER_NAMES):
+            continue
+        tracker = logger.as_dict()
+        if experiment is not None and "experiment_name" in tracker.get("init_args", {}):
+            tracker["init_args"]["experiment_name"] = experiment
+        trackers.append(tracker)
+    return trackers
 
 
 def _renamed(name: str) -> str | None:

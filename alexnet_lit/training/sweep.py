@@ -303,7 +303,7 @@ class Objective:
         cli = None
         try:
             with _SIGTERM.interruptible():
-                cli = fit_cli(args, self.sweep_dir, folder.name)
+                cli = fit_cli(args, self.sweep_dir, folder.name, experiment=trial.study.study_name)
             if not isinstance(cli.trainer.strategy, SingleDeviceStrategy):
                 raise UserError(
                     f"a sweep trial trains on one device, but these arguments choose "
