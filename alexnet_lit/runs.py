@@ -14,10 +14,10 @@ import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
+if TYPE_CHECKING:  # Lightning is imported where a trainer exists; the data doctor needs none
+    import lightning as L
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -27,7 +27,7 @@ ERRORS = "surrogateescape"
 _RESOLVED: "weakref.WeakKeyDictionary[L.Trainer, tuple[str, Path]]" = weakref.WeakKeyDictionary()
 
 
-def run_dir(trainer: L.Trainer) -> Path:
+def run_dir(trainer: "L.Trainer") -> Path:
     """The folder of the trainer's run: its logger's ``log_dir`` (``lightning_logs/version_N``),
     the logger's ``save_dir`` for other loggers, else ``trainer.default_root_dir``.
 
@@ -46,6 +46,8 @@ def next_run_folder(root: str | Path = "lightning_logs") -> Path:
     """Create and return ``root/version_N`` for the next free N, the folder a TensorBoardLogger
     would take (its own numbering). Creating it is the claim: a run started at the same moment
     gets the next N."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     version = TensorBoardLogger(save_dir=root, name="").version
     Path(root).mkdir(parents=True, exist_ok=True)
     while True:
@@ -112,7 +114,7 @@ def read_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def logged_step(trainer: L.Trainer) -> int:
+def logged_step(trainer: "L.Trainer") -> int:
     """The step Lightning logs scalars at, so that pictures line up with them.
 
     Lightning has no public name for it: this is what its own LearningRateMonitor and logger

@@ -91,6 +91,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             same file lists through NVIDIA DALI, which decodes, crops, resizes, flips and
             normalizes on the GPU (``pip install -e '.[dali]'``; the tutorial preset only).
             Prediction always uses the PIL path.
+        rescan: Probe every file again instead of trusting the scan cache, which keeps each
+            file's verdict while its size and modification time stay the same (see
+            :mod:`alexnet_lit.data.scan_cache`); the cache is rewritten.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         balance: Literal["none", "loss", "sampler"] = "none",
         augment: Literal["tutorial", "strong"] = "tutorial",
         backend: Literal["pil", "dali"] = "pil",
+        rescan: bool = False,
     ) -> None:
         super().__init__()
         # Checkpoints hold these hyperparameters; as str, not Path, they load with weights_only.
@@ -163,7 +167,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
         self.datasets: dict[str, ImageListDataset] = {}
         self.skipped = SkippedImages(on_bad_image)
-        self.index = FolderIndex(self.data_dir, self.class_names, self.skipped, val_split, seed)
+        self.index = FolderIndex(
+            self.data_dir, self.class_names, self.skipped, val_split, seed, rescan
+        )
         self.run_dir: Path | None = None
         self._chosen: dict[str, list[tuple[Path, int]]] = {}  # see use_samples
 
@@ -197,11 +203,25 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._chosen.get(split) or self.index.labelled(split)
 
     def prepare_data(self) -> None:
+        # Lightning runs this once per machine (local rank 0) while the other processes wait:
+        # the one scan of the machine, whose result each process's setup reads from the cache.
         if self.is_demo and not self.data_dir.is_dir():
             write_digits_demo(self.data_dir)
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        self.index.warm_cache(self._splits_for(None if stage is None else stage.value))
+
+    def _splits_for(self, stage: str | None) -> tuple[str, ...]:
+        """The split folders a stage scans (``fit`` when unknown). Validation scans train/ too:
+        its classes are checked, and without val/ it is split off train/."""
+        if stage == "test" and (self.data_dir / "test").is_dir():
+            return ("test",)
+        if stage == "predict" and self.predict_dir is not None:
+            return ()
+        return ("train", "val")
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
+            self.index.rescan = False  # prepare_data has rescanned on this machine
             folder = run_dir(self.trainer)  # every process runs setup: resolved here, once a stage
             if self.run_dir is None:
                 self.run_dir = folder
@@ -244,14 +264,15 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _save_split_lists(self) -> None:
         """Write the train/val split made from train/ into the run directory (rank 0, once)."""
-        if not self.index.split_lists or self.run_dir is None or not self.trainer.is_global_zero:
+        if not self.index.split_from_train or self.run_dir is None:
+            return
+        if not self.trainer.is_global_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for split, images in self.index.split_lists.items():
+        for split in ("train", "val"):
             with open_text(self.run_dir / SPLIT_FILES[split]) as file:
-                for name in self.class_names:
-                    for path in images.get(name, []):
-                        file.write(f"{path.relative_to(self.data_dir).as_posix()}\n")
+                for path, _ in self.index.labelled(split):  # by class, as the split made them
+                    file.write(f"{path.relative_to(self.data_dir).as_posix()}\n")
 
     def _report_class_counts(self) -> None:
         counts = {

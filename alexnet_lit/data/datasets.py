@@ -60,7 +60,8 @@ class ImageListDataset(Dataset):
         read: Callable[[Path], torch.Tensor],
         unreadable: Mapping[Path, str] | None = None,
     ) -> None:
-        self.samples = list(samples)
+        # A SampleList stays one: its arrays are what forked workers share (data/samples.py).
+        self.samples = samples if isinstance(samples, Sequence) else list(samples)
         self.read = read
         self.unreadable = dict(unreadable or {})
 
@@ -80,7 +81,8 @@ class ImageListDataset(Dataset):
 
     @property
     def targets(self) -> list[int]:
-        return [target for _, target in self.samples]
+        targets = getattr(self.samples, "targets", None)
+        return targets if targets is not None else [target for _, target in self.samples]
 
 
 class SkippingCollate:

@@ -20,6 +20,7 @@ from alexnet_lit.data.folders import (
     imbalance_text,
     scan_split,
 )
+from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.errors import DataConfigError, run_main
 from alexnet_lit.runs import printable
 
@@ -27,7 +28,7 @@ from alexnet_lit.runs import printable
 IMBALANCE_WARNING = 5.0
 
 
-def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
+def diagnose(root: str | Path, decode: bool = False, rescan: bool = False) -> dict[str, Any]:
     """Scan a dataset folder and return the doctor's report as plain data (JSON-ready).
 
     The checks read headers, and compare the bytes of files of equal size; ``decode`` also
@@ -38,11 +39,19 @@ def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
     classes, a train class without a usable image, val/test classes not in train, unreadable
     images, and identical images shared between train and val/test (a leak that inflates
     validation accuracy). ``warnings`` are worth a look but do not stop training.
+
+    The scans share training's cache (:mod:`alexnet_lit.data.scan_cache`): files unchanged since
+    the last scan or fit are not opened again, unless ``rescan``.
     """
     root = Path(root)
     report: dict[str, Any] = {"path": str(root), "splits": {}, "errors": [], "warnings": []}
     errors, warnings = report["errors"], report["warnings"]
-    scans = {s: scan_split(root / s, decode=decode) for s in SPLITS if (root / s).is_dir()}
+    caches = {
+        split: ScanCache(root / split, read=not rescan)
+        for split in SPLITS
+        if (root / split).is_dir()
+    }
+    scans = {split: scan_split(root / split, decode, cache) for split, cache in caches.items()}
     if "train" not in scans:
         errors.append(f"'{root / 'train'}' does not exist; put training images in train/<class>/.")
     for split, scan in scans.items():
@@ -59,10 +68,12 @@ def diagnose(root: str | Path, decode: bool = False) -> dict[str, Any]:
         split: sorted(name for name, paths in scan.images.items() if not paths)
         for split, scan in scans.items()
     }
-    across, within = _duplicates(scans)
+    across, within = _duplicates(scans, list(caches.values()))
     report["duplicates_across_splits"] = across
     report["duplicates_within_split"] = within
 
+    for split, scan in scans.items():
+        warnings += _case_only_names(split, scan.images)
     train_classes = set(scans["train"].images) if "train" in scans else set()
     if "train" in scans and not train_classes:
         errors.append(f"'{root / 'train'}' has no class folders.")
@@ -125,12 +136,14 @@ def _split_summary(scan: SplitScan) -> dict[str, Any]:
     }
 
 
-def _duplicates(scans: Mapping[str, SplitScan]) -> tuple[list[dict], dict[str, list[list[str]]]]:
+def _duplicates(
+    scans: Mapping[str, SplitScan], caches: Sequence[ScanCache]
+) -> tuple[list[dict], dict[str, list[list[str]]]]:
     images = {
         split: [p for paths in scan.images.values() for p in paths] for split, scan in scans.items()
     }
     across, within = [], {split: [] for split in scans}
-    for digest, entries in identical_files(images):
+    for digest, entries in identical_files(images, caches=caches):
         if len({split for split, _ in entries}) > 1:
             across.append({"hash": digest, "paths": [str(path) for _, path in entries]})
         else:
@@ -193,6 +206,21 @@ def format_report(report: Mapping[str, Any]) -> str:
     return printable("\n".join(lines))
 
 
+def _case_only_names(split: str, classes: Sequence[str]) -> list[str]:
+    """A warning for each set of class folders whose names differ only in case."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        groups.setdefault(name.casefold(), []).append(name)
+    return [
+        f"{split}/ has class folders whose names differ only in case: "
+        + " and ".join(f"'{name}'" for name in names)
+        + " (separate classes here, one folder on a case-insensitive filesystem such as "
+        "macOS's or Windows'); rename or merge them."
+        for names in groups.values()
+        if len(names) > 1
+    ]
+
+
 def check_data_main(argv: Sequence[str] | None = None) -> int:
     """``check_data.py PATH [--json]``: 0 usable as is, 1 errors found, 2 bad path."""
     import argparse
@@ -205,6 +233,9 @@ def check_data_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--decode", action="store_true", help="also decode every image (slower, finds all)"
     )
+    parser.add_argument(
+        "--rescan", action="store_true", help="read every file again, ignoring the scan cache"
+    )
     args = parser.parse_args(argv)
     found_errors = False
 
@@ -212,7 +243,7 @@ def check_data_main(argv: Sequence[str] | None = None) -> int:
         nonlocal found_errors
         if not args.path.is_dir():
             raise DataConfigError(f"'{args.path}' is not a folder; pass a dataset root.")
-        report = diagnose(args.path, decode=args.decode)
+        report = diagnose(args.path, decode=args.decode, rescan=args.rescan)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         found_errors = bool(report["errors"])
 

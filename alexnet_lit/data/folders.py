@@ -5,21 +5,26 @@ so they agree on which files are classes, samples, hidden entries, non-images an
 images.
 """
 
+import functools
 import hashlib
+import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from alexnet_lit.data.images import (
+    SYSTEM_NAMES,
     ImageInfo,
     Verdict,
     is_hidden,
     load_image,
     probe,
 )
+from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.errors import first_line
 
 SPLITS = ("train", "val", "test")
@@ -27,6 +32,9 @@ SPLITS = ("train", "val", "test")
 HEAD_BYTES = 4096
 # Folders with fewer files scan without a progress bar.
 PROGRESS_MIN_FILES = 500
+# From this many files to probe, several processes probe them, PROBE_CHUNK files at a time.
+PARALLEL_MIN_FILES = 2000
+PROBE_CHUNK = 256
 
 
 @dataclass
@@ -35,7 +43,8 @@ class SplitScan:
 
     Attributes:
         root: The split folder.
-        images: Class name -> usable images, sorted; a class with none maps to ``[]``.
+        images: Class name -> usable images (path strings), sorted; a class with none maps to
+            ``[]``.
         infos: Image path -> what its header says.
         unreadable: ``(path, reason)`` of images that cannot be used.
         not_images: ``(path, reason)`` of other files, ignored.
@@ -44,10 +53,10 @@ class SplitScan:
     """
 
     root: Path
-    images: dict[str, list[Path]] = field(default_factory=dict)
-    infos: dict[Path, ImageInfo] = field(default_factory=dict)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)
-    not_images: list[tuple[Path, str]] = field(default_factory=list)
+    images: dict[str, list[str]] = field(default_factory=dict)
+    infos: dict[str, ImageInfo] = field(default_factory=dict)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    not_images: list[tuple[str, str]] = field(default_factory=list)
     hidden: list[Path] = field(default_factory=list)
     outside_classes: list[Path] = field(default_factory=list)
 
@@ -66,12 +75,44 @@ def list_classes(split_dir: Path) -> list[str]:
 
 def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
     """Files under ``folder`` (sorted, recursively); hidden entries go to ``hidden`` instead."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        hidden += [Path(dirpath, d) for d in dirnames if is_hidden(d)]
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        for name in sorted(filenames):
-            (hidden if is_hidden(name) else found).append(Path(dirpath, name))
+    return [Path(path) for path, _ in walk_stats(folder, hidden)]
+
+
+def walk_stats(folder: str | Path, hidden: list[Path]) -> list[tuple[str, tuple[int, int] | None]]:
+    """The files under ``folder`` as path strings, each with its ``(size, mtime_ns)`` from a
+    stat, not an open (None where there is none: a broken link); hidden entries go to
+    ``hidden`` instead.
+
+    Each folder's files come first, then its subfolders, in name order; links to folders are
+    not followed (as ``os.walk`` does it). Strings, not ``Path``s: a million of those cost
+    seconds to make, more than the stats.
+    """
+    found: list[tuple[str, tuple[int, int] | None]] = []
+
+    def visit(directory: str) -> None:
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=_name)
+        except OSError:
+            return  # an unreadable folder: os.walk skips it too
+        folders = []
+        for entry in entries:
+            name = entry.name
+            if name[0] == "." or name in SYSTEM_NAMES:  # is_hidden, inlined: a million calls
+                hidden.append(Path(entry.path))
+            elif entry.is_dir():
+                if not entry.is_symlink():
+                    folders.append(entry.path)
+            else:
+                try:
+                    stat = entry.stat()
+                    found.append((entry.path, (stat.st_size, stat.st_mtime_ns)))
+                except OSError:
+                    found.append((entry.path, None))
+        for sub in folders:
+            visit(sub)
+
+    visit(os.fspath(folder))
     return found
 
 
@@ -129,7 +170,9 @@ def digest(data: bytes) -> str:
 
 
 def identical_files(
-    files: Mapping[str, Sequence[Path]], across_splits: bool = False
+    files: Mapping[str, Sequence[str | Path]],
+    across_splits: bool = False,
+    caches: Sequence[ScanCache] = (),
 ) -> list[tuple[str, list[tuple[str, Path]]]]:
     """Groups of byte-identical files among the splits' ``files``, as ``(digest, [(split, path),
     ...])`` sorted by their first path; ``across_splits`` keeps only the groups that occur in
@@ -137,8 +180,10 @@ def identical_files(
 
     Identical files have equal sizes and equal first bytes, so a file is read whole only when
     another file of its size starts the same: a stat per file, the first 4 KiB of the few that
-    share a size, and all of only the likely copies.
+    share a size, and all of only the likely copies. With the splits' scan ``caches``, each
+    digest is computed once per change of its file, and later searches read none.
     """
+    stats: dict[Path, tuple[int, int]] = {}
 
     def kept(group: list[tuple[str, Path]]) -> bool:
         return len(group) > 1 and (not across_splits or len({split for split, _ in group}) > 1)
@@ -156,35 +201,80 @@ def identical_files(
                     continue  # gone or unreadable since the scan: nothing to compare
         return {k: group for k, group in out.items() if kept(group)}
 
+    def size(path: Path) -> int:
+        stat = os.stat(path)
+        stats[path] = (stat.st_size, stat.st_mtime_ns)
+        return stat.st_size
+
+    def cached(kind: str, compute: Callable[[Path], str]) -> Callable[[Path], str]:
+        def digest_of(path: Path) -> str:
+            cache = next((c for c in caches if c.covers(path)), None)
+            known = None if cache is None else cache.digest(path, stats[path], kind)
+            if known is None:
+                known = compute(path)
+                if cache is not None:
+                    cache.remember(path, stats[path], kind, known)
+            return known
+
+        return digest_of
+
     def head(path: Path) -> str:
         with open(path, "rb") as file:
             return digest(file.read(HEAD_BYTES))
 
     everything = [(split, Path(path)) for split, paths in files.items() for path in paths]
-    by_size = regroup([everything], lambda path: os.stat(path).st_size)
-    by_head = regroup(by_size.values(), head)
-    same = regroup(by_head.values(), lambda path: digest(path.read_bytes()))
+    by_size = regroup([everything], size)
+    by_head = regroup(by_size.values(), cached("head", head))
+    same = regroup(by_head.values(), cached("full", lambda path: digest(path.read_bytes())))
+    for cache in caches:
+        cache.flush()
     groups = [(key[1], sorted(group, key=lambda e: str(e[1]))) for key, group in same.items()]
     return sorted(groups, key=lambda g: str(g[1][0][1]))
 
 
 def scan_files(
-    files: Sequence[Path], decode: bool = False, desc: str = "scanning"
-) -> tuple[dict[Path, ImageInfo], list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """Probe files: ``(infos, unreadable, not_images)``; a progress bar on many files.
+    files: Sequence[str | Path],
+    decode: bool = False,
+    desc: str = "scanning",
+    stats: Sequence[tuple[int, int] | None] | None = None,
+    cache: ScanCache | None = None,
+    workers: int | None = None,
+) -> tuple[dict, list[tuple], list[tuple]]:
+    """Probe files: ``(infos, unreadable, not_images)``, each keyed by the path as given (a
+    string or a ``Path``); a progress bar on many files.
 
-    ``decode`` also decodes every image that passes the cheap checks (slow; finds the rest).
+    Args:
+        files: The files, in order.
+        decode: Also decode every image that passes the cheap checks (slow; finds the rest).
+        desc: The progress bar's label.
+        stats: Each file's ``(size, mtime_ns)`` (:func:`walk_stats`), for ``cache``.
+        cache: Verdicts of earlier scans: only files that are new or changed are probed, and
+            the cache is updated.
+        workers: Processes that probe files at once (see :func:`check_files`).
     """
+    verdicts: list[Verdict | None] = [None] * len(files)
+    if cache is not None and stats is not None:
+        verdicts = cache.unchanged(files, stats, decode) or [
+            None if stat is None else cache.lookup(path, stat, decode)
+            for path, stat in zip(files, stats, strict=True)
+        ]
+    todo = [i for i, verdict in enumerate(verdicts) if verdict is None]
+    headers: dict[int, Verdict] = {}
+    checked = check_files([files[i] for i in todo], decode, desc, workers)
+    for i, (header, verdict) in zip(todo, checked, strict=True):
+        headers[i], verdicts[i] = header, verdict
+    if cache is not None and stats is not None and (todo or cache.size != len(files)):
+        # A file that failed to decode keeps its header's verdict, so that a scan without
+        # decoding reads the same verdict as before; a decoding scan checks it again.
+        cache.save(
+            [
+                (path, stat, decode and verdict.info is not None, headers.get(i, verdict))
+                for i, (path, stat, verdict) in enumerate(zip(files, stats, verdicts, strict=True))
+                if stat is not None
+            ]
+        )
     infos, unreadable, not_images = {}, [], []
-    show = len(files) >= PROGRESS_MIN_FILES
-    for path in tqdm(files, desc=desc, unit="file", disable=None if show else True, leave=False):
-        verdict = probe(path)
-        if verdict.info is not None and decode:
-            try:
-                load_image(path)
-            except Exception as err:  # whatever Pillow raises for broken pixel data
-                reason = f"fails to decode ({type(err).__name__}: {first_line(err)})"
-                verdict = Verdict(problem="unreadable", reason=reason)
+    for path, verdict in zip(files, verdicts, strict=True):
         if verdict.info is not None:
             infos[path] = verdict.info
         elif verdict.problem == "unreadable":
@@ -194,26 +284,92 @@ def scan_files(
     return infos, unreadable, not_images
 
 
-def scan_split(split_dir: Path, decode: bool = False) -> SplitScan:
+def check_files(
+    files: Sequence[str | Path], decode: bool, desc: str = "scanning", workers: int | None = None
+) -> list[tuple[Verdict, Verdict]]:
+    """``(header verdict, verdict)`` of each file: the cheap checks (:func:`probe`), and with
+    ``decode`` a full decode of the images that pass them.
+
+    From :data:`PARALLEL_MIN_FILES` files on, ``workers`` processes (default: one per usable
+    CPU, at least 2) probe chunks of them at once, forked as DataLoader workers are, so they
+    start at once and import nothing. Processes, not threads: probing a header is Python code
+    that holds the GIL, and threads made it slower (docs/speed.md). Without ``fork`` (macOS,
+    Windows) the files are probed here, one after another.
+    """
+    if workers is None:
+        workers = max(2, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 2
+    if len(files) < PARALLEL_MIN_FILES or "fork" not in mp.get_all_start_methods():
+        workers = 1
+    show = len(files) >= PROGRESS_MIN_FILES
+    check = functools.partial(_check, decode=decode)
+    bar = tqdm(total=len(files), desc=desc, unit="file", disable=None if show else True,
+               leave=False)  # fmt: skip
+    results: list[tuple[Verdict, Verdict]] = []
+    with bar:
+        if workers <= 1:
+            for path in files:
+                results.append(check(path))
+                bar.update()
+            return results
+        chunks = [files[i : i + PROBE_CHUNK] for i in range(0, len(files), PROBE_CHUNK)]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for chunk in pool.map(functools.partial(_check_chunk, decode=decode), chunks):
+                results += chunk
+                bar.update(len(chunk))
+    return results
+
+
+def _check_chunk(paths: Sequence[str | Path], decode: bool) -> list[tuple[Verdict, Verdict]]:
+    # Equal verdicts as one object, which pickle then sends back once per chunk.
+    seen: dict[Verdict, Verdict] = {}
+    return [
+        tuple(seen.setdefault(verdict, verdict) for verdict in _check(path, decode))
+        for path in paths
+    ]
+
+
+def _check(path: str | Path, decode: bool) -> tuple[Verdict, Verdict]:
+    header = probe(path)
+    if header.info is None or not decode:
+        return header, header
+    try:
+        load_image(path)
+    except Exception as err:  # whatever Pillow raises for broken pixel data
+        reason = f"fails to decode ({type(err).__name__}: {first_line(err)})"
+        return header, Verdict(problem="unreadable", reason=reason)
+    return header, header
+
+
+def scan_split(
+    split_dir: Path,
+    decode: bool = False,
+    cache: ScanCache | None = None,
+    workers: int | None = None,
+) -> SplitScan:
     """Scan ``split_dir/<class>/**`` with cheap checks (headers, not pixels).
 
     Args:
         split_dir: A split folder such as ``dataset/train``.
         decode: Also decode each image (slow); see :func:`scan_files`.
+        cache: The split's :class:`~alexnet_lit.data.scan_cache.ScanCache`: files whose size
+            and mtime are unchanged since it was written are not opened.
+        workers: Files probed at once (see :func:`check_files`).
     """
     scan = SplitScan(Path(split_dir))
-    files_by_class: dict[str, list[Path]] = {}
+    files_by_class: dict[str, list[str]] = {}
+    stats: list[tuple[int, int] | None] = []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        path = Path(entry.path)
         if is_hidden(entry.name):
-            scan.hidden.append(path)
+            scan.hidden.append(Path(entry.path))
         elif entry.is_dir():
-            files_by_class[entry.name] = walk_files(path, scan.hidden)
+            found = walk_stats(entry.path, scan.hidden)
+            files_by_class[entry.name] = [file for file, _ in found]
+            stats += [stat for _, stat in found]
         else:
-            scan.outside_classes.append(path)
+            scan.outside_classes.append(Path(entry.path))
     files = [path for paths in files_by_class.values() for path in paths]
     infos, scan.unreadable, scan.not_images = scan_files(
-        files, decode, desc=f"scanning {split_dir.name}/"
+        files, decode, f"scanning {split_dir.name}/", stats, cache, workers
     )
     scan.infos = infos
     scan.images = {
@@ -223,20 +379,22 @@ def scan_split(split_dir: Path, decode: bool = False) -> SplitScan:
 
 
 def split_train_val(
-    images: Mapping[str, Sequence[Path]], val_split: float, seed: int, root: Path
-) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
-    """A stratified, seeded split of each class's images into train and val.
+    images: Mapping[str, Sequence[str]], val_split: float, seed: int, root: Path
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """A stratified, seeded split of each class's images (paths under ``root``) into train and
+    val.
 
     The order within a class is a hash of the seed and the path relative to ``root``, so the
     split depends only on the file list and the seed: every process of a distributed run, and
     every later run on the same files, gets the same split. Each class with at least two images
     gives at least one to val and keeps at least one for train.
     """
+    under = len(os.path.join(root, ""))
     train, val = {}, {}
     for name, paths in images.items():
 
-        def key(path: Path) -> str:
-            relative = path.relative_to(root).as_posix()
+        def key(path: str) -> str:
+            relative = os.fspath(path)[under:].replace(os.sep, "/")
             # surrogateescape: a name that is not valid UTF-8 hashes as its bytes, not an error
             return hashlib.sha256(
                 f"{seed}:{relative}".encode("utf-8", "surrogateescape")
@@ -246,9 +404,18 @@ def split_train_val(
         n_val = round(len(ordered) * val_split)
         if val_split > 0 and len(ordered) >= 2:
             n_val = min(max(n_val, 1), len(ordered) - 1)
-        val[name] = sorted(ordered[:n_val])
-        train[name] = sorted(ordered[n_val:])
+        val[name] = sorted(ordered[:n_val], key=_path_order)
+        train[name] = sorted(ordered[n_val:], key=_path_order)
     return train, val
+
+
+def _name(entry: os.DirEntry) -> str:
+    return entry.name
+
+
+def _path_order(path: str) -> list[str]:
+    """Sorts path strings as ``Path`` objects sort: folder by folder."""
+    return os.fspath(path).split(os.sep)
 
 
 def imbalance_ratio(counts: Mapping[str, int]) -> float | None:

@@ -12,7 +12,6 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from alexnet_lit.errors import first_line
 
@@ -48,6 +47,9 @@ HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"
 UNSUPPORTED = {"HEIC": "HEIC is not supported; convert it to JPEG or PNG"}
 # Names that make a file an image whatever it holds: torchvision's, plus the formats Pillow
 # reads here (GIF) or cannot read (HEIC), so that a broken or unsupported one is reported.
+# torchvision's IMG_EXTENSIONS (tests/test_data_doctor.py checks they agree), spelled out so
+# that the scan needs no torch.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".heic", ".heif")
 HEAD_BYTES = 64
 # The end markers a complete file carries within its last bytes; a file without one is checked

@@ -14,6 +14,8 @@ from alexnet_lit.data.folders import (
     split_train_val,
 )
 from alexnet_lit.data.images import is_hidden
+from alexnet_lit.data.samples import SampleList
+from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
 from alexnet_lit.runs import printable
@@ -23,7 +25,8 @@ def class_counts(samples: Sequence[tuple[Path, int]], class_names: Sequence[str]
     """Images per class of ``(path, class_index)`` samples, every class named (unlabelled
     samples, index -1, are not counted)."""
     counts = dict.fromkeys(class_names, 0)
-    for _, target in samples:
+    targets = getattr(samples, "targets", None)  # a SampleList's, without making each path
+    for target in targets if targets is not None else (target for _, target in samples):
         if target >= 0:
             counts[class_names[target]] += 1
     return counts
@@ -66,7 +69,12 @@ class FolderIndex:
 
     Each split folder is scanned once (:func:`~alexnet_lit.data.folders.scan_split`); what the
     scan leaves out goes to ``skipped``. Without ``val/``, a stratified, seeded share of each
-    train class is held out for validation, and :attr:`split_lists` holds both lists.
+    train class is held out for validation (:attr:`split_from_train`).
+
+    The scans go through a :class:`~alexnet_lit.data.scan_cache.ScanCache`, so a folder whose
+    files have not changed since the last run is listed, not opened. The samples are held as
+    :class:`~alexnet_lit.data.samples.SampleList` arrays; the scans themselves are dropped once
+    the samples are made.
 
     Args:
         root: The dataset root, holding ``train/`` and optionally ``val/`` and ``test/``.
@@ -74,6 +82,7 @@ class FolderIndex:
         skipped: Where images left out by the scan are recorded.
         val_split: The fraction of each train class held out when there is no ``val/``.
         seed: Seeds that split.
+        rescan: Probe every file again, ignoring the scan cache (which is then rewritten).
     """
 
     def __init__(
@@ -83,27 +92,41 @@ class FolderIndex:
         skipped: SkippedImages,
         val_split: float = 0.1,
         seed: int = 0,
+        rescan: bool = False,
     ) -> None:
         self.root = root
         self.class_names = list(class_names)
         self.skipped = skipped
         self.val_split = val_split
         self.seed = seed
-        self.split_lists: dict[str, dict[str, list[Path]]] = {}
+        self.rescan = rescan
+        self.split_from_train = False  # val/ was split off train/
         self._scans: dict[str, SplitScan] = {}
-        self._samples: dict[str, list[tuple[Path, int]]] = {}
+        self._samples: dict[str, SampleList] = {}
 
     def test_split(self) -> str:
         """``test`` where the dataset has a ``test/`` folder, else ``val``."""
         return "test" if (self.root / "test").is_dir() else "val"
 
-    def labelled(self, split: str) -> list[tuple[Path, int]]:
-        """``(path, class_index)`` of a split's usable images; labels follow the train classes."""
+    def labelled(self, split: str) -> SampleList:
+        """``(path, class_index)`` of a split's usable images, in class order, each class's
+        sorted; labels follow the train classes."""
         if split in ("train", "val") and "train" not in self._samples:
             self._train_and_val()
         if split not in self._samples:
             self._samples[split] = self._as_samples(self._checked_images(split))
+        self._scans.clear()  # the samples hold what is needed, in a fraction of the memory
         return self._samples[split]
+
+    def warm_cache(self, splits: Sequence[str]) -> None:
+        """Scan ``splits`` (those that exist) into the scan cache, keeping nothing: what
+        ``prepare_data`` does once per machine, so that each process's scan then opens no file
+        (and, after a ``rescan``, reads what this one found)."""
+        for split in splits:
+            folder = self.root / split
+            if folder.is_dir():
+                scan_split(folder, cache=ScanCache(folder, read=not self.rescan))
+        self.rescan = False
 
     def _scan(self, split: str) -> SplitScan:
         if split in self._scans:
@@ -114,7 +137,9 @@ class FolderIndex:
                 f"'{split_dir}' does not exist; put the {split} images in {split}/<class>/ "
                 "under data.data_dir."
             )
-        scan = self._scans[split] = scan_split(split_dir)
+        cache = ScanCache(split_dir, read=not self.rescan)
+        scan = self._scans[split] = scan_split(split_dir, cache=cache)
+        scan.infos = {}  # the index needs the lists, not each file's header
         for path, reason in scan.unreadable:
             self.skipped.add(str(path), reason, "scan")
         if scan.unreadable:
@@ -153,11 +178,11 @@ class FolderIndex:
                 f"no '{self.root / 'val'}': holding out {self.val_split:g} of each train class "
                 f"for validation (seed {self.seed})."
             )
-            self.split_lists = {"train": train, "val": val}
+            self.split_from_train = True
         self._samples["train"] = self._as_samples(train)
         self._samples["val"] = self._as_samples(val)
 
-    def _checked_images(self, split: str) -> dict[str, list[Path]]:
+    def _checked_images(self, split: str) -> dict[str, list[str]]:
         split_dir = self.root / split
         images = self._scan(split).images
         unknown = sorted(set(images) - set(self.class_names))
@@ -178,12 +203,13 @@ class FolderIndex:
             )
         return images
 
-    def _as_samples(self, images: dict[str, list[Path]]) -> list[tuple[Path, int]]:
-        return [
+    def _as_samples(self, images: dict[str, list[str]]) -> SampleList:
+        pairs = (
             (path, index)
             for index, name in enumerate(self.class_names)
             for path in images.get(name, [])
-        ]
+        )
+        return SampleList(pairs, self.root)
 
 
 def _holds_a_file(folder: Path) -> bool:

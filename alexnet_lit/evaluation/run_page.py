@@ -21,8 +21,9 @@ import lightning as L
 import yaml
 
 from alexnet_lit.checkpoints import best_checkpoint, checkpoint_temperature
-from alexnet_lit.data.folders import identical_files, imbalance_text
+from alexnet_lit.data.folders import SPLITS, identical_files, imbalance_text
 from alexnet_lit.data.index import class_counts
+from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.errors import UserError
 from alexnet_lit.evaluation.pictures import figure
 from alexnet_lit.runs import open_text, printable, read_csv, read_scalars
@@ -71,7 +72,10 @@ def record_shared_files(folder: Path, trainer: L.Trainer) -> None:
             files[split] = paths
     if len(files) > 1:
         record = _record(folder)
-        groups = identical_files(files, across_splits=True)
+        # The scan caches keep each file's digests: a later fit on unchanged files reads none.
+        root = Path(data.data_dir)
+        caches = [ScanCache(root / s) for s in SPLITS if (root / s).is_dir()]
+        groups = identical_files(files, across_splits=True, caches=caches)
         record["shared_between_splits"] = [[str(p) for _, p in group] for _, group in groups]
         (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
