@@ -67,6 +67,18 @@ def test_a_second_setup_reads_the_cache_and_opens_no_image(tmp_path, opened):
     assert list(second.datasets["val"].samples) == list(first.datasets["val"].samples)
 
 
+def test_a_relative_data_dir_gives_the_same_samples_and_split(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", splits={"train": 5})  # val split off train
+    absolute = ImageFolderDataModule(str(data), num_workers=0)
+    absolute.setup("fit")
+    monkeypatch.chdir(data)
+    here = ImageFolderDataModule(".", num_workers=0)
+    here.setup("fit")
+    for split in ("train", "val"):
+        expected = [(p.relative_to(data), t) for p, t in absolute.datasets[split].samples]
+        assert list(here.datasets[split].samples) == expected
+
+
 def test_rescan_ignores_the_cache(tmp_path, opened):
     data = make_image_folder(tmp_path / "data")
     ImageFolderDataModule(str(data), num_workers=0).setup("fit")

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from alexnet_lit.data.images import (
+    READ_ERROR,
     SYSTEM_NAMES,
     ImageInfo,
     Verdict,
@@ -24,6 +26,7 @@ from alexnet_lit.data.images import (
     load_image,
     probe,
 )
+from alexnet_lit.data.samples import path_prefix
 from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.errors import first_line
 
@@ -266,11 +269,13 @@ def scan_files(
     if cache is not None and stats is not None and (todo or cache.size != len(files)):
         # A file that failed to decode keeps its header's verdict, so that a scan without
         # decoding reads the same verdict as before; a decoding scan checks it again.
+        # A file that could not be read (permissions, gone mid-scan) is not cached: it may be
+        # readable next time with the same size and mtime.
         cache.save(
             [
                 (path, stat, decode and verdict.info is not None, headers.get(i, verdict))
                 for i, (path, stat, verdict) in enumerate(zip(files, stats, verdicts, strict=True))
-                if stat is not None
+                if stat is not None and not headers.get(i, verdict).reason.startswith(READ_ERROR)
             ]
         )
     infos, unreadable, not_images = {}, [], []
@@ -298,8 +303,8 @@ def check_files(
     """
     if workers is None:
         workers = max(2, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 2
-    if len(files) < PARALLEL_MIN_FILES or "fork" not in mp.get_all_start_methods():
-        workers = 1
+    if len(files) < PARALLEL_MIN_FILES or not sys.platform.startswith("linux"):
+        workers = 1  # fork is safe on Linux only (macOS: not after system frameworks start)
     show = len(files) >= PROGRESS_MIN_FILES
     check = functools.partial(_check, decode=decode)
     bar = tqdm(total=len(files), desc=desc, unit="file", disable=None if show else True,
@@ -389,7 +394,7 @@ def split_train_val(
     every later run on the same files, gets the same split. Each class with at least two images
     gives at least one to val and keeps at least one for train.
     """
-    under = len(os.path.join(root, ""))
+    under = len(path_prefix(root))
     train, val = {}, {}
     for name, paths in images.items():
 

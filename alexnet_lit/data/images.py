@@ -61,6 +61,9 @@ BACKGROUND = (255, 255, 255)
 EXIF_ORIENTATION = 0x0112
 
 
+READ_ERROR = "cannot read the file"  # the reason probe gives for an OSError
+
+
 def is_hidden(name: str) -> bool:
     """Whether a file or folder name is a hidden or system entry (``.DS_Store``, ``__MACOSX``)."""
     return name.startswith(".") or name in SYSTEM_NAMES
@@ -128,7 +131,7 @@ def probe(path: str | Path, data: bytes | None = None) -> Verdict:
                     return _probe_file(path, file)
             return _probe_file(path, io.BytesIO(data))
         except OSError as err:
-            return Verdict(problem="unreadable", reason=f"cannot read the file ({err.strerror})")
+            return Verdict(problem="unreadable", reason=f"{READ_ERROR} ({err.strerror})")
 
 
 def _probe_file(path: Path, file: BinaryIO) -> Verdict:

@@ -16,6 +16,13 @@ from typing import overload
 import numpy as np
 
 
+def path_prefix(root: str | Path) -> str:
+    """What paths under ``root``, as ``root / name`` builds them, start with: ``root`` and one
+    separator, or nothing for the current folder (``Path(".") / "x"`` is ``x``)."""
+    root = os.fspath(root)
+    return "" if root in ("", ".") else os.path.join(root, "")
+
+
 class SampleList(Sequence[tuple[Path, int]]):
     """An immutable sequence of ``(path, class_index)``, stored compactly.
 
@@ -26,7 +33,7 @@ class SampleList(Sequence[tuple[Path, int]]):
 
     def __init__(self, samples: Iterable[tuple[str | Path, int]], root: str | Path) -> None:
         self.root = Path(root)
-        under = os.fsencode(os.path.join(self.root, ""))  # with one trailing separator
+        under = os.fsencode(path_prefix(root))
         names, labels = [], []
         for path, label in samples:
             encoded = os.fsencode(path)

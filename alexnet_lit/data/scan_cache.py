@@ -25,6 +25,8 @@ from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
+import PIL
+from PIL import Image
 
 from alexnet_lit.data.images import ImageInfo, Verdict
 
@@ -56,6 +58,11 @@ class ScanCache:
         self._given = os.fsencode(os.path.join(folder, ""))  # paths under it, as scans build them
         key = hashlib.blake2b(os.fsencode(self.folder), digest_size=12).hexdigest()
         self.path = Path(directory or user_cache_dir() / "scans", f"{key}.npz")
+        self._clear()
+        if read:
+            self._load()
+
+    def _clear(self) -> None:
         self._blob, self._ends = b"", []  # the paths relative to the folder, joined; their ends
         self._rows: dict[bytes, int] = {}  # key -> its row in the lists below
         self._stats: list[tuple[int, int]] = []  # (size, mtime_ns)
@@ -65,8 +72,6 @@ class ScanCache:
         # key -> ((size, mtime_ns), head digest, full digest) for the duplicate search
         self._digests: dict[bytes, tuple[tuple[int, int], str, str]] = {}
         self._changed = False
-        if read:
-            self._load()
 
     @property
     def size(self) -> int:
@@ -175,8 +180,7 @@ class ScanCache:
             [_KINDS[v.problem], v.reason] + ([*astuple(v.info)] if v.info else [])
             for v in self._verdicts
         ]
-        meta = {"format": FORMAT, "folder": os.fsdecode(os.fsencode(self.folder))}
-        for name, value in (("meta", meta), ("verdicts", verdicts), ("digests", digests)):
+        for name, value in (("meta", self._meta()), ("verdicts", verdicts), ("digests", digests)):
             arrays[name] = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,34 +204,47 @@ class ScanCache:
         return os.fsencode(Path(path).absolute().relative_to(self.folder))
 
     def _load(self) -> None:
-        if not self.path.is_file():
-            return
         try:
-            with np.load(self.path, allow_pickle=False) as data:
+            if not self.path.is_file():
+                return
+            with open(self.path, "rb") as file, np.load(file, allow_pickle=False) as data:
                 meta = json.loads(data["meta"].tobytes())
-                if meta.get("format") != FORMAT:
-                    return
+                if meta != self._meta():
+                    return  # another format, Pillow or pixel limit: its verdicts may differ
                 verdicts = [_verdict(*row) for row in json.loads(data["verdicts"].tobytes())]
                 blob, ends = data["paths"].tobytes(), data["ends"].tolist()
                 sizes, mtimes = data["size"].tolist(), data["mtime"].tolist()
                 decoded, verdict_of = data["decoded"].tolist(), data["verdict"].tolist()
                 digests = json.loads(data["digests"].tobytes())
-        except Exception as err:  # whatever a damaged file raises: zip, npy or JSON errors
+            stats = list(zip(sizes, mtimes, strict=True))
+            if len({len(ends), len(stats), len(decoded), len(verdict_of)}) != 1:
+                raise ValueError("columns of different lengths")
+            if verdict_of and not 0 <= min(verdict_of) <= max(verdict_of) < len(verdicts):
+                raise ValueError("a verdict out of range")
+            self._blob, self._ends, self._stats = blob, ends, stats
+            self._decoded, self._verdict_of, self._verdicts = decoded, verdict_of, verdicts
+            if digests:
+                keys = self._keys
+                self._digests = {
+                    keys[int(row)]: (stats[int(row)], head, full)
+                    for row, (head, full) in digests.items()
+                }
+        except Exception as err:  # whatever a damaged file raises: OS, zip, npy, JSON, index
+            self._clear()
             warnings.warn(
                 f"ignoring the damaged scan cache '{self.path}' ({type(err).__name__}); "
                 "scanning again and rewriting it.",
                 stacklevel=3,
             )
-            return
-        self._blob, self._ends = blob, ends
-        self._stats = list(zip(sizes, mtimes, strict=True))
-        self._decoded, self._verdict_of, self._verdicts = decoded, verdict_of, verdicts
-        if digests:
-            keys = self._keys
-            self._digests = {
-                keys[int(row)]: (self._stats[int(row)], head, full)
-                for row, (head, full) in digests.items()
-            }
+
+    def _meta(self) -> dict:
+        """What the verdicts depend on besides the files: a change makes the cache stale."""
+        return {
+            "format": FORMAT,
+            "folder": os.fsdecode(os.fsencode(self.folder)),
+            "pillow": PIL.__version__,
+            "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+        }
 
 
 def _verdict(kind: int, reason: str, *info: str | int) -> Verdict:

@@ -73,8 +73,8 @@ def record_shared_files(folder: Path, trainer: L.Trainer) -> None:
     if len(files) > 1:
         record = _record(folder)
         # The scan caches keep each file's digests: a later fit on unchanged files reads none.
-        root = Path(data.data_dir)
-        caches = [ScanCache(root / s) for s in SPLITS if (root / s).is_dir()]
+        root = getattr(data, "data_dir", None)
+        caches = [] if root is None else [ScanCache(Path(root, s)) for s in SPLITS]
         groups = identical_files(files, across_splits=True, caches=caches)
         record["shared_between_splits"] = [[str(p) for _, p in group] for _, group in groups]
         (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
