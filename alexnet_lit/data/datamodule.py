@@ -1,6 +1,5 @@
 """The ImageFolder DataModule: roots, splits, presets, loaders, worker counts and the class list."""
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,6 +17,7 @@ from alexnet_lit.data.folders import (
     imbalance_text,
     not_images_note,
     scan_inputs,
+    usable_cpus,
 )
 from alexnet_lit.data.index import FolderIndex, class_counts, read_class_names
 from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_erasing
@@ -40,11 +40,7 @@ def default_num_workers(processes: int = 1) -> int:
     kept for each training process, at most 16 each: every worker costs memory and start-up
     time, and a 16-vCPU GPU machine was still loader-bound with 16 (docs/speed.md).
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity API
-        cpus = os.cpu_count() or 1
-    return max(0, min(16, cpus // max(1, processes) - 1))
+    return max(0, min(16, usable_cpus() // max(1, processes) - 1))
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -264,9 +260,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _save_split_lists(self) -> None:
         """Write the train/val split made from train/ into the run directory (rank 0, once)."""
-        if not self.index.split_from_train or self.run_dir is None:
-            return
-        if not self.trainer.is_global_zero:
+        if (
+            not self.index.split_from_train
+            or self.run_dir is None
+            or not self.trainer.is_global_zero
+        ):
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):

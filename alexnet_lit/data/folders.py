@@ -13,13 +13,13 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from alexnet_lit.data.images import (
     READ_ERROR,
-    SYSTEM_NAMES,
     ImageInfo,
     Verdict,
     is_hidden,
@@ -67,6 +67,14 @@ class SplitScan:
         return {name: len(paths) for name, paths in self.images.items()}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity API
+        return os.cpu_count() or 1
+
+
 def list_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names of one split, without hidden and system folders."""
     return sorted(
@@ -95,13 +103,12 @@ def walk_stats(folder: str | Path, hidden: list[Path]) -> list[tuple[str, tuple[
     def visit(directory: str) -> None:
         try:
             with os.scandir(directory) as listing:
-                entries = sorted(listing, key=_name)
+                entries = sorted(listing, key=attrgetter("name"))
         except OSError:
             return  # an unreadable folder: os.walk skips it too
         folders = []
         for entry in entries:
-            name = entry.name
-            if name[0] == "." or name in SYSTEM_NAMES:  # is_hidden, inlined: a million calls
+            if is_hidden(entry.name):
                 hidden.append(Path(entry.path))
             elif entry.is_dir():
                 if not entry.is_symlink():
@@ -302,7 +309,7 @@ def check_files(
     Windows) the files are probed here, one after another.
     """
     if workers is None:
-        workers = max(2, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 2
+        workers = max(2, usable_cpus())
     if len(files) < PARALLEL_MIN_FILES or not sys.platform.startswith("linux"):
         workers = 1  # fork is safe on Linux only (macOS: not after system frameworks start)
     show = len(files) >= PROGRESS_MIN_FILES
@@ -412,10 +419,6 @@ def split_train_val(
         val[name] = sorted(ordered[:n_val], key=_path_order)
         train[name] = sorted(ordered[n_val:], key=_path_order)
     return train, val
-
-
-def _name(entry: os.DirEntry) -> str:
-    return entry.name
 
 
 def _path_order(path: str) -> list[str]:

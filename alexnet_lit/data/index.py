@@ -102,6 +102,7 @@ class FolderIndex:
         self.rescan = rescan
         self.split_from_train = False  # val/ was split off train/
         self._scans: dict[str, SplitScan] = {}
+        self._warm: dict[str, SplitScan] = {}  # scanned by warm_cache, not yet used
         self._samples: dict[str, SampleList] = {}
 
     def test_split(self) -> str:
@@ -119,13 +120,15 @@ class FolderIndex:
         return self._samples[split]
 
     def warm_cache(self, splits: Sequence[str]) -> None:
-        """Scan ``splits`` (those that exist) into the scan cache, keeping nothing: what
-        ``prepare_data`` does once per machine, so that each process's scan then opens no file
-        (and, after a ``rescan``, reads what this one found)."""
+        """Scan ``splits`` (those that exist) into the scan cache: what ``prepare_data`` does
+        once per machine, so that each other process's scan then opens no file (and, after a
+        ``rescan``, reads what this one found). This process's own setup uses these scans."""
         for split in splits:
             folder = self.root / split
             if folder.is_dir():
-                scan_split(folder, cache=ScanCache(folder, read=not self.rescan))
+                self._warm[split] = scan_split(
+                    folder, cache=ScanCache(folder, read=not self.rescan)
+                )
         self.rescan = False
 
     def _scan(self, split: str) -> SplitScan:
@@ -137,8 +140,10 @@ class FolderIndex:
                 f"'{split_dir}' does not exist; put the {split} images in {split}/<class>/ "
                 "under data.data_dir."
             )
-        cache = ScanCache(split_dir, read=not self.rescan)
-        scan = self._scans[split] = scan_split(split_dir, cache=cache)
+        scan = self._warm.pop(split, None)
+        if scan is None:
+            scan = scan_split(split_dir, cache=ScanCache(split_dir, read=not self.rescan))
+        self._scans[split] = scan
         scan.infos = {}  # the index needs the lists, not each file's header
         for path, reason in scan.unreadable:
             self.skipped.add(str(path), reason, "scan")
