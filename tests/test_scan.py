@@ -79,6 +79,19 @@ def test_a_relative_data_dir_gives_the_same_samples_and_split(tmp_path, monkeypa
         assert list(here.datasets[split].samples) == expected
 
 
+def test_the_parallel_scan_gives_the_serial_verdicts(tmp_path, monkeypatch):
+    from alexnet_lit.data import folders
+    from tests.dirty_data import make_dirty_folder
+
+    root = make_dirty_folder(tmp_path / "dirty").root
+    files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+    serial = folders.check_files(files, decode=True, workers=1)
+    monkeypatch.setattr(folders, "PARALLEL_MIN_FILES", 1)  # the forked pool on a few files
+    monkeypatch.setattr(folders, "PROBE_CHUNK", 3)  # several chunks, back in order
+    assert folders.check_files(files, decode=True, workers=2) == serial
+    assert any(verdict.info is None for _, verdict in serial)  # dirty: some verdicts are not images
+
+
 def test_rescan_ignores_the_cache(tmp_path, opened):
     data = make_image_folder(tmp_path / "data")
     ImageFolderDataModule(str(data), num_workers=0).setup("fit")
