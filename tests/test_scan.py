@@ -121,6 +121,21 @@ def test_added_changed_removed_and_renamed_files_are_seen(tmp_path, opened):
     assert str(renamed) in again.infos and str(added) in again.infos
 
 
+def test_a_rename_that_keeps_every_size_and_place_is_seen(tmp_path, opened):
+    # img_1.jpg -> img_1.png (same length) and img_2.jpg -> img_2b.jpg: the sizes, mtimes and
+    # order of the files are as cached; only their names tell the change.
+    split = make_image_folder(tmp_path / "data") / "train"
+    scan(split)
+    same_length = split / "cat" / "img_1.png"
+    longer = split / "cat" / "img_2b.jpg"
+    (split / "cat" / "img_1.jpg").rename(same_length)
+    (split / "cat" / "img_2.jpg").rename(longer)
+    opened.clear()
+    again = scan(split)
+    assert sorted(opened) == [same_length, longer]
+    assert verdicts(again) == verdicts(scan_split(split))
+
+
 def test_a_read_only_dataset_folder_works_and_gets_no_file(tmp_path, opened):
     data = make_image_folder(tmp_path / "data")
     before = sorted(data.rglob("*"))
