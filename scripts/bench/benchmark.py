@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:  # run as a script: import the checkout under test
 from alexnet_lit.checkpoints import best_checkpoint, checkpoint_score, find_checkpoint  # noqa: E402
 from alexnet_lit.runs import read_scalars  # noqa: E402
 from alexnet_lit.training.precision import cpu_bf16_flags, native_mixed_precision  # noqa: E402
+from scripts.bench.phases import summarize_phases  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Contender:
     ceiling: str | None = None  # the ceiling row it is compared with
     cuda_only: bool = False  # left out of CPU runs unless named with --only
     reference: bool = False  # a ceiling: measures one part, compared with nothing
+    on_request: bool = False  # run only when named with --only
 
 
 CONTENDERS = {
@@ -58,6 +60,12 @@ CONTENDERS = {
     "default": Contender("train.py fit, configs/default.yaml", "ceiling_fp32"),
     "plain": Contender("plain PyTorch loop, same model/loader/checkpoints", "ceiling_fp32"),
     "fast": Contender("train.py fit, default.yaml + fast.yaml", "ceiling_fast"),
+    # What the background checkpoint writer (configs/background_checkpoints.yaml) is worth.
+    "default_background": Contender(
+        "train.py fit, default.yaml + background_checkpoints.yaml",
+        "ceiling_fp32",
+        on_request=True,
+    ),
     "data_ceiling": Contender(
         "data ceiling: the training loader alone, to the device", reference=True
     ),
@@ -96,6 +104,7 @@ DALI = "--data.backend=dali"
 FITS = {
     "default": (["configs/default.yaml"], []),
     "fast": (["configs/default.yaml", "configs/fast.yaml"], []),
+    "default_background": (["configs/default.yaml", "configs/background_checkpoints.yaml"], []),
     "dali": (["configs/default.yaml"], [DALI]),
     "fast_dali": (["configs/default.yaml", "configs/fast.yaml"], [DALI]),
     "default_b256": (["configs/default.yaml"], ["--data.batch_size=256"]),
@@ -130,7 +139,9 @@ def make_photo_folder(
     workers: int = 1,
     photos: str = "500x375",
 ) -> None:
-    """Write a photo-like JPEG ImageFolder: smooth colour fields with noise.
+    """Write a photo-like JPEG ImageFolder: smooth colour fields with noise, one dominant
+    colour per class; every tenth image of a class has the next class's colour (a mislabelled
+    image), so no model gets every image right and the mistake pictures are drawn.
 
     ``photos`` is ``500x375`` (~500x375 each, like the tutorial's dog photos) or ``12mp``
     (4000x3000, a phone camera's). Each image depends only on ``seed`` and its place (split,
@@ -142,8 +153,9 @@ def make_photo_folder(
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
             jobs += [
-                (folder / f"{i:05d}.jpg", (seed, split_index, c, i), c, photos)
+                (folder / f"{i:05d}.jpg", (seed, split_index, c, i), looks, photos)
                 for i in range(count // classes)
+                for looks in [(c + 1) % classes if i % 10 == 9 else c]
             ]
     if workers <= 1:
         for job in jobs:
@@ -182,6 +194,8 @@ def contender_command(
             f"--data.data_dir={data}",
             f"--trainer.max_epochs={epochs}",
             f"--trainer.logger.init_args.save_dir={workdir}",
+            "--trainer.callbacks+=phases.PhaseTimer",
+            f"--trainer.callbacks.report={workdir / 'phases.json'}",
             *extra,
         ]
         if device == "cuda":
@@ -218,12 +232,11 @@ def run_contender(
     command = contender_command(name, data, epochs, device, workdir, ceiling_steps)
     cwd = REPO if name in FITS else workdir
     # The checkout under test, not whatever copy of the package is installed.
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    # (scripts/bench for phases.PhaseTimer).
+    path = [str(REPO), str(BENCHMARK_SCRIPT.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     log = workdir / f"{name}.log"
-    start = time.perf_counter()
+    launched, start = time.time(), time.perf_counter()
     with log.open("w") as output:
         process = subprocess.Popen(
             command,
@@ -242,7 +255,7 @@ def run_contender(
                 os.wait4(process.pid, 0)
                 return {"error": f"ran past {timeout:.0f} s"}
             time.sleep(0.05)
-    wall = time.perf_counter() - start
+    wall, exited = time.perf_counter() - start, time.time()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         tail = log.read_text()[-3000:]
@@ -256,6 +269,9 @@ def run_contender(
         run = _newest_run(workdir)
         result["val_acc"] = _best_val_acc(run)
         result["train_seconds"] = _epoch_times(run)
+        result["marks"] = json.loads((workdir / "phases.json").read_text())
+    if "marks" in result:
+        result.update(summarize_phases(launched, exited, result.pop("marks")))
     return result
 
 
@@ -293,10 +309,14 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
     optimizer, writer = module.optimizer(module.parameters()), AtomicCheckpointIO()
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best, train_seconds = -1.0, []
+    marks: dict = {"first_step": None, "epochs": []}  # as phases.PhaseTimer records them
     for epoch in range(epochs):
         module.train()
         start = time.perf_counter()
+        edges = {"start": time.time()}
+        marks["epochs"].append(edges)
         for batch in train_loader:  # a LoadedBatch: uint8 images, targets, indices, skipped
+            marks["first_step"] = marks["first_step"] or time.time()
             images, targets = _to_device(dm, batch, device)
             loss = module.loss_fn(module(images), targets)
             loss.backward()
@@ -304,6 +324,7 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
             optimizer.zero_grad(set_to_none=True)  # freed once applied, as LitAlexNet does
         _synchronize(device)
         train_seconds.append(time.perf_counter() - start)
+        edges["train_end"] = edges["val_start"] = time.time()
         module.eval()
         correct = torch.zeros((), dtype=torch.long, device=device)
         with torch.inference_mode():
@@ -311,15 +332,17 @@ def _worker_plain(data: Path, epochs: int, device: str, steps: int) -> dict:
                 images, targets = _to_device(dm, batch, device)
                 correct += (module(images).argmax(1) == targets).sum()
         acc = correct.item() / len(dm.datasets["val"])
-        # As configs/default.yaml, with the project's own writer (temporary file, fsync,
-        # rename): the best file when val/acc improves, and last.ckpt every epoch.
-        state = {"state_dict": module.state_dict(), "optimizer": optimizer.state_dict()}
-        state["epoch"] = epoch
+        edges["val_end"] = time.time()
+        # The files configs/default.yaml writes, with the project's atomic writer (temporary
+        # file, fsync, rename) on this thread: the weights when val/acc improves, and the full
+        # state in last.ckpt every epoch.
+        weights = {"state_dict": module.state_dict(), "epoch": epoch}
         if acc > best:
             best = acc
-            writer.save_checkpoint(state, "best.ckpt")
-        writer.save_checkpoint(state, "last.ckpt")
-    return {"val_acc": best, "train_seconds": train_seconds}
+            writer.save_checkpoint(weights, "best.ckpt")
+        writer.save_checkpoint({**weights, "optimizer": optimizer.state_dict()}, "last.ckpt")
+    marks["train_end"] = time.time()
+    return {"val_acc": best, "train_seconds": train_seconds, "marks": marks}
 
 
 def _data_ceiling(data: Path, epochs: int, device: str, backend: str = "pil") -> dict:
@@ -450,7 +473,11 @@ def benchmark(
     end past the budget. With ``json_path`` the summary is rewritten after every run, so an
     interrupted benchmark still leaves what it measured.
     """
-    names = only or [n for n, c in CONTENDERS.items() if device == "cuda" or not c.cuda_only]
+    names = only or [
+        n
+        for n, c in CONTENDERS.items()
+        if not c.on_request and (device == "cuda" or not c.cuda_only)
+    ]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     size = {"n_train": n_train, "n_val": n_val, "epochs": epochs, "device": device}
     started = time.perf_counter()
@@ -509,6 +536,9 @@ def summarize(
             )
             accs = [r["val_acc"] for r in good if r.get("val_acc") is not None]
             row["val_acc"] = statistics.median(accs) if accs else None
+            for key in ("startup_s", "outside_later_s", "exit_s"):
+                if all(key in r for r in good):
+                    row[key] = statistics.median(r[key] for r in good)
         row["peak_rss_gb"] = statistics.median(r["peak_rss_gb"] for r in good)
         rows[name] = row
     baseline = rows.get("tutorial", {})
@@ -567,8 +597,9 @@ def format_table(result: dict) -> str:
         f"torch {result['torch']}",
         "",
         "| run | runs | whole run img/s | x tutorial | training img/s | x tutorial | % of ceiling "
-        "| wall s | peak RSS GB | val/acc |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| wall s | start-up s | outside loops s/epoch | end to exit s | peak RSS GB | val/acc |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
 
     def cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
@@ -577,13 +608,15 @@ def format_table(result: dict) -> str:
 
     for row in result["rows"].values():
         if "error" in row:
-            lines.append(f"| {row['what']} | 0 | failed: {row['error']} |  |  |  |  |  |  |  |")
+            lines.append(f"| {row['what']} | 0 | failed: {row['error']} |" + "  |" * 10)
             continue
         lines.append(
             f"| {row['what']} | {row['runs']} | {cell(row, 'images_per_s', '.1f')} | "
             f"{cell(row, 'ratio_to_tutorial', '.2f')} | {cell(row, 'train_images_per_s', '.1f')} | "
             f"{cell(row, 'train_ratio_to_tutorial', '.2f')} | "
             f"{cell(row, 'percent_of_ceiling', '.0f', '%')} | {cell(row, 'wall_s', '.1f')} | "
+            f"{cell(row, 'startup_s', '.1f')} | {cell(row, 'outside_later_s', '.2f')} | "
+            f"{cell(row, 'exit_s', '.1f')} | "
             f"{cell(row, 'peak_rss_gb', '.2f')} | {cell(row, 'val_acc', '.3f')} |"
         )
     return "\n".join(lines)
