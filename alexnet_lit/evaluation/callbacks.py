@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
@@ -50,6 +51,36 @@ class _WritesIntoTheRun(L.Callback):
         run_dir(trainer)
 
 
+def _draw_now(trainer: L.Trainer) -> bool:
+    """Whether an evaluation epoch's pictures are drawn when it ends: always in ``validate`` and
+    ``test``; in a fit, when the epoch improves the metric the best checkpoint monitors (or no
+    checkpoint monitors one). A fit's other epochs wait: if the last one is among them, it is
+    drawn when training ends, so the pictures always show the best and the final epoch.
+
+    Called before the ModelCheckpoints update their best score (Lightning runs them last), on
+    every process alike (no collective)."""
+    if trainer.state.fn != "fit":
+        return True
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor:
+            current = trainer.callback_metrics.get(callback.monitor)
+            best = callback.best_model_score
+            if current is None or best is None:
+                return best is None
+            return bool(current > best) if callback.mode == "max" else bool(current < best)
+    return True
+
+
+def _draw_on_the_way_out(callback: L.Callback, trainer: L.Trainer, pl_module: Any) -> None:
+    """A fit stopped early (SIGTERM, Ctrl-C, a NaN loss): draw the last validation epoch's
+    pictures if they were waiting, so the run folder's match its reports; a failure here is a
+    warning, never raised over the exception that stopped the fit."""
+    try:
+        callback.on_train_end(trainer, pl_module)
+    except Exception as err:
+        rank_zero_warn(printable(f"the last epoch's pictures were not drawn: {err}"))
+
+
 def _has_run_folder(trainer: L.Trainer) -> bool:
     """Whether the run writes files: not the sanity check, and not a ``fast_dev_run``, which has
     no run folder."""
@@ -58,11 +89,13 @@ def _has_run_folder(trainer: L.Trainer) -> bool:
 
 class ValidationImages(_WritesIntoTheRun):
     """Log pictures to every logger that takes them (TensorBoard, MLflow; see
-    :func:`alexnet_lit.loggers.log_image`): training inputs once, and each validation epoch the
+    :func:`alexnet_lit.loggers.log_image`): training inputs once, and for validation epochs the
     confusion matrix (``val/confusion_matrix``) and the most confident mistakes
     (``val/misclassified``), each row of mistakes followed by a row of their Grad-CAM heatmaps
     (what the network looked at for the class it predicted). The mistakes are also saved as
-    ``val_misclassified.png`` for the run page.
+    ``val_misclassified.png`` for the run page. In a fit, an epoch's pictures are drawn when it
+    improves the monitored metric, and the last epoch's at the end of training (see
+    :func:`_draw_now`).
 
     Args:
         max_images: Images per grid, at most.
@@ -74,6 +107,7 @@ class ValidationImages(_WritesIntoTheRun):
         self.tile = tile
         self._inputs_logged = False
         self._mistakes: dict[str, torch.Tensor] | None = None
+        self._pending: int | None = None  # the logged step of a fit's epoch not yet drawn
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -128,10 +162,26 @@ class ValidationImages(_WritesIntoTheRun):
         self._mistakes = batch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = None
         if trainer.sanity_checking or not takes_pictures(trainer) or not trainer.is_global_zero:
             return
+        if _draw_now(trainer):
+            self._draw(trainer, pl_module, logged_step(trainer))
+        else:
+            self._pending = logged_step(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:  # the last epoch, which did not improve
+            step, self._pending = self._pending, None
+            self._draw(trainer, pl_module, step)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        _draw_on_the_way_out(self, trainer, pl_module)
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         names = pl_module.hparams.class_names
-        step = logged_step(trainer)
         picture = render_confusion_matrix(_evaluated(pl_module, "val").confusion, names)
         log_image(trainer, "val/confusion_matrix", np.asarray(picture), step)
         grid = self._mistakes_grid(pl_module)
@@ -225,6 +275,9 @@ class EvaluationReport(_WritesIntoTheRun):
     run folder: ``{stage}_report.{csv,md,json}``, ``{stage}_confused_pairs.csv``,
     ``{stage}_confusion_matrix.png`` and ``{stage}_reliability.png`` (``stage``: ``val`` or
     ``test``), with the expected calibration error before and after the model's temperature.
+    In a fit the two pictures (and the reliability diagram's ``val/reliability`` for the
+    loggers) are drawn as :class:`ValidationImages` draws its own: in epochs that improve the
+    monitored metric, and the last epoch's at the end of training.
 
     Args:
         top_pairs: How many most-confused class pairs to list.
@@ -232,10 +285,23 @@ class EvaluationReport(_WritesIntoTheRun):
 
     def __init__(self, top_pairs: int = 10) -> None:
         self.top_pairs = top_pairs
+        # The pictures of a fit's epoch not yet drawn: (logged step, calibration).
+        self._pending: tuple[int, dict[str, float]] | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = None
         if _has_run_folder(trainer):
             self._write(trainer, pl_module, "val")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:  # the last epoch, which did not improve
+            (step, calibration), self._pending = self._pending, None
+            self._draw(trainer, pl_module, "val", step, calibration)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        _draw_on_the_way_out(self, trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _has_run_folder(trainer):
@@ -274,6 +340,22 @@ class EvaluationReport(_WritesIntoTheRun):
             self.top_pairs,
             calibration={**calibration, "note": note},
         )
+        if _draw_now(trainer):
+            self._draw(trainer, pl_module, stage, logged_step(trainer), calibration)
+        else:
+            self._pending = (logged_step(trainer), calibration)
+        if trainer.state.fn != "fit":
+            rank_zero_info(printable(f"{stage} report: {paths['markdown']}"))
+
+    def _draw(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        stage: str,
+        step: int,
+        calibration: dict[str, float],
+    ) -> None:
+        evaluated, folder = _evaluated(pl_module, stage), run_dir(trainer)
         names = pl_module.hparams.class_names
         render_confusion_matrix(evaluated.confusion, names).save(
             folder / f"{stage}_confusion_matrix.png"
@@ -281,15 +363,13 @@ class EvaluationReport(_WritesIntoTheRun):
         reliability = render_reliability(
             *evaluated[:2],
             folder / f"{stage}_reliability.png",
-            temperature,
+            calibration["temperature"],
             f"{stage} reliability",
-            eces=(raw, calibrated),
+            eces=(calibration["raw"], calibration["calibrated"]),
         )
         with Image.open(reliability) as picture:
             pixels = np.asarray(picture.convert("RGB"))
-        log_image(trainer, f"{stage}/reliability", pixels, logged_step(trainer))
-        if trainer.state.fn != "fit":
-            rank_zero_info(printable(f"{stage} report: {paths['markdown']}"))
+        log_image(trainer, f"{stage}/reliability", pixels, step)
 
 
 class RunReport(_WritesIntoTheRun):

@@ -22,15 +22,21 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> t
     inputs ``images`` ``[B, C, H, W]`` for the classes ``targets`` ``[B]``.
 
     Works inside evaluation code: gradients are turned on here, and inference tensors are
-    copied into ordinary ones. The model's parameters get no ``.grad``.
+    copied into ordinary ones. The model runs in eval mode and is left in the mode it was in;
+    its parameters get no ``.grad``.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        inputs = images.detach().clone().requires_grad_(True)
-        cam = LayerGradCam(model, last_conv(model))
-        attributions = cam.attribute(inputs, target=targets.tolist(), relu_attributions=True)
-        heat = LayerAttribution.interpolate(
-            attributions.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear"
-        )[:, 0]
+    training = model.training
+    model.eval()  # no dropout, whether called in validation or after training
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = images.detach().clone().requires_grad_(True)
+            cam = LayerGradCam(model, last_conv(model))
+            attributions = cam.attribute(inputs, target=targets.tolist(), relu_attributions=True)
+            heat = LayerAttribution.interpolate(
+                attributions.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear"
+            )[:, 0]
+    finally:
+        model.train(training)
     peak = heat.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return (heat / peak).clamp(0, 1)
 
