@@ -11,12 +11,18 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterable
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from alexnet_lit.errors import CheckpointError, first_line
 
@@ -146,11 +152,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def __init__(self, loaded: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__()
-        self._loaded = {os.path.abspath(path): ckpt for path, ckpt in (loaded or {}).items()}
+        self._loaded: dict[str, dict[str, Any]] = {}
+        self.hand_over(loaded or {})
+
+    def hand_over(self, loaded: dict[str, dict[str, Any]]) -> None:
+        """Checkpoints already loaded, by path, for the trainer's load to take (each once)."""
+        self._loaded |= {os.path.abspath(path): ckpt for path, ckpt in loaded.items()}
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+        self,
+        checkpoint: dict[str, Any],
+        path: str | Path,
+        storage_options: Any = None,
+        serialized: Callable[[], None] | None = None,
     ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically; ``serialized`` is called once its
+        tensors have been read, before the file is synced and renamed."""
         if storage_options is not None or "://" in str(path):  # remote: no rename to rely on
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -159,6 +176,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with open(temporary, "wb") as file:
                 torch.save(checkpoint, file)
+                if serialized is not None:
+                    serialized()
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
@@ -180,6 +199,180 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if loaded is not None:
             return loaded
         return load_checkpoint(path, map_location=map_location)
+
+
+class BackgroundCheckpointIO(CheckpointIO):
+    """Checkpoints written by a background thread while training goes on: the
+    :class:`AtomicCheckpointIO`'s files (temporary file, sync, rename), in the order they were
+    asked for, deletions of replaced checkpoints included.
+
+    On a CPU no copy of the weights is made: a save reads the live tensors, and the next
+    optimizer step (the only thing in a fit that changes them in place; AlexNet has no running
+    statistics) runs its forward and backward pass meanwhile, then waits until every pending
+    save has read them. A checkpoint with tensors on an accelerator is first copied there (a
+    device-to-device copy, fast; it holds that much device memory until written), and nothing
+    waits. After a failed save nothing more is written or deleted, so the checkpoint it would
+    have replaced stays; the error is raised at the next optimizer step, save, load or
+    :meth:`wait`, or when the trainer tears down. :meth:`wait` returns once everything asked for
+    is on disk.
+
+    Args:
+        checkpoint_io: The writer used in the background; an :class:`AtomicCheckpointIO` by
+            default.
+    """
+
+    def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None) -> None:
+        self.checkpoint_io = checkpoint_io or AtomicCheckpointIO()
+        self._idle()
+
+    def _idle(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._unread = 0  # saves of live tensors not yet serialized
+        self._read = threading.Condition()
+        self._failed = False  # for good: nothing is written or deleted after a failure
+        self._error: BaseException | None = None  # the failure, until it is raised
+        self._hook: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (EMA deep-copies the module, which reaches the trainer; ddp_spawn pickles it)
+        # is an idle writer: threads and locks are not copied.
+        return {"checkpoint_io": self.checkpoint_io}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.checkpoint_io = state["checkpoint_io"]
+        self._idle()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        self._raise_error()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+            self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
+        live = not _on_accelerator(checkpoint)
+        if not live:  # the next steps' kernels must not change what is written
+            checkpoint = apply_to_collection(checkpoint, torch.Tensor, _copy)
+        read = threading.Event()
+
+        def serialized() -> None:
+            if live and not read.is_set():
+                read.set()
+                with self._read:
+                    self._unread -= 1
+                    self._read.notify_all()
+
+        def save() -> None:
+            try:
+                if not self._failed:
+                    self.checkpoint_io.save_checkpoint(
+                        checkpoint, path, storage_options, serialized
+                    )
+            except BaseException as err:
+                self._fail(err)  # before the optimizer step waiting on it wakes
+            finally:
+                serialized()
+
+        with self._read:
+            self._unread += live
+        try:
+            self._submit(save)
+        except BaseException:
+            serialized()
+            raise
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        self._raise_error()
+        if self._executor is None:
+            self.checkpoint_io.remove_checkpoint(path)
+            return
+
+        def remove() -> None:
+            try:
+                if not self._failed:  # a save before it failed: keep what it would replace
+                    self.checkpoint_io.remove_checkpoint(path)
+            except BaseException as err:
+                self._fail(err)
+
+        self._submit(remove)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        self.wait()
+        return self.checkpoint_io.load_checkpoint(path, map_location, weights_only)
+
+    def wait(self) -> None:
+        """Return once every save and deletion asked for is done; raise the first error."""
+        for future in list(self._pending):
+            future.result()
+        self._pending.clear()
+        self._raise_error()
+
+    def teardown(self) -> None:
+        """Wait for the writes, stop the thread, and raise a write error, unless another
+        exception is being handled (a Ctrl-C, a crash): then it is a warning, not raised over
+        it."""
+        try:
+            self.wait()
+        except Exception as err:
+            if sys.exc_info()[1] is None:
+                raise
+            warnings.warn(f"a checkpoint was not written: {first_line(err)}", stacklevel=2)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            if self._hook is not None:
+                self._hook.remove()
+            self._idle()
+            self.checkpoint_io.teardown()
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        assert self._executor is not None
+        self._pending = [f for f in self._pending if not f.done()] + [self._executor.submit(job)]
+
+    def _fail(self, err: BaseException) -> None:
+        if not self._failed:
+            self._failed, self._error = True, err
+
+    def _before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        # Torch runs this before the step, and the step runs its closure (Lightning's forward
+        # and backward pass, which change no saved tensor): the wait goes after the closure,
+        # so that the two overlap.
+        closure = kwargs.get("closure")
+        if not callable(closure):
+            self._wait_until_read()
+            return None
+
+        def closure_then_wait() -> Any:
+            loss = closure()
+            self._wait_until_read()
+            return loss
+
+        return args, {**kwargs, "closure": closure_then_wait}
+
+    def _wait_until_read(self) -> None:
+        with self._read:
+            self._read.wait_for(lambda: self._unread == 0)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _on_accelerator(checkpoint: dict[str, Any]) -> bool:
+    found: list[bool] = []
+    apply_to_collection(checkpoint, torch.Tensor, lambda t: found.append(t.device.type != "cpu"))
+    return any(found)
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
 
 
 def _out_of_space(err: BaseException | None) -> bool:

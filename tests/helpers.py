@@ -1,6 +1,8 @@
 """Builders shared by the tests: CLI argument lists, running the CLI or its script, a tiny
 trainer, and reading the CSV files a run writes."""
 
+import errno
+import io
 import os
 import signal
 import socket
@@ -117,3 +119,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     that is not UTF-8 comes back as ``os.fsdecode`` gives it); the file must exist."""
     assert Path(path).is_file(), f"{path} was not written"
     return read_run_csv(path)
+
+
+class FullDiskAfter(io.FileIO):
+    """A file on a disk that fills up after ``room`` bytes: later writes raise ENOSPC."""
+
+    def __init__(self, path, mode: str, room: int = 1000) -> None:
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return super().write(data)

@@ -5,6 +5,8 @@ import signal
 
 import lightning as L
 
+from alexnet_lit.checkpoints import BackgroundCheckpointIO
+
 
 class SignalAtStep(L.Callback):
     """Send ``signal_name`` (e.g. SIGKILL, SIGTERM, SIGINT) to this process at training step
@@ -34,6 +36,10 @@ class SignalAtStep(L.Callback):
 
     def _send(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self.step:
+            # The checkpoints asked for so far on disk first, as a save on the training thread
+            # leaves them (BackgroundCheckpointIO finishes them while the next epoch trains).
+            if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+                trainer.strategy.checkpoint_io.wait()
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 

@@ -1,8 +1,6 @@
 """Resume, determinism, SIGKILL, SIGTERM and Ctrl-C, NaN stops, full disks, atomic and data-only
 files."""
 
-import errno
-import io
 import os
 import signal
 import subprocess
@@ -20,7 +18,7 @@ from alexnet_lit.checkpoints import AtomicCheckpointIO, SaveInterrupted
 from alexnet_lit.errors import CheckpointError
 from alexnet_lit.training.cli import AlexNetCLI, cli_main
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, cli_error_line, run_script
+from tests.helpers import ROOT, FullDiskAfter, cli_error_line, run_script
 from tests.helpers import fit_args as tiny_fit_args
 from tests.signals import kill_at
 
@@ -75,20 +73,6 @@ def test_ctrl_c_during_save_keeps_the_previous_checkpoint_and_no_temporary(tmp_p
     )
     assert io_.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-
-
-class FullDiskAfter(io.FileIO):
-    """A file on a disk that fills up after ``room`` bytes: later writes raise ENOSPC."""
-
-    def __init__(self, path, mode: str, room: int = 1000) -> None:
-        super().__init__(path, mode)
-        self.room = room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return super().write(data)
 
 
 def fill_the_disk(monkeypatch) -> None:

@@ -258,10 +258,11 @@ def test_a_weights_only_file_as_ckpt_path_points_at_model_weights(
     # tiny_ckpt was saved with save_weights_only, as scripts/import_tutorial_weights.py saves.
     monkeypatch.chdir(tmp_path)
     line = cli_error_line(capsys, fit_args(tiny_run / "data", f"--ckpt_path={tiny_ckpt}"))
+    # That run has no last.ckpt beside it (test_epoch_costs.py has one that does).
     assert line == (
         f"error: --ckpt_path '{tiny_ckpt}' holds weights only (no optimizer or loop state), so "
-        f"there is no fit to resume; start a new fit from it with --model.weights {tiny_ckpt} "
-        "instead."
+        f"there is no fit to resume: start a new fit from these weights with --model.weights "
+        f"{tiny_ckpt}."
     )
 
 

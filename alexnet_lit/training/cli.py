@@ -13,13 +13,20 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from alexnet_lit.checkpoints import (
+    LAST_NAME,
     AtomicCheckpointIO,
+    BackgroundCheckpointIO,
     SaveInterrupted,
     find_checkpoint,
     load_checkpoint,
@@ -97,10 +104,12 @@ class AlexNetCLI(LightningCLI):
         if "://" not in config.ckpt_path:  # remote files are left to the trainer
             checkpoint = load_checkpoint(config.ckpt_path)
             if subcommand == "fit" and "optimizer_states" not in checkpoint:
+                last = Path(config.ckpt_path).with_name(LAST_NAME)
+                resume = f"resume from '{last}' (the full state), or " if last.is_file() else ""
                 raise CheckpointError(
                     f"--ckpt_path '{config.ckpt_path}' holds weights only (no optimizer or loop "
-                    "state), so there is no fit to resume; start a new fit from it with "
-                    f"--model.weights {config.ckpt_path} instead."
+                    f"state), so there is no fit to resume: {resume}start a new fit from these "
+                    f"weights with --model.weights {config.ckpt_path}."
                 )
             self._loaded_checkpoints[config.ckpt_path] = checkpoint
 
@@ -135,8 +144,9 @@ class AlexNetCLI(LightningCLI):
             log_root = Path(logger.init_args.save_dir, logger.init_args.name or "")
         else:
             log_root = Path(config.trainer.default_root_dir or ".", "lightning_logs")
-        if config.ckpt_path == "last":
-            config.ckpt_path = str(find_checkpoint([log_root], "last"))
+        if config.ckpt_path in ("best", "last"):  # the newest run's, as files (Lightning's
+            # own "best" means this process's fit only)
+            config.ckpt_path = str(find_checkpoint([log_root], config.ckpt_path))
         # Resuming a fit continues its run folder: the TensorBoard curves stay one history, and
         # ModelCheckpoint keeps tracking the best score (it forgets it when its folder changes).
         run_dir = Path(config.ckpt_path).parent.parent  # log_root/version_N/checkpoints/x.ckpt
@@ -170,9 +180,14 @@ class AlexNetCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         arrange_loggers(trainer, self.subcommand)
-        # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise.
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise
+        # (configs/background_checkpoints.yaml's BackgroundCheckpointIO writes through one).
+        checkpoint_io = trainer.strategy.checkpoint_io
+        if type(checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO(self._loaded_checkpoints)
+        elif isinstance(checkpoint_io, BackgroundCheckpointIO):
+            checkpoint_io.checkpoint_io.hand_over(self._loaded_checkpoints)
+        _follow_weight_averaging(trainer)
         return trainer
 
     def before_predict(self) -> None:
@@ -185,6 +200,33 @@ def _loggers(config: Any) -> list[Namespace]:
     """The logger configs of ``trainer.logger`` (one, a list, or none)."""
     loggers = config if isinstance(config, list) else [config]
     return [logger for logger in loggers if isinstance(logger, Namespace)]
+
+
+def _follow_weight_averaging(trainer: Trainer) -> None:
+    """Weight averaging (EMA, SWA) changes the weights outside the optimizer step, which a
+    :class:`BackgroundCheckpointIO` does not wait for, and puts its averaged weights into a
+    checkpoint in a callback hook that weights-only files skip: with it, checkpoints are written
+    on the training thread, and the best one with the full state."""
+    averaging = [
+        callback
+        for callback in trainer.callbacks
+        if isinstance(callback, WeightAveraging | StochasticWeightAveraging)
+    ]
+    if not averaging:
+        return
+    changed = []
+    if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+        trainer.strategy.checkpoint_io = trainer.strategy.checkpoint_io.checkpoint_io
+        changed.append("written on the training thread")
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
+            callback.save_weights_only = False
+            changed.append("saved with the full state")
+    if changed:
+        rank_zero_info(
+            f"{type(averaging[0]).__name__}: checkpoints are {' and '.join(dict.fromkeys(changed))}"
+            ", so that they hold the averaged weights."
+        )
 
 
 def _class_paths(config: Any) -> list[str]:

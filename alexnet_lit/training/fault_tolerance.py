@@ -15,10 +15,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from alexnet_lit.checkpoints import SaveInterrupted
+from alexnet_lit.checkpoints import BackgroundCheckpointIO, SaveInterrupted
+from alexnet_lit.errors import first_line
 from alexnet_lit.runs import run_dir
 
 _NONE = torch.iinfo(torch.long).max
@@ -114,11 +115,21 @@ class StopOnNonFiniteLoss(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check(trainer)
+        self._check_weights(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the ModelCheckpoints' own on_validation_end (Lightning runs them last): a
+        # weights-only save calls no callback's on_save_checkpoint.
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._check_weights(trainer, pl_module)
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._check(trainer)
+        self._check_weights(trainer, pl_module)
+
+    def _check_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._verified_step == trainer.global_step:
             return  # the weights have not changed since the last save checked them
         # The largest magnitude of each tensor: NaN and infinity propagate, finite values cannot
@@ -226,7 +237,13 @@ class CheckpointOnInterrupt(L.Callback):
 
     def _save(self, trainer: L.Trainer, cause: str) -> None:
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)  # full state, to resume from
+        try:
+            trainer.save_checkpoint(path, weights_only=False)  # full state, to resume from
+            if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+                trainer.strategy.checkpoint_io.wait()  # on disk before the process says so
+        except Exception as err:  # a full disk: said, not raised over the stop itself
+            rank_zero_warn(f"Stopped by {cause}; '{path}' was not saved: {first_line(err)}")
+            return
         rank_zero_info(
             f"Stopped by {cause} at epoch {trainer.current_epoch}, global step "
             f"{trainer.global_step}; saved '{path}'. To resume, run the same fit command with "
