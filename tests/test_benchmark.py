@@ -16,6 +16,7 @@ from scripts.bench.benchmark import (
     make_photo_folder,
     summarize,
 )
+from scripts.bench.phases import summarize_phases
 
 
 def test_photo_folder_is_a_jpeg_image_folder(tmp_path):
@@ -68,6 +69,10 @@ def test_every_contender_runs_and_is_compared(no_gpu, tmp_path):
     for name in ("default", "plain"):  # each fit was measured and compared
         assert {"wall_s", "ratio_to_tutorial", "percent_of_ceiling"} <= set(rows[name])
         assert 0.0 <= rows[name]["val_acc"] <= 1.0
+    for name in ("tutorial", "default", "plain"):  # and its fixed costs, from its loop marks
+        row = rows[name]
+        assert row["startup_s"] > 0 and row["exit_s"] > 0 and row["outside_later_s"] >= 0
+        assert row["startup_s"] + row["outside_later_s"] + row["exit_s"] < row["wall_s"]
     assert "ratio_to_tutorial" not in rows["data_ceiling"]  # a ceiling is compared with nothing
     table = format_table(result)
     assert table.startswith(f"CPU: {result['cpu']}; fast.yaml trains in ")
@@ -76,6 +81,22 @@ def test_every_contender_runs_and_is_compared(no_gpu, tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
     assert json.loads(path.read_text())["rows"].keys() == rows.keys()
+
+
+def test_the_fixed_costs_are_read_from_the_loop_marks():
+    # Launched at 100; two epochs: 10 s of training, 3 s of validation batches, 2 s of the rest.
+    marks = {
+        "first_step": 105.0,
+        "epochs": [
+            {"start": 104.0, "train_end": 114.0, "val_start": 114.5, "val_end": 117.5},
+            {"start": 119.5, "train_end": 129.5, "val_start": 130.0, "val_end": 133.0},
+        ],
+        "train_end": 134.5,
+    }
+    phases = summarize_phases(100.0, 140.0, marks)
+    assert phases["startup_s"] == 5.0 and phases["exit_s"] == 5.5
+    assert phases["outside_s"] == [2.5, 2.0]
+    assert phases["outside_later_s"] == 2.0  # the epochs after the first
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(no_gpu, capsys):
