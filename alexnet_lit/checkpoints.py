@@ -202,27 +202,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class BackgroundCheckpointIO(CheckpointIO):
-    """Checkpoints written by a background thread while training goes on: the
+    """Checkpoints finished by a background thread while training goes on: the
     :class:`AtomicCheckpointIO`'s files (temporary file, sync, rename), in the order they were
     asked for, deletions of replaced checkpoints included.
 
-    On a CPU no copy of the weights is made: a save reads the live tensors, and the next
+    With ``serialize_in_background=False`` (what a fit uses unless a plugin says otherwise) a
+    save returns once its tensors are written to the temporary file; only the sync to disk, the
+    rename and the deletions after it go on in the background, which costs the training thread
+    no CPU. With ``True`` (configs/background_checkpoints.yaml) the writing itself goes on too:
+    on a CPU no copy of the weights is made, a save reads the live tensors, and the next
     optimizer step (the only thing in a fit that changes them in place; AlexNet has no running
     statistics) runs its forward and backward pass meanwhile, then waits until every pending
-    save has read them. A checkpoint with tensors on an accelerator is first copied there (a
+    save has read them; a checkpoint with tensors on an accelerator is first copied there (a
     device-to-device copy, fast; it holds that much device memory until written), and nothing
-    waits. After a failed save nothing more is written or deleted, so the checkpoint it would
-    have replaced stays; the error is raised at the next optimizer step, save, load or
-    :meth:`wait`, or when the trainer tears down. :meth:`wait` returns once everything asked for
-    is on disk.
+    waits.
+
+    After a failed save nothing more is written or deleted, so the checkpoint it would have
+    replaced stays; the error is raised at the next optimizer step, save, load or :meth:`wait`,
+    or when the trainer tears down (a full disk is usually found while writing, so with
+    ``serialize_in_background=False`` at the save itself). :meth:`wait` returns once everything
+    asked for is on disk; a fit waits for it before it ends.
 
     Args:
         checkpoint_io: The writer used in the background; an :class:`AtomicCheckpointIO` by
             default.
+        serialize_in_background: Whether the tensors are also written while training goes on.
     """
 
-    def __init__(self, checkpoint_io: AtomicCheckpointIO | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_io: AtomicCheckpointIO | None = None,
+        serialize_in_background: bool = True,
+    ) -> None:
         self.checkpoint_io = checkpoint_io or AtomicCheckpointIO()
+        self.serialize_in_background = serialize_in_background
         self._idle()
 
     def _idle(self) -> None:
@@ -237,10 +250,13 @@ class BackgroundCheckpointIO(CheckpointIO):
     def __getstate__(self) -> dict[str, Any]:
         # A copy (EMA deep-copies the module, which reaches the trainer; ddp_spawn pickles it)
         # is an idle writer: threads and locks are not copied.
-        return {"checkpoint_io": self.checkpoint_io}
+        return {
+            "checkpoint_io": self.checkpoint_io,
+            "serialize_in_background": self.serialize_in_background,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.checkpoint_io = state["checkpoint_io"]
+        self.__dict__.update(state)
         self._idle()
 
     def save_checkpoint(
@@ -250,7 +266,8 @@ class BackgroundCheckpointIO(CheckpointIO):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
             self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
-        live = not _on_accelerator(checkpoint)
+        # Live: the tensors are read in place, and something waits until they have been.
+        live = not self.serialize_in_background or not _on_accelerator(checkpoint)
         if not live:  # the next steps' kernels must not change what is written
             checkpoint = apply_to_collection(checkpoint, torch.Tensor, _copy)
         read = threading.Event()
@@ -280,6 +297,8 @@ class BackgroundCheckpointIO(CheckpointIO):
         except BaseException:
             serialized()
             raise
+        if not self.serialize_in_background:
+            self._wait_until_read()
 
     def remove_checkpoint(self, path: str | Path) -> None:
         self._raise_error()

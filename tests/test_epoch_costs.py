@@ -1,6 +1,7 @@
 """The seconds around each epoch: each checkpoint written once, in the background, and the
 evaluation pictures drawn only when they are news."""
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -176,26 +177,69 @@ def test_a_background_save_error_stops_the_next_optimizer_step(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_save_returns_with_its_tensors_written_and_is_synced_and_renamed_in_the_background(
+    tmp_path, monkeypatch
+):
+    synced, real_fsync, real_save = threading.Event(), os.fsync, torch.save
+
+    def slow_save(obj, file, *args, **kwargs):  # a slow disk, then a sync that waits for the test
+        time.sleep(0.5)
+        real_save(obj, file, *args, **kwargs)
+
+    def slow_fsync(fd: int) -> None:
+        assert synced.wait(timeout=60)
+        real_fsync(fd)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    monkeypatch.setattr(checkpoints_module.os, "fsync", slow_fsync)
+    weight, path = torch.ones(3), tmp_path / "last.ckpt"
+    writer = BackgroundCheckpointIO(serialize_in_background=False)  # what a fit uses
+    try:
+        writer.save_checkpoint({"weight": weight}, path)  # returns while the sync waits
+        weight.zero_()  # the next optimizer step changes the weights in place
+        assert not path.exists()  # renamed only once synced
+        synced.set()
+        writer.wait()
+    finally:
+        synced.set()
+        writer.teardown()
+    assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.ones(3))  # as asked
+
+
 @pytest.mark.slow
 def test_with_ema_the_best_file_holds_the_averaged_weights(tmp_path, monkeypatch):
     # EMA writes its averaged weights into a checkpoint in a hook that weights-only files skip,
-    # and changes the weights outside the optimizer step: its checkpoints stay full and are
-    # written on the training thread, even with the background writer asked for.
+    # and changes them outside the optimizer step: its checkpoints stay full and each save has
+    # read its tensors before training goes on, even with the background writer asked for.
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
     monkeypatch.chdir(tmp_path)
-    threads, real_save = [], AtomicCheckpointIO.save_checkpoint
+    waiting, still_waiting = threading.Event(), []
+    real_save, real_ask = AtomicCheckpointIO.save_checkpoint, BackgroundCheckpointIO.save_checkpoint
 
-    def recording_save(self, *args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return real_save(self, *args, **kwargs)
+    def ask(self, *args, **kwargs):  # ModelCheckpoint's save, on the training thread
+        waiting.set()
+        try:
+            return real_ask(self, *args, **kwargs)
+        finally:
+            waiting.clear()
 
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+    def slow_save(self, checkpoint, path, storage_options=None, serialized=None):
+        def read() -> None:
+            still_waiting.append(waiting.is_set())
+            if serialized is not None:
+                serialized()
+
+        time.sleep(0.5)  # a slow disk: a save that did not wait would have returned by now
+        return real_save(self, checkpoint, path, storage_options, read)
+
+    monkeypatch.setattr(BackgroundCheckpointIO, "save_checkpoint", ask)
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_save)
     overlays = [ROOT / "configs" / "experiments" / "ema.yaml"]
     overlays.append(ROOT / "configs" / "background_checkpoints.yaml")
     args = [arg for overlay in overlays for arg in ("--config", str(overlay))]
     lr = "--model.optimizer.init_args.lr=0.01"
     cli_main(fit_args(data, *args, "--trainer.max_epochs=1", lr))
-    assert threads == [threading.main_thread().name] * 2  # best, then last.ckpt
+    assert still_waiting == [True, True]  # best, then last.ckpt
     (best,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt")
     checkpoint = torch.load(best, weights_only=True)
     assert "current_model_state" in checkpoint  # the raw weights, beside the averaged ones

@@ -181,12 +181,16 @@ class AlexNetCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         arrange_loggers(trainer, self.subcommand)
         # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise
-        # (configs/background_checkpoints.yaml's BackgroundCheckpointIO writes through one).
+        # (configs/background_checkpoints.yaml's BackgroundCheckpointIO writes through one). The
+        # sync to disk and the rename, I/O waits that need no CPU, go on while training does.
         checkpoint_io = trainer.strategy.checkpoint_io
         if type(checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO(self._loaded_checkpoints)
-        elif isinstance(checkpoint_io, BackgroundCheckpointIO):
-            checkpoint_io.checkpoint_io.hand_over(self._loaded_checkpoints)
+            checkpoint_io = BackgroundCheckpointIO(serialize_in_background=False)
+            trainer.strategy.checkpoint_io = checkpoint_io
+        if isinstance(checkpoint_io, BackgroundCheckpointIO):
+            checkpoint_io = checkpoint_io.checkpoint_io
+        if isinstance(checkpoint_io, AtomicCheckpointIO):
+            checkpoint_io.hand_over(self._loaded_checkpoints)
         _follow_weight_averaging(trainer)
         return trainer
 
@@ -204,9 +208,10 @@ def _loggers(config: Any) -> list[Namespace]:
 
 def _follow_weight_averaging(trainer: Trainer) -> None:
     """Weight averaging (EMA, SWA) changes the weights outside the optimizer step, which a
-    :class:`BackgroundCheckpointIO` does not wait for, and puts its averaged weights into a
-    checkpoint in a callback hook that weights-only files skip: with it, checkpoints are written
-    on the training thread, and the best one with the full state."""
+    :class:`BackgroundCheckpointIO` that serializes in the background does not wait for, and
+    puts its averaged weights into a checkpoint in a callback hook that weights-only files skip:
+    with it, a save's tensors are written before training goes on, and the best file holds the
+    full state."""
     averaging = [
         callback
         for callback in trainer.callbacks
@@ -215,9 +220,10 @@ def _follow_weight_averaging(trainer: Trainer) -> None:
     if not averaging:
         return
     changed = []
-    if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
-        trainer.strategy.checkpoint_io = trainer.strategy.checkpoint_io.checkpoint_io
-        changed.append("written on the training thread")
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if isinstance(checkpoint_io, BackgroundCheckpointIO) and checkpoint_io.serialize_in_background:
+        checkpoint_io.serialize_in_background = False
+        changed.append("written before training goes on")
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
             callback.save_weights_only = False

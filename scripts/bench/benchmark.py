@@ -60,7 +60,13 @@ CONTENDERS = {
     "default": Contender("train.py fit, configs/default.yaml", "ceiling_fp32"),
     "plain": Contender("plain PyTorch loop, same model/loader/checkpoints", "ceiling_fp32"),
     "fast": Contender("train.py fit, default.yaml + fast.yaml", "ceiling_fast"),
-    # What the background checkpoint writer (configs/background_checkpoints.yaml) is worth.
+    # What the checkpoint writers are worth: every step of a save on the training thread, and
+    # the background writer of configs/background_checkpoints.yaml.
+    "default_synchronous": Contender(
+        "train.py fit, default.yaml, checkpoints synced on the training thread",
+        "ceiling_fp32",
+        on_request=True,
+    ),
     "default_background": Contender(
         "train.py fit, default.yaml + background_checkpoints.yaml",
         "ceiling_fp32",
@@ -104,6 +110,10 @@ DALI = "--data.backend=dali"
 FITS = {
     "default": (["configs/default.yaml"], []),
     "fast": (["configs/default.yaml", "configs/fast.yaml"], []),
+    "default_synchronous": (
+        ["configs/default.yaml"],
+        ["--trainer.plugins=alexnet_lit.checkpoints.AtomicCheckpointIO"],
+    ),
     "default_background": (["configs/default.yaml", "configs/background_checkpoints.yaml"], []),
     "dali": (["configs/default.yaml"], [DALI]),
     "fast_dali": (["configs/default.yaml", "configs/fast.yaml"], [DALI]),
