@@ -6,7 +6,9 @@ the tutorial importer, the notebook) goes through :func:`load_checkpoint`, which
 plain data only (``weights_only=True``): a file that would run code when unpickled is refused.
 """
 
+import contextlib
 import errno
+import itertools
 import os
 import pickle
 import re
@@ -14,10 +16,11 @@ import shutil
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
@@ -136,14 +139,29 @@ class SaveInterrupted(KeyboardInterrupt):
         )
 
 
+# Numbers the temporary files of one process's saves, so that no two share a name.
+_SAVES = itertools.count()
+
+
+@dataclass
+class UnsyncedCheckpoint:
+    """A checkpoint written to its temporary file (``file``, still open) beside ``path``, not
+    yet synced to disk nor renamed: the first half of an :class:`AtomicCheckpointIO` save."""
+
+    file: IO[bytes]
+    temporary: Path
+    path: Path
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files that are never half-written and never run code when loaded.
 
-    A save writes ``<name>.tmp-<pid>`` in the same folder, syncs it to disk and renames it over
-    the target (``os.replace`` is atomic on one filesystem), so a crash, SIGKILL, Ctrl-C or full
-    disk during a save leaves the previous file intact; a full disk ends in one sentence that
-    names the folder, a Ctrl-C in :class:`SaveInterrupted`, and neither leaves the temporary
-    file. Loading goes through :func:`load_checkpoint` (``weights_only=True``).
+    A save writes ``<name>.tmp-<pid>-<n>`` in the same folder (:meth:`write`), syncs it to disk
+    and renames it over the target (:meth:`commit`; ``os.replace`` is atomic on one
+    filesystem), so a crash, SIGKILL, Ctrl-C or full disk during a save leaves the previous file
+    intact; a full disk ends in one sentence that names the folder, a Ctrl-C in
+    :class:`SaveInterrupted`, and neither leaves the temporary file. Loading goes through
+    :func:`load_checkpoint` (``weights_only=True``).
 
     Args:
         loaded: Checkpoints already loaded (by path) that the trainer's load should take instead
@@ -168,27 +186,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         """Write ``checkpoint`` to ``path`` atomically; ``serialized`` is called once its
         tensors have been read, before the file is synced and renamed."""
-        if storage_options is not None or "://" in str(path):  # remote: no rename to rely on
-            return super().save_checkpoint(checkpoint, path, storage_options)
+        unsynced = self.write(checkpoint, path, storage_options)
+        if serialized is not None:
+            serialized()
+        if unsynced is not None:
+            self.commit(unsynced)
+
+    def write(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> UnsyncedCheckpoint | None:
+        """The first half of a save: ``checkpoint`` written to a new temporary file beside
+        ``path``, for :meth:`commit` (or :meth:`discard`). A remote path, which has no rename to
+        rely on, is saved whole by Lightning's writer instead (None)."""
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return None
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                if serialized is not None:
-                    serialized()
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        # BaseException: a Ctrl-C mid-write must not leave the temporary file either.
-        except BaseException as err:
-            temporary.unlink(missing_ok=True)
-            if isinstance(err, KeyboardInterrupt) and not isinstance(err, SaveInterrupted):
-                raise SaveInterrupted(path) from err
-            if isinstance(err, Exception) and _out_of_space(err):
-                raise CheckpointError(_full_disk_message(path, checkpoint)) from err
-            raise
+        temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}-{next(_SAVES)}")
+        unsynced = UnsyncedCheckpoint(open(temporary, "wb"), temporary, path)  # noqa: SIM115
+        with _discarded_on_error(unsynced, lambda: _tensor_bytes(checkpoint)):
+            torch.save(checkpoint, unsynced.file)
+            unsynced.file.flush()
+        return unsynced
+
+    def commit(self, unsynced: UnsyncedCheckpoint) -> None:
+        """The second half of a save: sync the temporary file to disk and rename it over its
+        target."""
+        with _discarded_on_error(unsynced, lambda: unsynced.temporary.stat().st_size):
+            os.fsync(unsynced.file.fileno())
+            unsynced.file.close()
+            os.replace(unsynced.temporary, unsynced.path)
+
+    @staticmethod
+    def discard(unsynced: UnsyncedCheckpoint) -> None:
+        """Drop a written, uncommitted checkpoint: its target stays as it was."""
+        with contextlib.suppress(OSError):
+            unsynced.file.close()
+        unsynced.temporary.unlink(missing_ok=True)
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
@@ -207,10 +242,11 @@ class BackgroundCheckpointIO(CheckpointIO):
     asked for, deletions of replaced checkpoints included.
 
     With ``serialize_in_background=False`` (what a fit uses unless a plugin says otherwise) a
-    save returns once its tensors are written to the temporary file; only the sync to disk, the
-    rename and the deletions after it go on in the background, which costs the training thread
-    no CPU. With ``True`` (configs/background_checkpoints.yaml) the writing itself goes on too:
-    on a CPU no copy of the weights is made, a save reads the live tensors, and the next
+    save writes the tensors to the temporary file on the calling thread, as the atomic writer
+    does (a Ctrl-C or a full disk there ends it the same way), and returns; the sync to disk, the
+    rename and the deletions after it, which wait on the disk rather than use the CPU, go on in
+    the background. With ``True`` (configs/background_checkpoints.yaml) the writing goes on there
+    too: on a CPU no copy of the weights is made, a save reads the live tensors, and the next
     optimizer step (the only thing in a fit that changes them in place; AlexNet has no running
     statistics) runs its forward and backward pass meanwhile, then waits until every pending
     save has read them; a checkpoint with tensors on an accelerator is first copied there (a
@@ -219,9 +255,8 @@ class BackgroundCheckpointIO(CheckpointIO):
 
     After a failed save nothing more is written or deleted, so the checkpoint it would have
     replaced stays; the error is raised at the next optimizer step, save, load or :meth:`wait`,
-    or when the trainer tears down (a full disk is usually found while writing, so with
-    ``serialize_in_background=False`` at the save itself). :meth:`wait` returns once everything
-    asked for is on disk; a fit waits for it before it ends.
+    or when the trainer tears down, and every later save is refused. :meth:`wait` returns once
+    everything asked for is on disk; a fit waits for it before it ends.
 
     Args:
         checkpoint_io: The writer used in the background; an :class:`AtomicCheckpointIO` by
@@ -263,19 +298,26 @@ class BackgroundCheckpointIO(CheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         self._raise_error()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-            self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
-        # Live: the tensors are read in place, and something waits until they have been.
-        live = not self.serialize_in_background or not _on_accelerator(checkpoint)
+        if self._failed:  # raised before: say so again rather than skip this one silently
+            raise CheckpointError(
+                f"checkpoint '{path}' was not written: an earlier checkpoint write of this run "
+                "failed (see the error above); the checkpoints before it are intact."
+            )
+        if not self.serialize_in_background:
+            unsynced = self.checkpoint_io.write(checkpoint, path, storage_options)
+            if unsynced is not None:
+                self._commit_in_background(unsynced)
+            return
+        self._start()
+        live = not _on_accelerator(checkpoint)  # read in place: the next step waits for it
         if not live:  # the next steps' kernels must not change what is written
             checkpoint = apply_to_collection(checkpoint, torch.Tensor, _copy)
         read = threading.Event()
 
         def serialized() -> None:
-            if live and not read.is_set():
-                read.set()
-                with self._read:
+            with self._read:  # the writer, or this thread if the job was never queued
+                if live and not read.is_set():
+                    read.set()
                     self._unread -= 1
                     self._read.notify_all()
 
@@ -297,8 +339,24 @@ class BackgroundCheckpointIO(CheckpointIO):
         except BaseException:
             serialized()
             raise
-        if not self.serialize_in_background:
-            self._wait_until_read()
+
+    def _commit_in_background(self, unsynced: UnsyncedCheckpoint) -> None:
+        self._start()
+
+        def commit() -> None:
+            try:
+                if self._failed:  # a save before it failed: keep what this would replace
+                    self.checkpoint_io.discard(unsynced)
+                else:
+                    self.checkpoint_io.commit(unsynced)
+            except BaseException as err:
+                self._fail(err)
+
+        try:
+            self._submit(commit)
+        except BaseException:
+            self.checkpoint_io.discard(unsynced)
+            raise
 
     def remove_checkpoint(self, path: str | Path) -> None:
         self._raise_error()
@@ -339,13 +397,20 @@ class BackgroundCheckpointIO(CheckpointIO):
                 raise
             warnings.warn(f"a checkpoint was not written: {first_line(err)}", stacklevel=2)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            if self._hook is not None:
-                self._hook.remove()
-            self._idle()
-            self.checkpoint_io.teardown()
+            executor, hook, self._executor, self._hook = self._executor, self._hook, None, None
+            try:
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            finally:
+                if hook is not None:
+                    hook.remove()
+                self._idle()
+                self.checkpoint_io.teardown()
+
+    def _start(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+            self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
 
     def _submit(self, job: Callable[[], None]) -> None:
         assert self._executor is not None
@@ -409,8 +474,24 @@ def _out_of_space(err: BaseException | None) -> bool:
     return False
 
 
-def _full_disk_message(path: Path, checkpoint: dict[str, Any]) -> str:
-    needed = _tensor_bytes(checkpoint)
+@contextlib.contextmanager
+def _discarded_on_error(unsynced: UnsyncedCheckpoint, needed: Callable[[], int]) -> Iterator[None]:
+    """If the block fails, remove the temporary file (the target stays as it was) and say why:
+    a Ctrl-C as :class:`SaveInterrupted`, a full disk in one sentence (``needed``: the bytes)."""
+    # BaseException: a Ctrl-C mid-write must not leave the temporary file either.
+    try:
+        yield
+    except BaseException as err:
+        size = needed() if isinstance(err, Exception) and _out_of_space(err) else None
+        AtomicCheckpointIO.discard(unsynced)
+        if isinstance(err, KeyboardInterrupt) and not isinstance(err, SaveInterrupted):
+            raise SaveInterrupted(unsynced.path) from err
+        if size is not None:
+            raise CheckpointError(_full_disk_message(unsynced.path, size)) from err
+        raise
+
+
+def _full_disk_message(path: Path, needed: int) -> str:
     free = shutil.disk_usage(path.parent).free
     return (
         f"no space left on the device to write checkpoint '{path}' (it needs about "

@@ -1,7 +1,6 @@
 """The seconds around each epoch: each checkpoint written once, in the background, and the
 evaluation pictures drawn only when they are news."""
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -125,6 +124,8 @@ def test_a_failed_background_save_keeps_the_file_it_would_replace(tmp_path, monk
         with pytest.raises(CheckpointError, match=r"^no space left on the device to write"):
             writer.wait()
         writer.remove_checkpoint(old)
+        with pytest.raises(CheckpointError, match="an earlier checkpoint write of this run failed"):
+            writer.save_checkpoint({"step": torch.tensor(2)}, new)  # refused, not skipped quietly
     finally:
         writer.teardown()
     assert [p.name for p in tmp_path.iterdir()] == [old.name]  # kept, and no temporary file
@@ -180,18 +181,18 @@ def test_a_background_save_error_stops_the_next_optimizer_step(tmp_path, monkeyp
 def test_a_save_returns_with_its_tensors_written_and_is_synced_and_renamed_in_the_background(
     tmp_path, monkeypatch
 ):
-    synced, real_fsync, real_save = threading.Event(), os.fsync, torch.save
+    synced, real_save, real_commit = threading.Event(), torch.save, AtomicCheckpointIO.commit
 
-    def slow_save(obj, file, *args, **kwargs):  # a slow disk, then a sync that waits for the test
+    def slow_save(obj, file, *args, **kwargs):  # a slow disk
         time.sleep(0.5)
         real_save(obj, file, *args, **kwargs)
 
-    def slow_fsync(fd: int) -> None:
+    def commit_when_told(self, unsynced):
         assert synced.wait(timeout=60)
-        real_fsync(fd)
+        real_commit(self, unsynced)
 
     monkeypatch.setattr(torch, "save", slow_save)
-    monkeypatch.setattr(checkpoints_module.os, "fsync", slow_fsync)
+    monkeypatch.setattr(AtomicCheckpointIO, "commit", commit_when_told)
     weight, path = torch.ones(3), tmp_path / "last.ckpt"
     writer = BackgroundCheckpointIO(serialize_in_background=False)  # what a fit uses
     try:
@@ -206,40 +207,50 @@ def test_a_save_returns_with_its_tensors_written_and_is_synced_and_renamed_in_th
     assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.ones(3))  # as asked
 
 
+def _record_threads(monkeypatch) -> dict[str, list[str]]:
+    """The names of the threads that write checkpoints' tensors and that sync and rename them."""
+    threads: dict[str, list[str]] = {"write": [], "commit": []}
+    for step in threads:
+        real = getattr(AtomicCheckpointIO, step)
+
+        def recording(self, *args, _step=step, _real=real, **kwargs):
+            threads[_step].append(threading.current_thread().name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(AtomicCheckpointIO, step, recording)
+    return threads
+
+
+@pytest.mark.slow
+def test_a_fit_syncs_its_checkpoints_in_the_background_unless_told_otherwise(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
+    monkeypatch.chdir(tmp_path)
+    main = threading.main_thread().name
+    threads = _record_threads(monkeypatch)
+    cli_main(fit_args(data, "--trainer.max_epochs=1"))
+    assert threads["write"] == [main] * 2  # best, then last.ckpt
+    assert len(threads["commit"]) == 2 and main not in threads["commit"]
+    threads["write"].clear()
+    threads["commit"].clear()
+    synchronous = "--trainer.plugins=alexnet_lit.checkpoints.AtomicCheckpointIO"
+    cli_main(fit_args(data, "--trainer.max_epochs=1", synchronous))
+    assert threads == {"write": [main] * 2, "commit": [main] * 2}
+
+
 @pytest.mark.slow
 def test_with_ema_the_best_file_holds_the_averaged_weights(tmp_path, monkeypatch):
     # EMA writes its averaged weights into a checkpoint in a hook that weights-only files skip,
-    # and changes them outside the optimizer step: its checkpoints stay full and each save has
-    # read its tensors before training goes on, even with the background writer asked for.
+    # and changes them outside the optimizer step: its checkpoints stay full and their tensors
+    # are written on the training thread, even with the background writer asked for.
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
     monkeypatch.chdir(tmp_path)
-    waiting, still_waiting = threading.Event(), []
-    real_save, real_ask = AtomicCheckpointIO.save_checkpoint, BackgroundCheckpointIO.save_checkpoint
-
-    def ask(self, *args, **kwargs):  # ModelCheckpoint's save, on the training thread
-        waiting.set()
-        try:
-            return real_ask(self, *args, **kwargs)
-        finally:
-            waiting.clear()
-
-    def slow_save(self, checkpoint, path, storage_options=None, serialized=None):
-        def read() -> None:
-            still_waiting.append(waiting.is_set())
-            if serialized is not None:
-                serialized()
-
-        time.sleep(0.5)  # a slow disk: a save that did not wait would have returned by now
-        return real_save(self, checkpoint, path, storage_options, read)
-
-    monkeypatch.setattr(BackgroundCheckpointIO, "save_checkpoint", ask)
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_save)
+    threads = _record_threads(monkeypatch)
     overlays = [ROOT / "configs" / "experiments" / "ema.yaml"]
     overlays.append(ROOT / "configs" / "background_checkpoints.yaml")
     args = [arg for overlay in overlays for arg in ("--config", str(overlay))]
     lr = "--model.optimizer.init_args.lr=0.01"
     cli_main(fit_args(data, *args, "--trainer.max_epochs=1", lr))
-    assert still_waiting == [True, True]  # best, then last.ckpt
+    assert threads["write"] == [threading.main_thread().name] * 2  # best, then last.ckpt
     (best,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt")
     checkpoint = torch.load(best, weights_only=True)
     assert "current_model_state" in checkpoint  # the raw weights, beside the averaged ones

@@ -210,7 +210,7 @@ def _follow_weight_averaging(trainer: Trainer) -> None:
     """Weight averaging (EMA, SWA) changes the weights outside the optimizer step, which a
     :class:`BackgroundCheckpointIO` that serializes in the background does not wait for, and
     puts its averaged weights into a checkpoint in a callback hook that weights-only files skip:
-    with it, a save's tensors are written before training goes on, and the best file holds the
+    with it, a save's tensors are written on the training thread, and the best file holds the
     full state."""
     averaging = [
         callback
@@ -223,7 +223,7 @@ def _follow_weight_averaging(trainer: Trainer) -> None:
     checkpoint_io = trainer.strategy.checkpoint_io
     if isinstance(checkpoint_io, BackgroundCheckpointIO) and checkpoint_io.serialize_in_background:
         checkpoint_io.serialize_in_background = False
-        changed.append("written before training goes on")
+        changed.append("written on the training thread")
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
             callback.save_weights_only = False
