@@ -9,6 +9,8 @@ twice. They work in any order in the config: the temperature is fitted when the 
 ``on_fit_end``), before Lightning's ``ModelCheckpoint``, which always runs last.
 """
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +73,37 @@ def _draw_now(trainer: L.Trainer) -> bool:
     return True
 
 
-def _draw_on_the_way_out(callback: L.Callback, trainer: L.Trainer, pl_module: Any) -> None:
-    """A fit stopped early (SIGTERM, Ctrl-C, a NaN loss): draw the last validation epoch's
-    pictures if they were waiting, so the run folder's match its reports; a failure here is a
-    warning, never raised over the exception that stopped the fit."""
-    try:
-        callback.on_train_end(trainer, pl_module)
-    except Exception as err:
-        rank_zero_warn(printable(f"the last epoch's pictures were not drawn: {err}"))
+class _DrawsWhenNews(_WritesIntoTheRun):
+    """A callback whose pictures of a fit's epoch are drawn when they are news
+    (:func:`_draw_now`): at once, or held until training ends if that epoch turns out to be the
+    last, or until the fit stops early (SIGTERM, Ctrl-C, a NaN loss), so that the run folder's
+    pictures match its reports. A later validation drops a held drawing (``_drop_held``)."""
+
+    def __init__(self) -> None:
+        self._held: Callable[[], None] | None = None
+
+    def _drop_held(self) -> None:
+        self._held = None
+
+    def _draw_when_news(self, trainer: L.Trainer, draw: Callable[[], None]) -> None:
+        if _draw_now(trainer):
+            draw()
+        else:
+            self._held = draw
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._held is not None:  # the last epoch, which did not improve
+            draw, self._held = self._held, None
+            draw()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # A failure here is a warning, never raised over the exception that stopped the fit.
+        try:
+            self.on_train_end(trainer, pl_module)
+        except Exception as err:
+            rank_zero_warn(printable(f"the last epoch's pictures were not drawn: {err}"))
 
 
 def _has_run_folder(trainer: L.Trainer) -> bool:
@@ -87,7 +112,7 @@ def _has_run_folder(trainer: L.Trainer) -> bool:
     return not trainer.sanity_checking and not trainer.fast_dev_run
 
 
-class ValidationImages(_WritesIntoTheRun):
+class ValidationImages(_DrawsWhenNews):
     """Log pictures to every logger that takes them (TensorBoard, MLflow; see
     :func:`alexnet_lit.loggers.log_image`): training inputs once, and for validation epochs the
     confusion matrix (``val/confusion_matrix``) and the most confident mistakes
@@ -103,11 +128,11 @@ class ValidationImages(_WritesIntoTheRun):
     """
 
     def __init__(self, max_images: int = 16, tile: int = 112) -> None:
+        super().__init__()
         self.max_images = max_images
         self.tile = tile
         self._inputs_logged = False
         self._mistakes: dict[str, torch.Tensor] | None = None
-        self._pending: int | None = None  # the logged step of a fit's epoch not yet drawn
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -162,23 +187,10 @@ class ValidationImages(_WritesIntoTheRun):
         self._mistakes = batch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending = None
+        self._drop_held()
         if trainer.sanity_checking or not takes_pictures(trainer) or not trainer.is_global_zero:
             return
-        if _draw_now(trainer):
-            self._draw(trainer, pl_module, logged_step(trainer))
-        else:
-            self._pending = logged_step(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending is not None:  # the last epoch, which did not improve
-            step, self._pending = self._pending, None
-            self._draw(trainer, pl_module, step)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        _draw_on_the_way_out(self, trainer, pl_module)
+        self._draw_when_news(trainer, partial(self._draw, trainer, pl_module, logged_step(trainer)))
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         names = pl_module.hparams.class_names
@@ -269,7 +281,7 @@ class TemperatureScaling(L.Callback):
         rank_zero_info(line + "; stored in the checkpoints' hyperparameters.")
 
 
-class EvaluationReport(_WritesIntoTheRun):
+class EvaluationReport(_DrawsWhenNews):
     """After each validation epoch of a fit (the latest one stays), and on ``validate`` and
     ``test``, write the class report, the confusion matrix and the reliability diagram into the
     run folder: ``{stage}_report.{csv,md,json}``, ``{stage}_confused_pairs.csv``,
@@ -284,24 +296,13 @@ class EvaluationReport(_WritesIntoTheRun):
     """
 
     def __init__(self, top_pairs: int = 10) -> None:
+        super().__init__()
         self.top_pairs = top_pairs
-        # The pictures of a fit's epoch not yet drawn: (logged step, calibration).
-        self._pending: tuple[int, dict[str, float]] | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending = None
+        self._drop_held()
         if _has_run_folder(trainer):
             self._write(trainer, pl_module, "val")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending is not None:  # the last epoch, which did not improve
-            (step, calibration), self._pending = self._pending, None
-            self._draw(trainer, pl_module, "val", step, calibration)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        _draw_on_the_way_out(self, trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _has_run_folder(trainer):
@@ -340,10 +341,8 @@ class EvaluationReport(_WritesIntoTheRun):
             self.top_pairs,
             calibration={**calibration, "note": note},
         )
-        if _draw_now(trainer):
-            self._draw(trainer, pl_module, stage, logged_step(trainer), calibration)
-        else:
-            self._pending = (logged_step(trainer), calibration)
+        draw = partial(self._draw, trainer, pl_module, stage, logged_step(trainer), calibration)
+        self._draw_when_news(trainer, draw)
         if trainer.state.fn != "fit":
             rank_zero_info(printable(f"{stage} report: {paths['markdown']}"))
 
