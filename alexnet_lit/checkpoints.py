@@ -250,8 +250,9 @@ class BackgroundCheckpointIO(CheckpointIO):
     optimizer step (the only thing in a fit that changes them in place; AlexNet has no running
     statistics) runs its forward and backward pass meanwhile, then waits until every pending
     save has read them; a checkpoint with tensors on an accelerator is first copied there (a
-    device-to-device copy, fast; it holds that much device memory until written), and nothing
-    waits.
+    device-to-device copy, fast), and training goes on. At most two such copies wait to be
+    written: a save that would make a third first waits for the oldest, so that epochs shorter
+    than a write do not pile copies up in device memory.
 
     After a failed save nothing more is written or deleted, so the checkpoint it would have
     replaced stays; the error is raised at the next optimizer step, save, load or :meth:`wait`,
@@ -277,6 +278,7 @@ class BackgroundCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._unread = 0  # saves of live tensors not yet serialized
+        self._copies = 0  # saves of device copies not yet serialized
         self._read = threading.Condition()
         self._failed = False  # for good: nothing is written or deleted after a failure
         self._error: BaseException | None = None  # the failure, until it is raised
@@ -311,14 +313,20 @@ class BackgroundCheckpointIO(CheckpointIO):
         self._start()
         live = not _on_accelerator(checkpoint)  # read in place: the next step waits for it
         if not live:  # the next steps' kernels must not change what is written
+            with self._read:  # bounded: epochs shorter than a write must not pile copies up
+                self._read.wait_for(lambda: self._copies < 2)
+            self._raise_error()
             checkpoint = apply_to_collection(checkpoint, torch.Tensor, _copy)
         read = threading.Event()
 
         def serialized() -> None:
             with self._read:  # the writer, or this thread if the job was never queued
-                if live and not read.is_set():
+                if not read.is_set():
                     read.set()
-                    self._unread -= 1
+                    if live:
+                        self._unread -= 1
+                    else:
+                        self._copies -= 1
                     self._read.notify_all()
 
         def save() -> None:
@@ -333,7 +341,10 @@ class BackgroundCheckpointIO(CheckpointIO):
                 serialized()
 
         with self._read:
-            self._unread += live
+            if live:
+                self._unread += 1
+            else:
+                self._copies += 1
         try:
             self._submit(save)
         except BaseException:

@@ -237,6 +237,41 @@ def test_a_fit_syncs_its_checkpoints_in_the_background_unless_told_otherwise(tmp
     assert threads == {"write": [main] * 2, "commit": [main] * 2}
 
 
+def test_on_a_gpu_the_background_writer_keeps_at_most_two_copies_waiting(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints_module, "_on_accelerator", lambda checkpoint: True)  # a GPU
+    threads, release, real_save = _record_threads(monkeypatch), threading.Event(), torch.save
+
+    def held_save(obj, file, *args, **kwargs):  # a slow disk, until released
+        assert release.wait(timeout=60)
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", held_save)
+    writer = BackgroundCheckpointIO()  # configs/background_checkpoints.yaml's
+    weight, third = torch.ones(3), threading.Event()
+
+    def save_a_third() -> None:
+        writer.save_checkpoint({"weight": weight}, tmp_path / "c.ckpt")
+        third.set()
+
+    try:
+        writer.save_checkpoint({"weight": weight}, tmp_path / "a.ckpt")  # returns: a copy waits
+        weight.zero_()  # the next optimizer step changes the weights in place
+        writer.save_checkpoint({"weight": weight}, tmp_path / "b.ckpt")
+        saving = threading.Thread(target=save_a_third)
+        saving.start()
+        assert not third.wait(timeout=1)  # a third copy waits until the oldest is written
+        release.set()
+        saving.join(timeout=60)
+        assert third.is_set()
+        writer.wait()
+    finally:
+        release.set()
+        writer.teardown()
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["weight"], torch.ones(3))
+    assert torch.equal(torch.load(tmp_path / "c.ckpt", weights_only=True)["weight"], weight)
+    assert len(threads["write"]) == 3 and threading.main_thread().name not in threads["write"]
+
+
 @pytest.mark.slow
 def test_with_ema_the_best_file_holds_the_averaged_weights(tmp_path, monkeypatch):
     # EMA writes its averaged weights into a checkpoint in a hook that weights-only files skip,
