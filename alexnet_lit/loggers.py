@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from alexnet_lit.errors import UserError
 
@@ -80,25 +81,37 @@ def _call(logger: Logger, what: str, call: Callable[[], Any]) -> None:
         rank_zero_warn(f"{where}: {what} not logged ({type(err).__name__}: {reason})")
 
 
-def log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> None:
-    """Log a picture, ``(H, W, 3)`` uint8, to every logger that takes pictures (rank 0 only)."""
+def log_image(trainer: L.Trainer, tag: str, picture: Image.Image, png: bytes, step: int) -> None:
+    """Log a picture to every logger that takes pictures (rank 0 only). ``png``: the picture
+    encoded (``pictures.png_bytes``, once, also for its file), which TensorBoard takes as it is."""
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, image, step, dataformats="HWC")
+            _add_png(logger.experiment, tag, picture, png, step)
         elif isinstance(logger, MLFlowLogger):
             _call(
                 logger,
                 f"picture {tag}",
-                lambda lg=logger: lg.experiment.log_image(lg.run_id, image, key=tag, step=step),
+                lambda lg=logger: lg.experiment.log_image(lg.run_id, picture, key=tag, step=step),
             )
         elif _picture_logger(logger):  # W&B, Neptune
             _call(
                 logger,
                 f"picture {tag}",
-                lambda lg=logger: lg.log_image(key=tag, images=[image], step=step),
+                lambda lg=logger: lg.log_image(key=tag, images=[picture], step=step),
             )
+
+
+def _add_png(writer: Any, tag: str, picture: Image.Image, png: bytes, step: int) -> None:
+    # SummaryWriter.add_image takes pixels only: it resamples them (Lanczos, at full size) and
+    # encodes them again at zlib's slowest level. This writes the Summary it would build, around
+    # the PNG the picture already has, through the writer's file_writer (as its add_hparams does).
+    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[picture.mode]
+    image = Summary.Image(
+        height=picture.height, width=picture.width, colorspace=channels, encoded_image_string=png
+    )
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def log_files(trainer: L.Trainer, paths: Iterable[Path], folder: str | None = None) -> None:

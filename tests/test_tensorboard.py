@@ -143,6 +143,19 @@ def test_images_are_logged_once_per_validation_epoch(events):
 
 
 @pytest.mark.slow
+def test_each_picture_is_encoded_once_for_its_file_and_tensorboard(runs, events):
+    # The last epoch's pictures: TensorBoard holds the very PNG the run folder's file holds.
+    for tag, name in [
+        ("val/misclassified", "val_misclassified.png"),
+        ("val/reliability", "val_reliability.png"),
+    ]:
+        logged = events.Images(tag)[-1]
+        assert logged.encoded_image_string == (runs.fit / name).read_bytes(), tag
+        with Image.open(runs.fit / name) as picture:
+            assert (logged.width, logged.height) == picture.size, tag
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("subcommand, stage", [("validate", "val"), ("test", "test")])
 def test_validate_and_test_write_reports(runs, subcommand, stage):
     run = getattr(runs, subcommand)

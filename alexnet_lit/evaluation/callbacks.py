@@ -9,6 +9,7 @@ twice. They work in any order in the config: the temperature is fitted when the 
 ``on_fit_end``), before Lightning's ``ModelCheckpoint``, which always runs last.
 """
 
+import io
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from alexnet_lit.evaluation.class_report import write_report
 from alexnet_lit.evaluation.gradcam import grad_cam, overlay
 from alexnet_lit.evaluation.pictures import (
     image_grid,
+    png_bytes,
     render_confusion_matrix,
     short_name,
     to_pixels,
@@ -147,7 +149,7 @@ class ValidationImages(_DrawsWhenNews):
         names = pl_module.hparams.class_names
         captions = [short_name(names[int(t)]) for t in targets.cpu()]
         grid = image_grid(pixels, captions, tile=self.tile)
-        log_image(trainer, "train/inputs", np.asarray(grid), logged_step(trainer))
+        log_image(trainer, "train/inputs", grid, png_bytes(grid), logged_step(trainer))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mistakes = None
@@ -195,16 +197,17 @@ class ValidationImages(_DrawsWhenNews):
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         names = pl_module.hparams.class_names
         picture = render_confusion_matrix(_evaluated(pl_module, "val").confusion, names)
-        log_image(trainer, "val/confusion_matrix", np.asarray(picture), step)
+        log_image(trainer, "val/confusion_matrix", picture, png_bytes(picture), step)
         grid = self._mistakes_grid(pl_module)
         saved = run_dir(trainer) / MISCLASSIFIED if _has_run_folder(trainer) else None
         if grid is None:  # no mistake this epoch: the run page must not show an earlier epoch's
             if saved is not None:
                 saved.unlink(missing_ok=True)
             return
-        log_image(trainer, "val/misclassified", np.asarray(grid), step)
+        png = png_bytes(grid)  # one encoding, for the file and the loggers
+        log_image(trainer, "val/misclassified", grid, png, step)
         if saved is not None:
-            grid.save(saved)
+            saved.write_bytes(png)
 
     def _mistakes_grid(self, pl_module: L.LightningModule):
         """The mistakes, a row of pictures then a row of their Grad-CAM; None without one."""
@@ -356,9 +359,8 @@ class EvaluationReport(_DrawsWhenNews):
     ) -> None:
         evaluated, folder = _evaluated(pl_module, stage), run_dir(trainer)
         names = pl_module.hparams.class_names
-        render_confusion_matrix(evaluated.confusion, names).save(
-            folder / f"{stage}_confusion_matrix.png"
-        )
+        matrix = png_bytes(render_confusion_matrix(evaluated.confusion, names))
+        (folder / f"{stage}_confusion_matrix.png").write_bytes(matrix)
         reliability = render_reliability(
             *evaluated[:2],
             folder / f"{stage}_reliability.png",
@@ -366,9 +368,10 @@ class EvaluationReport(_DrawsWhenNews):
             f"{stage} reliability",
             eces=(calibration["raw"], calibration["calibrated"]),
         )
-        with Image.open(reliability) as picture:
-            pixels = np.asarray(picture.convert("RGB"))
-        log_image(trainer, f"{stage}/reliability", pixels, step)
+        png = reliability.read_bytes()
+        with Image.open(io.BytesIO(png)) as picture:
+            picture.load()
+            log_image(trainer, f"{stage}/reliability", picture, png, step)
 
 
 class RunReport(_WritesIntoTheRun):

@@ -2,6 +2,7 @@
 way a matplotlib figure is made and saved. Plain numpy, PIL and matplotlib; no Lightning.
 """
 
+import io
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,16 @@ from alexnet_lit.runs import printable
 _LOW = np.array([247, 251, 255], dtype=np.float64)
 _HIGH = np.array([8, 48, 107], dtype=np.float64)
 _LABEL_CHARS = 16  # class names are cut to this many characters in pictures
+# zlib's fastest level: the mistakes grid encodes ~6x faster than at PIL's default (6), for a
+# file ~15% larger. Pictures are drawn while training waits.
+PNG_COMPRESS_LEVEL = 1
+
+
+def png_bytes(picture: Image.Image) -> bytes:
+    """``picture`` as PNG: the one encoding of a picture, for its file and for every logger."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
 
 
 @contextmanager
@@ -36,7 +47,8 @@ def figure(
     try:
         yield axes
         fig.tight_layout()
-        fig.savefig(save_to, format="png", **savefig)
+        pil_kwargs = {"compress_level": PNG_COMPRESS_LEVEL}
+        fig.savefig(save_to, format="png", pil_kwargs=pil_kwargs, **savefig)
     finally:
         plt.close(fig)
 
