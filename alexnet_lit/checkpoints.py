@@ -250,9 +250,9 @@ class BackgroundCheckpointIO(CheckpointIO):
     optimizer step (the only thing in a fit that changes them in place; AlexNet has no running
     statistics) runs its forward and backward pass meanwhile, then waits until every pending
     save has read them; a checkpoint with tensors on an accelerator is first copied there (a
-    device-to-device copy, fast), and training goes on. At most two such copies wait to be
-    written: a save that would make a third first waits for the oldest, so that epochs shorter
-    than a write do not pile copies up in device memory.
+    device-to-device copy, fast), and training goes on. At most two such copies are held: a save
+    that would make a third first waits until the oldest is written (synced and renamed), so that
+    epochs shorter than a save do not pile copies up in device memory.
 
     After a failed save nothing more is written or deleted, so the checkpoint it would have
     replaced stays; the error is raised at the next optimizer step, save, load or :meth:`wait`,
@@ -312,24 +312,30 @@ class BackgroundCheckpointIO(CheckpointIO):
             return
         self._start()
         live = not _on_accelerator(checkpoint)  # read in place: the next step waits for it
-        if not live:  # the next steps' kernels must not change what is written
-            with self._read:  # bounded: epochs shorter than a write must not pile copies up
+        if live:
+            with self._read:
+                self._unread += 1
+        else:  # a copy, which the next steps' kernels cannot change
+            with self._read:  # at most two held: epochs shorter than a save must not pile them up
                 self._read.wait_for(lambda: self._copies < 2)
-            self._raise_error()
-            checkpoint = apply_to_collection(checkpoint, torch.Tensor, _copy)
+                self._copies += 1
+            try:
+                self._raise_error()
+                checkpoint = apply_to_collection(checkpoint, torch.Tensor, _copy)
+            except BaseException:
+                self._release_copy()
+                raise
         read = threading.Event()
 
         def serialized() -> None:
             with self._read:  # the writer, or this thread if the job was never queued
-                if not read.is_set():
+                if live and not read.is_set():
                     read.set()
-                    if live:
-                        self._unread -= 1
-                    else:
-                        self._copies -= 1
+                    self._unread -= 1
                     self._read.notify_all()
 
         def save() -> None:
+            nonlocal checkpoint
             try:
                 if not self._failed:
                     self.checkpoint_io.save_checkpoint(
@@ -339,17 +345,22 @@ class BackgroundCheckpointIO(CheckpointIO):
                 self._fail(err)  # before the optimizer step waiting on it wakes
             finally:
                 serialized()
+                if not live:
+                    checkpoint = None  # the copy's memory is free once its file is renamed
+                    self._release_copy()
 
-        with self._read:
-            if live:
-                self._unread += 1
-            else:
-                self._copies += 1
         try:
             self._submit(save)
         except BaseException:
             serialized()
+            if not live:
+                self._release_copy()
             raise
+
+    def _release_copy(self) -> None:
+        with self._read:
+            self._copies -= 1
+            self._read.notify_all()
 
     def _commit_in_background(self, unsynced: UnsyncedCheckpoint) -> None:
         self._start()

@@ -83,7 +83,8 @@ def _call(logger: Logger, what: str, call: Callable[[], Any]) -> None:
 
 def log_image(trainer: L.Trainer, tag: str, picture: Image.Image, png: bytes, step: int) -> None:
     """Log a picture to every logger that takes pictures (rank 0 only). ``png``: the picture
-    encoded (``pictures.png_bytes``, once, also for its file), which TensorBoard takes as it is."""
+    encoded (``pictures.png_bytes``, also for its file), which TensorBoard takes as it is; the
+    other trackers' clients encode the picture themselves."""
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
@@ -104,10 +105,11 @@ def log_image(trainer: L.Trainer, tag: str, picture: Image.Image, png: bytes, st
 
 
 def _add_png(writer: Any, tag: str, picture: Image.Image, png: bytes, step: int) -> None:
-    # SummaryWriter.add_image takes pixels only: it resamples them (Lanczos, at full size) and
-    # encodes them again at zlib's slowest level. This writes the Summary it would build, around
-    # the PNG the picture already has, through the writer's file_writer (as its add_hparams does).
-    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[picture.mode]
+    # SummaryWriter.add_image takes pixels only and encodes them again, at PIL's default level.
+    # This writes the Summary it would build around the PNG the picture already has, through
+    # the writer's file_writer (as its own add_hparams does). TensorBoard reads the PNG itself;
+    # colorspace is a label.
+    channels = min(len(picture.getbands()), 4)
     image = Summary.Image(
         height=picture.height, width=picture.width, colorspace=channels, encoded_image_string=png
     )

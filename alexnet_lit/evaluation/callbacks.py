@@ -369,9 +369,10 @@ class EvaluationReport(_DrawsWhenNews):
             eces=(calibration["raw"], calibration["calibrated"]),
         )
         png = reliability.read_bytes()
-        with Image.open(io.BytesIO(png)) as picture:
-            picture.load()
-            log_image(trainer, f"{stage}/reliability", picture, png, step)
+        # Not closed here: MLflow's asynchronous logging may save the picture later.
+        picture = Image.open(io.BytesIO(png))
+        picture.load()
+        log_image(trainer, f"{stage}/reliability", picture, png, step)
 
 
 class RunReport(_WritesIntoTheRun):

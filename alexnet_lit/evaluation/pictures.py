@@ -26,7 +26,7 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def png_bytes(picture: Image.Image) -> bytes:
-    """``picture`` as PNG: the one encoding of a picture, for its file and for every logger."""
+    """``picture`` as PNG, encoded once for its file and TensorBoard."""
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
@@ -47,8 +47,7 @@ def figure(
     try:
         yield axes
         fig.tight_layout()
-        pil_kwargs = {"compress_level": PNG_COMPRESS_LEVEL}
-        fig.savefig(save_to, format="png", pil_kwargs=pil_kwargs, **savefig)
+        close_and_save(fig, save_to, **savefig)
     finally:
         plt.close(fig)
 
@@ -58,7 +57,9 @@ def close_and_save(fig: Any, save_to: str | Path | IO[bytes], **savefig: Any) ->
     import matplotlib.pyplot as plt
 
     try:
-        fig.savefig(save_to, format="png", **savefig)
+        fig.savefig(
+            save_to, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL}, **savefig
+        )
     finally:
         plt.close(fig)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alexnet_lit.evaluation.pictures import close_and_save
 from alexnet_lit.evaluation.run_page import REPORT, png_data_uri, render_page
 from alexnet_lit.runs import open_text
 
@@ -101,11 +102,11 @@ def _plot(optuna: Any, name: str, study: Any, target: str) -> str | None:
         except (RuntimeError, ValueError):
             return None
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        buffer = io.BytesIO()
         try:
-            buffer = io.BytesIO()
             figure.set_dpi(90)
             figure.tight_layout()
-            figure.savefig(buffer, format="png")
-            return png_data_uri(buffer.getvalue())
+            close_and_save(figure, buffer)
         finally:
-            plt.close(figure)
+            plt.close(figure)  # also when drawing it failed
+        return png_data_uri(buffer.getvalue())
