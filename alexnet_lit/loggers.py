@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
@@ -109,6 +110,9 @@ def _add_png(writer: Any, tag: str, picture: Image.Image, png: bytes, step: int)
     # This writes the Summary it would build around the PNG the picture already has, through
     # the writer's file_writer (as its own add_hparams does). TensorBoard reads the PNG itself;
     # colorspace is a label.
+    if writer.file_writer is None:  # closed, as Lightning leaves it after a fit: add_image reopens
+        writer.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        return
     channels = min(len(picture.getbands()), 4)
     image = Summary.Image(
         height=picture.height, width=picture.width, colorspace=channels, encoded_image_string=png

@@ -15,12 +15,14 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from alexnet_lit.evaluation.class_report import most_confused, per_class_metrics
-from alexnet_lit.evaluation.pictures import render_confusion_matrix
+from alexnet_lit.evaluation.pictures import png_bytes, render_confusion_matrix
+from alexnet_lit.loggers import log_image
 from tests.conftest import (
     RUN_BATCH,
     RUN_CLASSES,
@@ -153,6 +155,21 @@ def test_each_picture_is_encoded_once_for_its_file_and_tensorboard(runs, events)
         assert logged.encoded_image_string == (runs.fit / name).read_bytes(), tag
         with Image.open(runs.fit / name) as picture:
             assert (logged.width, logged.height) == picture.size, tag
+
+
+def test_a_picture_logged_after_the_fit_closed_tensorboard_is_still_written(tmp_path):
+    # A notebook's trainer.validate after trainer.fit: Lightning closed the writer at the fit's end.
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = tiny_trainer(logger=logger)
+    logger.experiment.add_scalar("x", 1.0, 0)
+    logger.finalize("success")
+    picture = Image.new("RGB", (20, 10), "red")
+    log_image(trainer, "val/confusion_matrix", picture, png_bytes(picture), 3)
+    logger.experiment.flush()
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    accumulator.Reload()
+    (logged,) = accumulator.Images("val/confusion_matrix")
+    assert (logged.step, logged.width, logged.height) == (3, 20, 10)
 
 
 @pytest.mark.slow
