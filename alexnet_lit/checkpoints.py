@@ -278,7 +278,7 @@ class BackgroundCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._unread = 0  # saves of live tensors not yet serialized
-        self._copies = 0  # saves of device copies not yet serialized
+        self._copies = 0  # device copies held, each until its file is renamed
         self._read = threading.Condition()
         self._failed = False  # for good: nothing is written or deleted after a failure
         self._error: BaseException | None = None  # the failure, until it is raised

@@ -369,10 +369,9 @@ class EvaluationReport(_DrawsWhenNews):
             eces=(calibration["raw"], calibration["calibrated"]),
         )
         png = reliability.read_bytes()
-        # Not closed here: MLflow's asynchronous logging may save the picture later.
-        picture = Image.open(io.BytesIO(png))
-        picture.load()
-        log_image(trainer, f"{stage}/reliability", picture, png, step)
+        # Opened from memory, not closed and not decoded: TensorBoard needs its size alone, and
+        # MLflow's asynchronous logging may read the pixels after this returns.
+        log_image(trainer, f"{stage}/reliability", Image.open(io.BytesIO(png)), png, step)
 
 
 class RunReport(_WritesIntoTheRun):
