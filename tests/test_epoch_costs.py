@@ -272,6 +272,25 @@ def test_on_a_gpu_the_background_writer_keeps_at_most_two_copies_waiting(tmp_pat
     assert len(threads["write"]) == 3 and threading.main_thread().name not in threads["write"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_checkpoint_written_through_pinned_buffers_loads_back_equal(tmp_path):
+    # Saves from a GPU stage each tensor in a pinned host buffer, reused from save to save:
+    # each file must hold the tensors as they were when it was saved, not a later buffer's.
+    weight = torch.randn(1000, 300, device="cuda")
+    moments = {"exp_avg": torch.randn(300, device="cuda"), "step": torch.tensor(7.0)}
+    writer = AtomicCheckpointIO()
+    expected = []
+    for name in ("a.ckpt", "b.ckpt"):
+        writer.save_checkpoint({"weight": weight, "state": moments}, tmp_path / name)
+        expected.append(weight.cpu())
+        weight.add_(1.0)  # the next step changes the weights in place
+    for name, want in zip(("a.ckpt", "b.ckpt"), expected, strict=True):
+        loaded = torch.load(tmp_path / name, weights_only=True)
+        assert loaded["weight"].device.type == "cuda"  # the file still names the GPU
+        assert torch.equal(loaded["weight"].cpu(), want)
+        assert torch.equal(loaded["state"]["exp_avg"], moments["exp_avg"])
+
+
 @pytest.mark.slow
 def test_with_ema_the_best_file_holds_the_averaged_weights(tmp_path, monkeypatch):
     # EMA writes its averaged weights into a checkpoint in a hook that weights-only files skip,
