@@ -273,22 +273,35 @@ def test_on_a_gpu_the_background_writer_keeps_at_most_two_copies_waiting(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_gpu_checkpoint_written_through_pinned_buffers_loads_back_equal(tmp_path):
-    # Saves from a GPU stage each tensor in a pinned host buffer, reused from save to save:
-    # each file must hold the tensors as they were when it was saved, not a later buffer's.
-    weight = torch.randn(1000, 300, device="cuda")
-    moments = {"exp_avg": torch.randn(300, device="cuda"), "step": torch.tensor(7.0)}
-    writer = AtomicCheckpointIO()
+@pytest.mark.parametrize("background", [False, True], ids=["atomic", "background"])
+def test_a_gpu_checkpoint_written_through_pinned_buffers_loads_back_equal(tmp_path, background):
+    # From a GPU each tensor is staged in a pinned host buffer that torch's caching host
+    # allocator hands out again, to the next tensor of the same size and to the next save: every
+    # file must hold each tensor as it was when that file was saved.
+    weight, moments = (torch.randn(1000, 300, device="cuda") for _ in range(2))
+    state = {"exp_avg": moments, "exp_avg_sq": moments.square(), "step": torch.tensor(7.0)}
+    writer = BackgroundCheckpointIO() if background else AtomicCheckpointIO()
+    handed_out = torch.cuda.host_memory_stats()["active_requests.allocated"]
     expected = []
-    for name in ("a.ckpt", "b.ckpt"):
-        writer.save_checkpoint({"weight": weight, "state": moments}, tmp_path / name)
-        expected.append(weight.cpu())
-        weight.add_(1.0)  # the next step changes the weights in place
-    for name, want in zip(("a.ckpt", "b.ckpt"), expected, strict=True):
-        loaded = torch.load(tmp_path / name, weights_only=True)
-        assert loaded["weight"].device.type == "cuda"  # the file still names the GPU
-        assert torch.equal(loaded["weight"].cpu(), want)
-        assert torch.equal(loaded["state"]["exp_avg"], moments["exp_avg"])
+    try:
+        for name in ("a.ckpt", "b.ckpt"):
+            writer.save_checkpoint({"weight": weight, "state": state}, tmp_path / name)
+            expected.append([t.cpu() for t in (weight, state["exp_avg"], state["exp_avg_sq"])])
+            for tensor in (weight, state["exp_avg"], state["exp_avg_sq"]):
+                tensor.add_(1.0)  # the next optimizer step changes them in place
+        if background:
+            writer.wait()
+    finally:
+        if background:
+            writer.teardown()
+    assert torch.cuda.host_memory_stats()["active_requests.allocated"] > handed_out  # pinned
+    for name, (w, m, v) in zip(("a.ckpt", "b.ckpt"), expected, strict=True):
+        loaded = torch.load(tmp_path / name, weights_only=True, map_location="cpu")
+        assert torch.equal(loaded["weight"], w)
+        assert torch.equal(loaded["state"]["exp_avg"], m)
+        assert torch.equal(loaded["state"]["exp_avg_sq"], v)
+        assert loaded["state"]["step"].item() == 7.0
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["weight"].is_cuda  # as torch saves
 
 
 @pytest.mark.slow
