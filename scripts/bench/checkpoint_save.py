@@ -2,18 +2,20 @@
 copy of each tensor into fresh pageable host memory against pinned staging buffers, which torch's
 caching host allocator keeps from one save to the next (what ``AtomicCheckpointIO`` asks for).
 
-    python scripts/bench/checkpoint_save.py [--rounds 6] [--folder /tmp/checkpoint-save]
+    python scripts/bench/checkpoint_save.py [--rounds 6] [--folder DIR]
 
 It saves the default fit's ``last.ckpt`` (weights and Adam's moments, 561 MB) and best file
 (weights, 187 MB) with ``torch.save``, alternating the two ways, each file renamed over the
-previous one as a fit does, and prints each round and the medians after each way's first round
-(which pays first-use costs). On a CPU both ways are the same: there is nothing to copy.
+previous one as a fit does (in a temporary folder unless ``--folder`` names one), and prints each
+round, with the process's memory and the pinned memory torch holds, and the medians after each
+way's first round (which pays first-use costs). On a CPU both ways are the same: there is nothing
+to copy.
 """
 
 import argparse
 import os
-import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,25 +49,35 @@ def timed_save(checkpoint: dict, path: Path, pinned: bool) -> float:
     return seconds
 
 
+def memory() -> str:
+    """The process's resident memory now and the pinned host memory torch's allocator holds."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])  # Linux
+    text = f"RSS {pages * os.sysconf('SC_PAGE_SIZE') / 2**30:.2f} GB"
+    if torch.cuda.is_available():
+        pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+        text += f", pinned {pinned / 2**30:.2f} GB"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6, help="rounds of each way")
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/checkpoint-save"))
+    parser.add_argument("--folder", type=Path, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     last, best = checkpoints(device)
-    args.folder.mkdir(parents=True, exist_ok=True)
+    print(f"{device}: before any save, {memory()}")
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    for round_ in range(2 * args.rounds):
-        pinned = bool(round_ % 2)
-        pair = (
-            timed_save(last, args.folder / "last.ckpt", pinned),
-            timed_save(best, args.folder / "best.ckpt", pinned),
-        )
-        times[pinned].append(pair)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"{device} round {round_}: {'pinned  ' if pinned else 'pageable'} "
-              f"last {pair[0]:.3f} s, best {pair[1]:.3f} s, peak RSS {peak:.2f} GB")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="checkpoint-save-", dir=args.folder) as folder:
+        for round_ in range(2 * args.rounds):
+            pinned = bool(round_ % 2)
+            pair = (
+                timed_save(last, Path(folder, "last.ckpt"), pinned),
+                timed_save(best, Path(folder, "best.ckpt"), pinned),
+            )
+            times[pinned].append(pair)
+            print(f"round {round_}: {'pinned  ' if pinned else 'pageable'} last {pair[0]:.3f} s, "
+                  f"best {pair[1]:.3f} s; {memory()}")  # fmt: skip
     for pinned, pairs in times.items():
         later = pairs[1:] or pairs
         print(
