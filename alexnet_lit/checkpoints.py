@@ -209,7 +209,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with _discarded_on_error(unsynced, lambda: _tensor_bytes(checkpoint)):
             # Tensors on a GPU reach the file through pinned host buffers, which torch's
             # caching host allocator keeps for the next save, instead of fresh pageable memory
-            # each time (no effect on CPU tensors).
+            # each time (no effect on CPU tensors). The documented setting is a module
+            # attribute; patch(), the config module's context manager, restores the process's
+            # own value afterwards (and keeps the change to this thread in recent torch).
             with serialization_config.patch({"save.use_pinned_memory_for_d2h": True}):
                 torch.save(checkpoint, unsynced.file)
             unsynced.file.flush()
