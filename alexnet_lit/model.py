@@ -37,12 +37,23 @@ class AlexNet(nn.Module):
         num_classes: Number of output logits.
         in_channels: Image channels, 3 for RGB or 1 for grayscale.
         dropout: Dropout probability before each of the first two linear layers.
+        hidden_features: Width of the two hidden linear layers. The tutorial's 4096 holds 43M
+            of the 47M parameters; narrower, checkpoints and Adam's state shrink with it (the
+            tests use 64).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        dropout: float = 0.5,
+        hidden_features: int = 4096,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+        if hidden_features < 1:
+            raise ValueError(f"hidden_features must be at least 1, got {hidden_features}.")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),  # [96,54,54]
             nn.ReLU(inplace=True),
@@ -62,13 +73,13 @@ class AlexNet(nn.Module):
         # An identity for 224x224 inputs; lets other input sizes reach the classifier.
         self.avgpool = nn.AdaptiveAvgPool2d((5, 5))
         self.classifier = nn.Sequential(
-            nn.Linear(256 * 5 * 5, 4096),
+            nn.Linear(256 * 5 * 5, hidden_features),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),
+            nn.Linear(hidden_features, hidden_features),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, num_classes),
+            nn.Linear(hidden_features, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,28 +106,41 @@ class AlexNet(nn.Module):
             if tensor.shape != own[key].shape:
                 raise ValueError(
                     f"Tensor {key} has shape {list(tensor.shape)} but this AlexNet expects "
-                    f"{list(own[key].shape)}; build it with the num_classes and in_channels the "
-                    "checkpoint was trained with."
+                    f"{list(own[key].shape)}; build it with the num_classes, in_channels and "
+                    "hidden_features the checkpoint was trained with."
                 )
         self.load_state_dict(converted)
 
 
 def build_alexnet(
-    arch: Arch, num_classes: int, in_channels: int = 3, dropout: float = 0.5
+    arch: Arch,
+    num_classes: int,
+    in_channels: int = 3,
+    dropout: float = 0.5,
+    hidden_features: int = 4096,
 ) -> nn.Module:
     """The ``arch`` AlexNet; both have ``features`` (the convolutions) and ``classifier``.
 
     ``torchvision`` is torchvision's ``AlexNet`` (64/192/384/256/256 channels, a 6x6 map, a
     9216-wide first linear layer; 57,012,034 parameters for 2 classes); a grayscale one gets a
-    1-channel first convolution.
+    1-channel first convolution, and ``hidden_features`` other than 4096 its own classifier.
     """
     if arch == "tutorial":
-        return AlexNet(num_classes, in_channels=in_channels, dropout=dropout)
+        return AlexNet(
+            num_classes, in_channels=in_channels, dropout=dropout, hidden_features=hidden_features
+        )
     if arch != "torchvision":
         raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}.")
+    if hidden_features < 1:
+        raise ValueError(f"hidden_features must be at least 1, got {hidden_features}.")
     model = torchvision.models.AlexNet(num_classes=num_classes, dropout=dropout)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
+    if hidden_features != 4096:
+        # torchvision's classifier: Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear.
+        model.classifier[1] = nn.Linear(256 * 6 * 6, hidden_features)
+        model.classifier[4] = nn.Linear(hidden_features, hidden_features)
+        model.classifier[6] = nn.Linear(hidden_features, num_classes)
     return model
 
 

@@ -53,6 +53,8 @@ class LitAlexNet(L.LightningModule):
             last layer fresh when the class count differs. The CLI makes the data's
             preprocessing follow them.
         dropout: Dropout probability in the classifier.
+        hidden_features: Width of the classifier's two hidden linear layers: 4096 in both
+            AlexNets and in ImageNet's weights; narrower makes smaller checkpoints.
         optimizer: Builds the optimizer from the parameters; the tutorial's Adam(lr=1e-4) when
             not given. From YAML: ``class_path: torch.optim.SGD`` with ``init_args``.
         lr_scheduler: Builds an LR scheduler from the optimizer; none by default. A scheduler
@@ -85,6 +87,7 @@ class LitAlexNet(L.LightningModule):
         arch: Arch = "tutorial",
         weights: str | None = None,
         dropout: float = 0.5,
+        hidden_features: int = 4096,
         optimizer: OptimizerCallable = tutorial_adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict[str, Any] | None = None,
@@ -120,6 +123,7 @@ class LitAlexNet(L.LightningModule):
                 "arch": arch,
                 "weights": None if weights is None else str(weights),
                 "dropout": dropout,
+                "hidden_features": hidden_features,
                 "preprocessing": dict(preprocessing),
                 "class_weights": None if class_weights is None else list(class_weights),
                 "lr_scheduler_interval": lr_scheduler_interval,
@@ -133,7 +137,9 @@ class LitAlexNet(L.LightningModule):
         )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.model = build_alexnet(arch, num_classes, in_channels=in_channels, dropout=dropout)
+        self.model = build_alexnet(
+            arch, num_classes, in_channels, dropout=dropout, hidden_features=hidden_features
+        )
         self._start_weights_loaded = False  # see load_start_weights
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(
@@ -348,16 +354,18 @@ class LitAlexNet(L.LightningModule):
             raise CheckpointError(unsafe_checkpoint_message(checkpoint_path)) from err
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint trained on other classes or preprocessing than this data's, and
-        adopt the temperature fitted for it."""
+        """Refuse a checkpoint of another network shape, or trained on other classes or
+        preprocessing than this data's, and adopt the temperature fitted for it."""
         trained = checkpoint.get("hyper_parameters", {})
-        trained_arch = trained.get("arch", "tutorial")  # older checkpoints: the tutorial's
-        if trained_arch != self.hparams.arch:
-            raise CheckpointError(
-                f"--ckpt_path '{self._checkpoint_path()}' holds a model.arch {trained_arch} "
-                f"network but model.arch is {self.hparams.arch}; pass the run's config.yaml with "
-                f"--config (or --model.arch {trained_arch})."
-            )
+        # The network's shape; older checkpoints lack the keys and hold the tutorial's AlexNet.
+        for key, default in (("arch", "tutorial"), ("hidden_features", 4096)):
+            value, here = trained.get(key, default), self.hparams[key]
+            if value != here:
+                raise CheckpointError(
+                    f"--ckpt_path '{self._checkpoint_path()}' holds a network of model.{key} "
+                    f"{value} but model.{key} is {here}; pass the run's config.yaml with "
+                    f"--config (or --model.{key} {value})."
+                )
         if "temperature" in trained:
             self.hparams["temperature"] = float(trained["temperature"])
         if self._resuming_fit():

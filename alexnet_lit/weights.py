@@ -169,6 +169,12 @@ def load_weights(model: nn.Module, weights: str, arch: str) -> str:
                 f"model.weights '{source}' were trained on grayscale images (1 input channel) "
                 f"but data.in_channels is {tensor.shape[1]}; set data.in_channels: 1."
             )
+        elif key.startswith("classifier.") and theirs.shape[1:] == tensor.shape[1:]:
+            # The first hidden layer is met first: its output count is their classifier's width.
+            raise CheckpointError(
+                f"model.weights '{source}' has a classifier {len(theirs)} wide but "
+                f"model.hidden_features is {len(tensor)}; set model.hidden_features: {len(theirs)}."
+            )
         else:
             raise CheckpointError(
                 f"model.weights '{source}' does not fit model.arch {arch}: tensor {key} is "

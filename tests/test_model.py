@@ -24,6 +24,22 @@ def test_torchvision_arch_is_torchvisions_alexnet_for_any_channels():
         build_alexnet("resnet", num_classes=2)
 
 
+@pytest.mark.parametrize("arch", ["tutorial", "torchvision"])
+def test_hidden_features_sets_the_width_of_both_hidden_layers_and_nothing_else(arch):
+    wide, narrow = build_alexnet(arch, 3), build_alexnet(arch, 3, hidden_features=64)
+    wide_shapes = {key: tuple(t.shape) for key, t in wide.state_dict().items()}
+    narrow_shapes = {key: tuple(t.shape) for key, t in narrow.state_dict().items()}
+    changed = {key for key in wide_shapes if wide_shapes[key] != narrow_shapes[key]}
+    linear = [i for i, layer in enumerate(narrow.classifier) if isinstance(layer, nn.Linear)]
+    assert changed == {f"classifier.{i}.{p}" for i in linear for p in ("weight", "bias")} - {
+        f"classifier.{linear[-1]}.bias"  # the head's bias: one per class either way
+    }
+    assert [narrow.classifier[i].out_features for i in linear] == [64, 64, 3]
+    assert narrow(torch.rand(2, 3, 224, 224)).shape == (2, 3)
+    with pytest.raises(ValueError, match="hidden_features must be at least 1, got 0"):
+        build_alexnet(arch, 3, hidden_features=0)
+
+
 def test_feature_map_shapes_layer_by_layer():
     # Index in `features` -> shape after it, from the tutorial's table.
     expected = {

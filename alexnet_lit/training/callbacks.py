@@ -127,7 +127,7 @@ def run_hyperparameters(trainer: L.Trainer, pl_module: L.LightningModule) -> dic
     """The settings of a started run as flat ``group/name`` scalars and strings."""
     hp = pl_module.hparams
     params: dict[str, Any] = {"model/class": type(pl_module).__name__}
-    for key in ("arch", "weights", "num_classes", "in_channels", "dropout"):
+    for key in ("arch", "weights", "num_classes", "in_channels", "dropout", "hidden_features"):
         if key in hp:
             params[f"model/{key}"] = hp[key]
     if "preprocessing" in hp:
