@@ -21,9 +21,13 @@ from alexnet_lit.training.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.yaml")
-# Small and quick: 67 px is the smallest input AlexNet accepts; later arguments override these.
+TINY_WIDTH = 64
+# Small and quick: 67 px is the smallest input AlexNet accepts, and a classifier 64 wide instead
+# of 4096 (4.2M parameters instead of 46.8M) trains and saves ~10x less; later arguments
+# override these.
 TINY = (
     "--data.image_size=67", "--data.batch_size=2", "--data.num_workers=0",
+    f"--model.hidden_features={TINY_WIDTH}",
     "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 )  # fmt: skip
@@ -107,7 +111,10 @@ def tiny_fit(datamodule: ImageFolderDataModule, **overrides: Any) -> L.Trainer:
     """Fit a LitAlexNet made for ``datamodule`` (its classes and preprocessing) with
     :func:`tiny_trainer`; returns the trainer, whose ``lightning_module`` is the model."""
     model = LitAlexNet(
-        datamodule.num_classes, datamodule.class_names, preprocessing=datamodule.preprocessing
+        datamodule.num_classes,
+        datamodule.class_names,
+        hidden_features=TINY_WIDTH,
+        preprocessing=datamodule.preprocessing,
     )
     trainer = tiny_trainer(**overrides)
     trainer.fit(model, datamodule=datamodule)

@@ -83,7 +83,7 @@ def test_checkpoint_reloads_without_config_or_data(trained_run, tmp_path, monkey
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert raw["hyper_parameters"]["class_names"] == RUN_CLASSES
-    reloaded = LitAlexNet(num_classes=7)
+    reloaded = LitAlexNet(num_classes=7, hidden_features=raw["hyper_parameters"]["hidden_features"])
     reloaded.load_state_dict(raw["state_dict"])
     assert torch.equal(reloaded.model.classifier[-1].weight, model.model.classifier[-1].weight)
 
@@ -129,6 +129,25 @@ def test_ckpt_path_is_read_from_disk_once(tiny_run, tiny_ckpt, tmp_path, monkeyp
     )  # fmt: skip
     assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0  # it was restored
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "theirs"),
+    [("--model.arch=torchvision", "model.arch tutorial"), ("--model.hidden_features=4096", None)],
+)
+def test_a_checkpoint_of_another_network_shape_is_one_line_naming_the_option(
+    option, theirs, tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    width = torch.load(tiny_ckpt, weights_only=True)["hyper_parameters"]["hidden_features"]
+    theirs = theirs or f"model.hidden_features {width}"
+    key, ours = option[2:].split("=")
+    args = cli_args("validate", tiny_run / "data", "--data.image_size=96", option)
+    line = cli_error_line(capsys, [*args, f"--ckpt_path={tiny_ckpt}"])
+    assert line == (
+        f"error: --ckpt_path '{tiny_ckpt}' holds a network of {theirs} but {key} is {ours}; "
+        f"pass the run's config.yaml with --config (or --{theirs})."
+    )
 
 
 def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):

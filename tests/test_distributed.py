@@ -11,7 +11,7 @@ from alexnet_lit.data import ImageFolderDataModule, default_num_workers
 from alexnet_lit.data.samplers import UnpaddedDistributedSampler
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
-from tests.helpers import cli_args, read_csv, tiny_fit
+from tests.helpers import TINY, cli_args, read_csv, tiny_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,10 +32,7 @@ def validate_in_subprocess(
     args = [
         sys.executable, str(ROOT / "scripts" / "train.py"), "validate",
         "--config", str(ROOT / "configs" / "default.yaml"),
-        f"--data.data_dir={data}", "--data.image_size=67", "--data.batch_size=2",
-        "--data.num_workers=0", f"--ckpt_path={ckpt}",
-        "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
-        "--trainer.enable_progress_bar=false",
+        f"--data.data_dir={data}", *TINY, f"--ckpt_path={ckpt}", f"--trainer.devices={devices}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.init_args.save_dir={out}",
     ]  # fmt: skip

@@ -19,11 +19,17 @@ from alexnet_lit.model import build_alexnet
 from alexnet_lit.preprocessing import normalize
 from alexnet_lit.training.callbacks import BackboneFinetuning
 from alexnet_lit.training.cli import cli_main
-from alexnet_lit.weights import imagenet_file, load_weights, weights_preprocessing
+from alexnet_lit.weights import (
+    imagenet_file,
+    imagenet_preprocessing,
+    load_weights,
+    weights_preprocessing,
+)
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, cli_error_line, edited_overlay, fit_args, tiny_trainer
+from tests.helpers import ROOT, TINY_WIDTH, cli_error_line, edited_overlay, fit_args, tiny_trainer
 
 FINETUNE = str(ROOT / "configs" / "finetune.yaml")
+IMAGENET_WIDTH = 4096  # the classifier of torchvision's AlexNet and of its ImageNet weights
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -81,8 +87,15 @@ def test_grayscale_data_sums_the_first_filters_over_colour(imagenet):
 
 
 def test_a_checkpoint_of_three_classes_starts_a_five_class_model(tiny_ckpt):
-    trained = load_checkpoint(tiny_ckpt)["state_dict"]
-    model = build_alexnet("tutorial", num_classes=5)
+    checkpoint = load_checkpoint(tiny_ckpt)
+    trained, width = checkpoint["state_dict"], checkpoint["hyper_parameters"]["hidden_features"]
+    with pytest.raises(CheckpointError) as error:  # the tutorial's 4096-wide classifier
+        load_weights(build_alexnet("tutorial", num_classes=5), str(tiny_ckpt), "tutorial")
+    assert str(error.value).endswith(
+        f"has a classifier {width} wide but model.hidden_features is 4096; set "
+        f"model.hidden_features: {width}."
+    )
+    model = build_alexnet("tutorial", num_classes=5, hidden_features=width)
     line = load_weights(model, str(tiny_ckpt), "tutorial")
     assert line == (
         f"model.weights: loaded 14 of 16 tensors from {tiny_ckpt}; classifier.6 starts fresh "
@@ -119,7 +132,9 @@ def test_a_fit_from_imagenet_prints_what_it_loaded_and_records_imagenet_preproce
 ):
     caplog.set_level(logging.INFO)
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(fit_args(image_folder, "--config", FINETUNE, "--trainer.max_epochs=1"))
+    # The stand-in for ImageNet's file has torchvision's classifier, 4096 wide.
+    args = fit_args(image_folder, "--config", FINETUNE, f"--model.hidden_features={IMAGENET_WIDTH}")
+    cli = cli_main([*args, "--trainer.max_epochs=1"])
     text = "\n".join(record.getMessage() for record in caplog.records)
     # The test's --data.image_size=67 wins over the weights' 224, and says so in one line.
     assert "data.image_size: keeping 67, which the config sets, over the 224" in text
@@ -177,7 +192,10 @@ class RecordBackbone(L.Callback):
 
 def test_frozen_backbone_gets_no_gradient_or_state_until_it_thaws(image_folder):
     data = ImageFolderDataModule(image_folder, image_size=67, batch_size=4, num_workers=0)
-    model = LitAlexNet(data.num_classes, data.class_names, preprocessing=data.preprocessing)
+    model = LitAlexNet(
+        data.num_classes, data.class_names, hidden_features=TINY_WIDTH,
+        preprocessing=data.preprocessing,
+    )  # fmt: skip
     start = [p.detach().clone() for p in model.backbone.parameters()]
     record = RecordBackbone()
     finetune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1)
@@ -191,8 +209,13 @@ def test_frozen_backbone_gets_no_gradient_or_state_until_it_thaws(image_folder):
 
 
 @pytest.mark.slow
-def test_resume_after_the_thaw_continues_the_schedule_exactly(imagenet, tmp_path, caplog):
-    # From ImageNet, whose preprocessing the resumed fit must take from its checkpoint.
+def test_resume_after_the_thaw_continues_the_schedule_exactly(tmp_path, caplog):
+    # From weights trained with ImageNet's preprocessing (a narrow stand-in for ImageNet's, whose
+    # 4096-wide classifier trains 10x slower), which the resumed fit must take from its checkpoint.
+    start = tmp_path / "start.ckpt"
+    model = LitAlexNet(3, arch="torchvision", hidden_features=TINY_WIDTH,
+                       preprocessing=imagenet_preprocessing())  # fmt: skip
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, start)
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
     overlay = edited_overlay(tmp_path, Path(FINETUNE), unfreeze_backbone_at_epoch=1)
 
@@ -200,7 +223,8 @@ def test_resume_after_the_thaw_continues_the_schedule_exactly(imagenet, tmp_path
         (tmp_path / folder).mkdir(exist_ok=True)
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(tmp_path / folder)
-            args = fit_args(data, "--config", overlay, "--trainer.deterministic=true", *extra)
+            args = fit_args(data, "--config", overlay, f"--model.weights={start}",
+                            "--trainer.deterministic=true", *extra)  # fmt: skip
             return cli_main(args)
 
     full = fit("a", "--trainer.max_epochs=3")

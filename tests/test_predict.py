@@ -19,7 +19,7 @@ from alexnet_lit.errors import CheckpointError
 from alexnet_lit.inference.predict import load_model, predict_main
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import CLASSES, make_image_folder
-from tests.helpers import DEFAULT_CONFIG, ROOT, cli_error_line, read_csv
+from tests.helpers import DEFAULT_CONFIG, ROOT, TINY_WIDTH, cli_error_line, read_csv
 
 
 @pytest.fixture
@@ -108,7 +108,8 @@ def test_cli_predict_writes_the_same_csv(tiny_run, tiny_ckpt, tmp_path, monkeypa
     cli_main(
         ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
          "--data.image_size=96", "--data.batch_size=4", "--data.num_workers=0",
-         f"--data.predict_dir={images}", f"--ckpt_path={tiny_ckpt}"]
+         f"--model.hidden_features={TINY_WIDTH}", f"--data.predict_dir={images}",
+         f"--ckpt_path={tiny_ckpt}"]
     )  # fmt: skip
     written = read_csv(tmp_path / "lightning_logs" / "version_0" / "predictions.csv")
     wanted = read_csv(expected)
@@ -137,6 +138,7 @@ def test_cli_predict_under_ddp_writes_each_image_once(tiny_run, tiny_ckpt, tmp_p
         [sys.executable, str(ROOT / "scripts" / "train.py"), "predict", "--config", DEFAULT_CONFIG,
          "--config", str(overlay), f"--data.data_dir={tiny_run / 'data'}", "--data.image_size=96",
          "--data.batch_size=2", "--data.num_workers=0", f"--data.predict_dir={images}",
+         f"--model.hidden_features={TINY_WIDTH}",
          f"--ckpt_path={tiny_ckpt}", "--trainer.accelerator=cpu", "--trainer.devices=2",
          "--trainer.strategy=ddp", "--trainer.logger=false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -154,7 +156,8 @@ def test_cli_predict_follows_the_checkpoints_preprocessing_unless_the_config_set
 ):
     monkeypatch.chdir(tmp_path)
     args = ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
-            "--data.num_workers=0", f"--ckpt_path={tiny_ckpt}"]  # fmt: skip
+            "--data.num_workers=0", f"--model.hidden_features={TINY_WIDTH}",
+            f"--ckpt_path={tiny_ckpt}"]  # fmt: skip
     cli = cli_main(args)  # trained at 96 px: the data takes that, where the config sets nothing
     assert cli.datamodule.preprocessing["image_size"] == 96
     line = cli_error_line(capsys, [*args, "--data.image_size=224"])
@@ -199,6 +202,7 @@ def test_cli_predict_gives_unreadable_images_an_error_row(
     cli_main(
         ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
          "--data.image_size=96", "--data.batch_size=3", "--data.num_workers=1",
+         f"--model.hidden_features={TINY_WIDTH}",
          f"--data.predict_dir={new_images}", f"--ckpt_path={tiny_ckpt}"]
     )  # fmt: skip
     run = tmp_path / "lightning_logs" / "version_0"
@@ -313,7 +317,8 @@ def test_cli_predict_dir_recognises_images_by_content(tiny_run, tiny_ckpt, tmp_p
     cli_main(
         ["predict", "--config", DEFAULT_CONFIG, f"--data.data_dir={tiny_run / 'data'}",
          "--data.image_size=96", "--data.batch_size=2", "--data.num_workers=0",
-         f"--data.predict_dir={tmp_path / 'new'}", f"--ckpt_path={tiny_ckpt}"]
+         f"--model.hidden_features={TINY_WIDTH}", f"--data.predict_dir={tmp_path / 'new'}",
+         f"--ckpt_path={tiny_ckpt}"]
     )  # fmt: skip
     run = tmp_path / "lightning_logs" / "version_0"
     written, wanted = read_csv(run / "predictions.csv"), read_csv(expected)

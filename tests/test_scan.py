@@ -20,7 +20,7 @@ from alexnet_lit.data.images import IMG_EXTENSIONS
 from alexnet_lit.data.samples import SampleList
 from alexnet_lit.data.scan_cache import ScanCache
 from tests.conftest import make_image_folder
-from tests.helpers import ROOT, tiny_fit
+from tests.helpers import ROOT, TINY_WIDTH, tiny_fit
 
 real_read = Path.read_bytes
 
@@ -274,8 +274,9 @@ def test_two_ddp_processes_scan_once(tmp_path, cache_dir):
         sys.executable, str(ROOT / "scripts" / "train.py"), "validate",
         "--config", str(ROOT / "configs" / "default.yaml"), f"--data.data_dir={data}",
         "--data.image_size=67", "--data.batch_size=2", "--data.num_workers=0",
-        f"--ckpt_path={ckpt}", "--trainer.accelerator=cpu", "--trainer.devices=2",
-        "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false",
+        f"--model.hidden_features={TINY_WIDTH}", f"--ckpt_path={ckpt}",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+        "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(
