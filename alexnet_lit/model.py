@@ -107,7 +107,7 @@ class AlexNet(nn.Module):
                 raise ValueError(
                     f"Tensor {key} has shape {list(tensor.shape)} but this AlexNet expects "
                     f"{list(own[key].shape)}; build it with the num_classes, in_channels and "
-                    "hidden_features the checkpoint was trained with."
+                    "hidden_features the weights were trained with."
                 )
         self.load_state_dict(converted)
 

@@ -138,7 +138,11 @@ class LitAlexNet(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.model = build_alexnet(
-            arch, num_classes, in_channels, dropout=dropout, hidden_features=hidden_features
+            arch,
+            num_classes,
+            in_channels=in_channels,
+            dropout=dropout,
+            hidden_features=hidden_features,
         )
         self._start_weights_loaded = False  # see load_start_weights
         if class_weights is not None and len(class_weights) != num_classes:
@@ -362,7 +366,7 @@ class LitAlexNet(L.LightningModule):
             value, here = trained.get(key, default), self.hparams[key]
             if value != here:
                 raise CheckpointError(
-                    f"--ckpt_path '{self._checkpoint_path()}' holds a network of model.{key} "
+                    f"--ckpt_path '{self._checkpoint_path()}' was trained with model.{key} "
                     f"{value} but model.{key} is {here}; pass the run's config.yaml with "
                     f"--config (or --model.{key} {value})."
                 )

@@ -24,7 +24,7 @@ from tests.conftest import (
     EvaluatedRun,
     make_image_folder,
 )
-from tests.helpers import cli_args, cli_error_line, fit_args, run_script
+from tests.helpers import TINY_WIDTH, cli_args, cli_error_line, fit_args, run_script
 
 
 def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkeypatch):
@@ -132,21 +132,18 @@ def test_ckpt_path_is_read_from_disk_once(tiny_run, tiny_ckpt, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize(
-    ("option", "theirs"),
-    [("--model.arch=torchvision", "model.arch tutorial"), ("--model.hidden_features=4096", None)],
+    ("key", "ours", "theirs"),
+    [("model.arch", "torchvision", "tutorial"), ("model.hidden_features", 4096, TINY_WIDTH)],
 )
 def test_a_checkpoint_of_another_network_shape_is_one_line_naming_the_option(
-    option, theirs, tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
+    key, ours, theirs, tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    width = torch.load(tiny_ckpt, weights_only=True)["hyper_parameters"]["hidden_features"]
-    theirs = theirs or f"model.hidden_features {width}"
-    key, ours = option[2:].split("=")
-    args = cli_args("validate", tiny_run / "data", "--data.image_size=96", option)
+    args = cli_args("validate", tiny_run / "data", "--data.image_size=96", f"--{key}={ours}")
     line = cli_error_line(capsys, [*args, f"--ckpt_path={tiny_ckpt}"])
     assert line == (
-        f"error: --ckpt_path '{tiny_ckpt}' holds a network of {theirs} but {key} is {ours}; "
-        f"pass the run's config.yaml with --config (or --{theirs})."
+        f"error: --ckpt_path '{tiny_ckpt}' was trained with {key} {theirs} but {key} is {ours}; "
+        f"pass the run's config.yaml with --config (or --{key} {theirs})."
     )
 
 

@@ -206,7 +206,7 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
         "--model.lr_scheduler.init_args.step_size=1",
         "--model.lr_scheduler.init_args.gamma=0.5",
     ]
-    # The baselines keep only the RNG callback: no 560 MB checkpoints are needed from them.
+    # The baselines keep only the RNG callback: no checkpoints are needed from them.
     overlay = tmp_path / "no_checkpoints.yaml"
     overlay.write_text(
         yaml.safe_dump(

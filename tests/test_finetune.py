@@ -319,5 +319,6 @@ def test_what_the_finetune_schedule_cannot_reach_is_one_line(
     extra, start, end, imagenet, image_folder, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    line = cli_error_line(capsys, fit_args(image_folder, "--config", FINETUNE, *extra))
+    args = fit_args(image_folder, "--config", FINETUNE, f"--model.hidden_features={IMAGENET_WIDTH}")
+    line = cli_error_line(capsys, [*args, *extra])
     assert line.startswith(start) and line.endswith(end)

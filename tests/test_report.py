@@ -19,6 +19,7 @@ from alexnet_lit.evaluation.calibration import fit_temperature
 from alexnet_lit.evaluation.run_page import report_main
 from alexnet_lit.inference.predict import load_model, predict_probs
 from tests.conftest import HOSTILE, EvaluatedRun
+from tests.helpers import TINY_WIDTH
 
 SECTIONS = ["run", "result", "curves", "evaluation", "data", "reproduce"]
 
@@ -79,6 +80,7 @@ def test_the_report_has_every_section_and_only_inlined_pictures(run):
     # What a reader needs: the result, the checkpoint, the command that re-runs it.
     assert "best <code>val/acc</code>" in html and "best-epoch=" in html
     assert f"python scripts/train.py fit --config {run.fit / 'config.yaml'}" in html
+    assert f"AlexNet (tutorial, {TINY_WIDTH} wide), random weights" in html
     # Refreshed by the later validate and test of its checkpoint.
     assert "validate in version_1" in html and "test in version_2" in html
     # The data section: what the scan left out and why, and what train and val share.

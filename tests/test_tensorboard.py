@@ -31,7 +31,7 @@ from tests.conftest import (
     RUN_TRAIN_BATCHES,
     EvaluatedRun,
 )
-from tests.helpers import read_csv, tiny_trainer
+from tests.helpers import TINY_WIDTH, read_csv, tiny_trainer
 
 CLASSES = RUN_CLASSES  # more than 5 classes, so top-5 accuracy is logged
 EPOCHS, TRAIN_BATCHES, BATCH = RUN_EPOCHS, RUN_TRAIN_BATCHES, RUN_BATCH
@@ -100,6 +100,7 @@ def test_hparams_tab_holds_the_real_settings_and_best_val_acc(events, runs):
     assert [info.name.tag for info in experiment.metric_infos] == ["hp_metric"]
     hparams = plugin_data["_hparams_/session_start_info"].session_start_info.hparams
     assert hparams["model/num_classes"].number_value == len(CLASSES)
+    assert hparams["model/hidden_features"].number_value == TINY_WIDTH
     assert hparams["optimizer/class"].string_value == "Adam"
     assert hparams["optimizer/lr"].number_value == pytest.approx(RUN_LR[0])
     assert hparams["data/batch_size"].number_value == BATCH

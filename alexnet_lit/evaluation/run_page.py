@@ -235,13 +235,13 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
         if isinstance(optimizer, dict)
         else optimizer
     )
-    weights = model.get("weights")
+    weights, width = model.get("weights"), model.get("hidden_features", 4096)
+    network = model.get("arch") or "tutorial"
+    if width != 4096:  # the classifier's, narrower than both AlexNets'
+        network += f", {width} wide"
+    start = f"from {weights}" if weights else "random weights"
     pairs = [
-        (
-            "network",
-            f"AlexNet ({model.get('arch') or 'tutorial'}), "
-            + (f"from {weights}" if weights else "random weights"),
-        ),
+        ("network", f"AlexNet ({network}), {start}"),
         ("optimizer", f"{name} (lr {init.get('lr', '?')})"),
         (
             "scheduler",

@@ -43,6 +43,7 @@ def tutorial_checkpoint(weights_path: str | Path, class_names: Sequence[str]) ->
         raise CheckpointError(f"'{weights_path}': {err.args[0]}") from err
     num_classes = converted["classifier.6.weight"].shape[0]
     in_channels = converted["features.0.weight"].shape[1]
+    hidden_features = converted["classifier.0.weight"].shape[0]  # 4096 in the tutorial
     if len(class_names) != num_classes:
         raise InferenceError(
             f"'{weights_path}' has {num_classes} outputs but {len(class_names)} class names were "
@@ -53,6 +54,7 @@ def tutorial_checkpoint(weights_path: str | Path, class_names: Sequence[str]) ->
         num_classes=num_classes,
         class_names=list(class_names),
         in_channels=in_channels,
+        hidden_features=hidden_features,
         preprocessing=preprocessing_record(IMAGE_SIZE, in_channels, MEAN, STD),
     )
     model.model.load_tutorial_state_dict(state_dict)
