@@ -11,6 +11,8 @@ from torch import nn
 
 Arch = Literal["tutorial", "torchvision"]
 ARCHS = ("tutorial", "torchvision")
+# The width of both AlexNets' two hidden linear layers, and of ImageNet's weights.
+ALEXNET_WIDTH = 4096
 
 # Positions of the weighted layers in the tutorial's ``nn.Sequential``, mapped to ours. The
 # tutorial's index 6 is a ReLU right after a max-pool: a no-op that we keep so shapes and outputs
@@ -47,7 +49,7 @@ class AlexNet(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         dropout: float = 0.5,
-        hidden_features: int = 4096,
+        hidden_features: int = ALEXNET_WIDTH,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -117,7 +119,7 @@ def build_alexnet(
     num_classes: int,
     in_channels: int = 3,
     dropout: float = 0.5,
-    hidden_features: int = 4096,
+    hidden_features: int = ALEXNET_WIDTH,
 ) -> nn.Module:
     """The ``arch`` AlexNet; both have ``features`` (the convolutions) and ``classifier``.
 
@@ -136,7 +138,7 @@ def build_alexnet(
     model = torchvision.models.AlexNet(num_classes=num_classes, dropout=dropout)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
-    if hidden_features != 4096:
+    if hidden_features != ALEXNET_WIDTH:
         # torchvision's classifier: Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear.
         model.classifier[1] = nn.Linear(256 * 6 * 6, hidden_features)
         model.classifier[4] = nn.Linear(hidden_features, hidden_features)

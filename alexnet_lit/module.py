@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from alexnet_lit.checkpoints import unsafe_checkpoint_message
 from alexnet_lit.errors import CheckpointError, DataConfigError
 from alexnet_lit.metrics import EpochOutputs, expected_calibration_error
-from alexnet_lit.model import Arch, build_alexnet
+from alexnet_lit.model import ALEXNET_WIDTH, Arch, build_alexnet
 from alexnet_lit.preprocessing import preprocessing_record
 from alexnet_lit.weights import load_weights
 
@@ -87,7 +87,7 @@ class LitAlexNet(L.LightningModule):
         arch: Arch = "tutorial",
         weights: str | None = None,
         dropout: float = 0.5,
-        hidden_features: int = 4096,
+        hidden_features: int = ALEXNET_WIDTH,
         optimizer: OptimizerCallable = tutorial_adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict[str, Any] | None = None,
@@ -362,7 +362,7 @@ class LitAlexNet(L.LightningModule):
         preprocessing than this data's, and adopt the temperature fitted for it."""
         trained = checkpoint.get("hyper_parameters", {})
         # The network's shape; older checkpoints lack the keys and hold the tutorial's AlexNet.
-        for key, default in (("arch", "tutorial"), ("hidden_features", 4096)):
+        for key, default in (("arch", "tutorial"), ("hidden_features", ALEXNET_WIDTH)):
             value, here = trained.get(key, default), self.hparams[key]
             if value != here:
                 raise CheckpointError(

@@ -26,6 +26,7 @@ from alexnet_lit.data.index import class_counts
 from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.errors import UserError
 from alexnet_lit.evaluation.pictures import figure
+from alexnet_lit.model import ALEXNET_WIDTH
 from alexnet_lit.runs import open_text, printable, read_csv, read_scalars
 
 REPORT = "report.html"
@@ -235,9 +236,9 @@ def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str,
         if isinstance(optimizer, dict)
         else optimizer
     )
-    weights, width = model.get("weights"), model.get("hidden_features", 4096)
+    weights, width = model.get("weights"), model.get("hidden_features", ALEXNET_WIDTH)
     network = model.get("arch") or "tutorial"
-    if width != 4096:  # the classifier's, narrower than both AlexNets'
+    if width != ALEXNET_WIDTH:  # the classifier's, narrower than both AlexNets'
         network += f", {width} wide"
     start = f"from {weights}" if weights else "random weights"
     pairs = [
