@@ -65,6 +65,21 @@ def test_imported_checkpoint_predicts_and_validates(imported, tmp_path, monkeypa
     assert accuracy == pytest.approx(expected)
 
 
+def test_a_narrower_tutorial_network_imports_at_its_own_width(tmp_path):
+    # The tutorial's script with its two hidden layers 64 wide: the width comes from the file.
+    torch.manual_seed(0)
+    narrow = tutorial_alexnet(3, len(CLASSES))
+    narrow[15], narrow[18], narrow[21] = nn.Linear(6400, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+    weights, out = tmp_path / "alexnet.pt", tmp_path / "model.ckpt"
+    torch.save(narrow.state_dict(), weights)
+    assert import_main([str(weights), "--classes", *CLASSES, "--out", str(out)]) == 0
+    model = LitAlexNet.load_from_checkpoint(out, map_location="cpu").eval()
+    assert model.hparams.hidden_features == 64
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(x), narrow.eval()(x))
+
+
 def test_class_count_mismatch_is_one_clear_line(tutorial, tmp_path, capsys):
     code = import_main(
         [str(tutorial[1]), "--classes", "husky", "shiba", "--out", str(tmp_path / "x")]
