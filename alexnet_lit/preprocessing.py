@@ -12,6 +12,9 @@ import torch
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 IMAGE_SIZE = 224
+# The smallest input both AlexNets take: their 11x11 stride-4 convolution and three 3x3 stride-2
+# max-pools leave a 1x1 map at 65 pixels (torchvision's, padded by 2, at 63).
+MIN_IMAGE_SIZE = 65
 # Eval resizes the short side to 256 for a 224 crop (torchvision's ratio) and scales with size.
 RESIZE_RATIO = 256 / 224
 

@@ -215,6 +215,26 @@ def test_bad_value_names_the_key_and_the_reason(image_folder, tmp_path, monkeypa
     assert 'Parser key "data.batch_size"' in line and "Got value: many" in line
 
 
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("--data.image_size=32", "data.image_size must be at least 65"),
+        ("--data.crop_scale=[0.9,0.1]", "data.crop_scale must be two area fractions"),
+        ("--data.crop_scale=[0,0.5]", "data.crop_scale must be two area fractions"),
+        ("--data.num_workers=-1", "data.num_workers must be 0 or more"),
+    ],
+)
+def test_a_data_value_no_image_could_pass_is_one_line_before_the_fit(
+    option, named, image_folder, tmp_path, monkeypatch, capsys
+):
+    # Each would otherwise fail every image in its loader (recorded as unreadable, the fit
+    # "done" on nothing) or end in a traceback from deep in torch.
+    monkeypatch.chdir(tmp_path)
+    line = cli_error_line(capsys, fit_args(image_folder, option))
+    assert line.startswith(f"error: {named}")
+    assert list((tmp_path / "lightning_logs").glob("*")) == []  # no run folder half-made
+
+
 # --- fast.yaml: native mixed precision only ------------------------------------------------------
 
 FAST_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fast.yaml")

@@ -111,6 +111,26 @@ def test_an_image_dali_cannot_decode_is_skipped_and_recorded(data, tmp_path):
     assert {when for _, when in dm.skipped.entries.values()} == {"load"}
 
 
+def test_images_dali_cannot_open_are_left_out_at_the_scan_and_recorded(data):
+    from PIL import Image
+
+    gif = data / "val" / "bee" / "anim.gif"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(gif)
+    latin1 = data / "val" / "bee" / "caf\udce9.jpg"  # b"caf\xe9.jpg": a Latin-1 name
+    latin1.write_bytes((data / "val" / "bee" / "img_0.jpg").read_bytes())
+    pil = data_module(data)
+    pil.setup("validate")
+    assert {str(gif), str(latin1)} <= {str(path) for path, _ in pil.datasets["val"].samples}
+
+    dm = data_module(data, backend="dali")
+    with pytest.warns(UserWarning, match="2 unreadable image"):
+        dm.setup("validate")
+    assert sum(len(targets) for _, targets in dm.val_dataloader()) == len(pil.datasets["val"]) - 2
+    reasons = {path: reason for path, (reason, _) in dm.skipped.entries.items()}
+    assert reasons[str(gif)].startswith("DALI cannot decode GIF")
+    assert reasons[str(latin1)].startswith("DALI cannot open a file whose name is not UTF-8")
+
+
 def test_cli_fit_on_dali_records_what_it_skipped(data, tmp_path, monkeypatch):
     broken_jpeg(data / "train" / "ant" / "x_broken.jpg", data / "train" / "ant" / "img_0.jpg")
     monkeypatch.chdir(tmp_path)

@@ -17,10 +17,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from alexnet_lit import LitAlexNet
-from alexnet_lit.data import DataConfigError, ImageFolderDataModule
+from alexnet_lit.data import DataConfigError, ImageFolderDataModule, index
 from alexnet_lit.data.datasets import BadImage, SkippingCollate
 from alexnet_lit.data.doctor import check_data_main
-from alexnet_lit.data.folders import identical_files, split_train_val
+from alexnet_lit.data.folders import identical_files, scan_split, split_train_val
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.presets import EvalPreset, TrainPreset
 from alexnet_lit.data.samplers import BalancedSampler
@@ -142,8 +142,26 @@ def test_doctor_names_empty_and_unknown_classes(tmp_path, capsys):
     code, out = doctor(capsys, data)
     assert code == 1
     assert "ERROR: train class 'cat' has no usable image." in out
-    assert "ERROR: val/ has classes that train/ does not: dog." in out
-    assert "warning: val/ has no folder for train classes: bee." in out
+    assert f"ERROR: '{data / 'val'}' has classes that train/ does not: dog;" in out
+    assert "warning: val/ has no images of train classes: bee." in out
+
+
+@pytest.mark.parametrize("case", ["one class", "val without images"])
+def test_the_doctor_refuses_what_training_refuses_in_the_same_words(case, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    if case == "one class":
+        for split in ("train", "val"):
+            for name in ("bee", "cat"):
+                shutil.rmtree(data / split / name)
+    else:
+        for path in (data / "val").rglob("*.jpg"):
+            path.rename(path.with_suffix(".txt"))
+            path.with_suffix(".txt").write_text("notes, not an image")
+    with pytest.raises(DataConfigError) as refused:
+        ImageFolderDataModule(data, image_size=96).setup("fit")
+    code, out = doctor(capsys, data)
+    assert code == 1 and "Verdict: NOT usable as is." in out
+    assert f"ERROR: {refused.value}" in out
 
 
 def test_check_data_script_runs(dirty):
@@ -284,6 +302,27 @@ def test_train_class_without_usable_image_is_an_error(tmp_path):
         ImageFolderDataModule(data, image_size=96).setup("fit")
 
 
+def test_a_folder_that_cannot_be_listed_is_recorded_not_lost(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "data")
+    locked = data / "train" / "cat" / "locked"
+    locked.mkdir()
+    shutil.copy(data / "train" / "cat" / "img_0.jpg", locked / "img_9.jpg")
+    scandir = os.scandir
+
+    def refusing_scandir(path="."):  # what a folder without read permission does (not as root)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    dm = ImageFolderDataModule(data, image_size=96)
+    with pytest.warns(UserWarning, match=f"unreadable image.*'{locked}' \\(cannot list the"):
+        dm.setup("fit")
+    assert str(locked) in dm.skipped
+    code, out = doctor(capsys, data, "--rescan")
+    assert code == 1 and f"{locked}" in out and "cannot list the folder" in out
+
+
 def test_hidden_folders_are_never_classes(dirty):
     assert ImageFolderDataModule(dirty.root).class_names == CLASSES
 
@@ -347,10 +386,19 @@ def test_class_weights_are_linked_into_the_loss(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", splits={"train": 2, "val": 1})
     for i in range(2, 6):
         shutil.copy(data / "train" / "ant" / "img_0.jpg", data / "train" / "ant" / f"x{i}.jpg")
+    scanned = []
+
+    def counted_scan(folder, *args, **kwargs):
+        scanned.append(Path(folder).name)
+        return scan_split(folder, *args, **kwargs)
+
+    monkeypatch.setattr(index, "scan_split", counted_scan)
     cli = cli_main(fit_args(data, "--data.balance=loss", "--trainer.fast_dev_run=1"))
     expected = [10 / (3 * 6), 10 / (3 * 2), 10 / (3 * 2)]
     assert cli.model.hparams.class_weights == pytest.approx(expected)
     assert cli.model.loss_fn.weight.tolist() == pytest.approx(expected)
+    # The weights need the train scan before the fit; prepare_data does not scan again.
+    assert sorted(scanned) == ["train", "val"]
 
 
 def test_balanced_sampler_is_balanced_disjoint_per_rank_and_seeded_by_epoch():

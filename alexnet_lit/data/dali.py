@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from alexnet_lit.data.images import ImageInfo
 from alexnet_lit.errors import DataConfigError, first_line
 
 INSTALL = "pip install -e '.[dali]'"
@@ -55,6 +56,19 @@ def require_dali():
             f"instead (pip install {wheel_name()})."
         )
     return dali
+
+
+def dali_refuses(path: str, info: ImageInfo) -> str | None:
+    """Why DALI cannot read an image that the scan (and the PIL loader) accepts, or None."""
+    if info.format == "GIF":
+        return "DALI cannot decode GIF; convert it to PNG, or set data.backend: pil"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # DALI's file reader takes UTF-8 names only
+        return (
+            "DALI cannot open a file whose name is not UTF-8; rename it, or set data.backend: pil"
+        )
+    return None
 
 
 def torch_cuda_major() -> int | None:

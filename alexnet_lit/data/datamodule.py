@@ -9,22 +9,30 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from alexnet_lit.data.dali import DALILoader, DALIPreset, require_dali
+from alexnet_lit.data.dali import DALILoader, DALIPreset, dali_refuses, require_dali
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.demo import DEMO_CLASSES, DEMO_PRESET, demo_dir, write_digits_demo
 from alexnet_lit.data.folders import (
     class_count_table,
     imbalance_text,
     not_images_note,
+    read_class_names,
     scan_inputs,
     usable_cpus,
 )
-from alexnet_lit.data.index import FolderIndex, class_counts, read_class_names
+from alexnet_lit.data.index import FolderIndex, class_counts
 from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_erasing
 from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
-from alexnet_lit.preprocessing import IMAGE_SIZE, MEAN, STD, normalize, preprocessing_record
+from alexnet_lit.preprocessing import (
+    IMAGE_SIZE,
+    MEAN,
+    MIN_IMAGE_SIZE,
+    STD,
+    normalize,
+    preprocessing_record,
+)
 from alexnet_lit.runs import open_text, printable, run_dir
 
 # Augmentation preset where image_size, crop_scale or hflip are left unset (None) on your data.
@@ -58,8 +66,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: Images per training step (the tutorial's 32); evaluation uses the same.
         num_workers: Loader processes per loader; None shares out the CPUs this process may
             use among the machine's training processes, keeping one for each, at most 16.
-        image_size: Side of the square network input. None: the tutorial's 224 for your data,
-            96 for the demo's 8x8 digits.
+        image_size: Side of the square network input, at least 65. None: the tutorial's 224
+            for your data, 96 for the demo's 8x8 digits.
         in_channels: 3 for RGB, 1 to train on grayscale.
         mean: Per-channel mean the network's input is normalized with, one value per channel.
             None: the tutorial's 0.5, or what ``model.weights`` were trained with (the CLI
@@ -123,6 +131,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.predict_dir = None if predict_dir is None else Path(predict_dir).expanduser()
         if batch_size < 1:
             raise DataConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
+        if num_workers is not None and num_workers < 0:
+            raise DataConfigError(
+                f"data.num_workers must be 0 or more (0 loads in the training process), got "
+                f"{num_workers}."
+            )
+        if image_size is not None and image_size < MIN_IMAGE_SIZE:
+            raise DataConfigError(
+                f"data.image_size must be at least {MIN_IMAGE_SIZE}, the smallest input "
+                f"AlexNet's convolutions and pools take, got {image_size}."
+            )
+        if crop_scale is not None and (
+            len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0
+        ):
+            raise DataConfigError(
+                f"data.crop_scale must be two area fractions [min, max] with "
+                f"0 < min <= max <= 1, got {list(crop_scale)}."
+            )
         if in_channels not in (1, 3):
             raise DataConfigError(f"data.in_channels must be 1 or 3, got {in_channels}.")
         for key, values in (("mean", mean), ("std", std)):
@@ -164,7 +189,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.datasets: dict[str, ImageListDataset] = {}
         self.skipped = SkippedImages(on_bad_image)
         self.index = FolderIndex(
-            self.data_dir, self.class_names, self.skipped, val_split, seed, rescan
+            self.data_dir,
+            self.class_names,
+            self.skipped,
+            val_split,
+            seed,
+            rescan,
+            refuse=dali_refuses if backend == "dali" else None,
         )
         self.run_dir: Path | None = None
         self._chosen: dict[str, list[tuple[Path, int]]] = {}  # see use_samples

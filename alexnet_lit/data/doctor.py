@@ -14,10 +14,12 @@ from typing import Any
 from alexnet_lit.data.folders import (
     SPLITS,
     SplitScan,
+    check_split,
     class_count_table,
     identical_files,
     imbalance_ratio,
     imbalance_text,
+    read_class_names,
     scan_split,
 )
 from alexnet_lit.data.scan_cache import ScanCache
@@ -74,20 +76,26 @@ def diagnose(root: str | Path, decode: bool = False, rescan: bool = False) -> di
 
     for split, scan in scans.items():
         warnings += _case_only_names(split, scan.images)
-    train_classes = set(scans["train"].images) if "train" in scans else set()
-    if "train" in scans and not train_classes:
-        errors.append(f"'{root / 'train'}' has no class folders.")
+    # Training's own checks (alexnet_lit.data.folders), so that the doctor passes what it takes.
+    train_classes = sorted(scans["train"].images) if "train" in scans else []
+    if "train" in scans:
+        try:
+            read_class_names(root)
+        except DataConfigError as err:
+            errors.append(str(err))
     for name in report["empty_classes"].get("train", []):
         errors.append(f"train class '{name}' has no usable image.")
     for split in ("val", "test"):
         if split not in scans or not train_classes:
             continue
-        unknown = sorted(set(scans[split].images) - train_classes)
-        if unknown:
-            errors.append(f"{split}/ has classes that train/ does not: {', '.join(unknown)}.")
-        missing = sorted(train_classes - set(scans[split].images))
-        if missing:
-            warnings.append(f"{split}/ has no folder for train classes: {', '.join(missing)}.")
+        images = scans[split].images
+        try:
+            check_split(root / split, images, train_classes)
+        except DataConfigError as err:
+            errors.append(str(err))
+        missing = [name for name in train_classes if not images.get(name)]
+        if missing and any(images.values()):
+            warnings.append(f"{split}/ has no images of train classes: {', '.join(missing)}.")
     if report["unreadable"]:
         errors.append(f"{len(report['unreadable'])} unreadable image(s) (listed above).")
     if across:

@@ -28,7 +28,7 @@ from alexnet_lit.data.images import (
 )
 from alexnet_lit.data.samples import path_prefix
 from alexnet_lit.data.scan_cache import ScanCache
-from alexnet_lit.errors import first_line
+from alexnet_lit.errors import DataConfigError, first_line
 
 SPLITS = ("train", "val", "test")
 # How much of a file the duplicate search compares before it reads the whole file.
@@ -49,7 +49,8 @@ class SplitScan:
         images: Class name -> usable images (path strings), sorted; a class with none maps to
             ``[]``.
         infos: Image path -> what its header says.
-        unreadable: ``(path, reason)`` of images that cannot be used.
+        unreadable: ``(path, reason)`` of images that cannot be used, and of folders that
+            cannot be listed.
         not_images: ``(path, reason)`` of other files, ignored.
         hidden: Hidden and system entries that were ignored (not descended into).
         outside_classes: Files directly in the split folder, in no class folder; ignored.
@@ -65,6 +66,70 @@ class SplitScan:
 
     def counts(self) -> dict[str, int]:
         return {name: len(paths) for name, paths in self.images.items()}
+
+
+def read_class_names(root: Path) -> list[str]:
+    """The class folders of ``root/train``, sorted; at least two of them must hold files.
+
+    Raises:
+        DataConfigError: ``root`` or ``root/train`` is missing, or fewer than two class folders
+            hold a file (a one-class "classifier" cannot be trained).
+    """
+    if not root.is_dir():
+        raise DataConfigError(
+            f"data.data_dir: folder '{root}' does not exist; pass --data.data_dir pointing at a "
+            "folder with train/<class>/ and val/<class>/ inside."
+        )
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataConfigError(
+            f"'{train_dir}' does not exist; put the training images in train/<class>/ under "
+            "data.data_dir."
+        )
+    class_names = list_classes(train_dir)
+    # A class folder without a single file cannot be a class; the scan later finds the folders
+    # whose files are all unusable.
+    with_files = [name for name in class_names if _holds_a_file(train_dir / name)]
+    if len(with_files) < 2:
+        found = [f"'{n}'" + ("" if n in with_files else " (empty)") for n in class_names]
+        raise DataConfigError(
+            f"'{train_dir}' needs at least two class folders with images and has "
+            f"{len(with_files)} ({', '.join(found) or 'no class folder'}); put each class's "
+            "images in its own subfolder, e.g. train/cat/ and train/dog/."
+        )
+    return class_names
+
+
+def check_split(
+    split_dir: Path, images: Mapping[str, Sequence[object]], class_names: Sequence[str]
+) -> list[str]:
+    """Training's rules for an evaluation split (val/ or test/) from its scan's ``images`` per
+    class: the train classes it has no image of, which are worth a warning.
+
+    Raises:
+        DataConfigError: It has classes train/ does not, or no image at all.
+    """
+    unknown = sorted(set(images) - set(class_names))
+    if unknown:
+        raise DataConfigError(
+            f"'{split_dir}' has classes that train/ does not: {', '.join(unknown)}; "
+            "add them to train/ or remove them."
+        )
+    if not any(images.values()):
+        raise DataConfigError(
+            f"'{split_dir}' has no images (by content: JPEG, PNG, GIF, BMP, TIFF, WebP, "
+            f"PPM); put them in {split_dir.name}/<class>/."
+        )
+    return [name for name in class_names if not images.get(name)]
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether ``folder`` holds a file that is not hidden, at any depth (stops at the first)."""
+    for _, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        if any(not is_hidden(name) for name in filenames):
+            return True
+    return False
 
 
 def usable_cpus() -> int:
@@ -84,15 +149,21 @@ def list_classes(split_dir: Path) -> list[str]:
     )
 
 
-def walk_files(folder: Path, hidden: list[Path]) -> list[Path]:
-    """Files under ``folder`` (sorted, recursively); hidden entries go to ``hidden`` instead."""
-    return [Path(path) for path, _ in walk_stats(folder, hidden)]
+def walk_files(
+    folder: Path, hidden: list[Path], unlisted: list[tuple[str, str]] | None = None
+) -> list[Path]:
+    """Files under ``folder`` (sorted, recursively); hidden entries go to ``hidden`` instead,
+    and folders that cannot be listed to ``unlisted`` (see :func:`walk_stats`)."""
+    return [Path(path) for path, _ in walk_stats(folder, hidden, unlisted)]
 
 
-def walk_stats(folder: str | Path, hidden: list[Path]) -> list[tuple[str, tuple[int, int] | None]]:
+def walk_stats(
+    folder: str | Path, hidden: list[Path], unlisted: list[tuple[str, str]] | None = None
+) -> list[tuple[str, tuple[int, int] | None]]:
     """The files under ``folder`` as path strings, each with its ``(size, mtime_ns)`` from a
     stat, not an open (None where there is none: a broken link); hidden entries go to
-    ``hidden`` instead.
+    ``hidden`` instead, and each folder that cannot be listed (its permissions) goes to
+    ``unlisted`` as ``(path, reason)``: its images are unreadable, not absent.
 
     Each folder's files come first, then its subfolders, in name order; links to folders are
     not followed (as ``os.walk`` does it). Strings, not ``Path``s: a million of those cost
@@ -104,8 +175,10 @@ def walk_stats(folder: str | Path, hidden: list[Path]) -> list[tuple[str, tuple[
         try:
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=attrgetter("name"))
-        except OSError:
-            return  # an unreadable folder: os.walk skips it too
+        except OSError as err:
+            if unlisted is not None:
+                unlisted.append((directory, f"cannot list the folder ({err.strerror})"))
+            return
         folders = []
         for entry in entries:
             if is_hidden(entry.name):
@@ -153,9 +226,13 @@ def scan_inputs(inputs: Iterable[str | Path]) -> InputScan:
     scan = InputScan()
     for item in map(Path, inputs):
         folder = item.is_dir()
-        files = walk_files(item, []) if folder else [item]
+        unlisted: list[tuple[str, str]] = []
+        files = walk_files(item, [], unlisted) if folder else [item]
         infos, unreadable, not_images = scan_files(files, desc=f"scanning {item.name}")
         problems = dict(unreadable) if folder else {**dict(unreadable), **dict(not_images)}
+        for path, reason in unlisted:  # a row says that its images were not predicted
+            files.append(Path(path))
+            problems[Path(path)] = reason
         scan.paths += [path for path in files if path in infos or path in problems]
         scan.unreadable.update(problems)
         if folder:
@@ -370,11 +447,12 @@ def scan_split(
     scan = SplitScan(Path(split_dir))
     files_by_class: dict[str, list[str]] = {}
     stats: list[tuple[int, int] | None] = []
+    unlisted: list[tuple[str, str]] = []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if is_hidden(entry.name):
             scan.hidden.append(Path(entry.path))
         elif entry.is_dir():
-            found = walk_stats(entry.path, scan.hidden)
+            found = walk_stats(entry.path, scan.hidden, unlisted)
             files_by_class[entry.name] = [file for file, _ in found]
             stats += [stat for _, stat in found]
         else:
@@ -383,6 +461,7 @@ def scan_split(
     infos, scan.unreadable, scan.not_images = scan_files(
         files, decode, f"scanning {split_dir.name}/", stats, cache, workers
     )
+    scan.unreadable += unlisted
     scan.infos = infos
     scan.images = {
         name: [path for path in paths if path in infos] for name, paths in files_by_class.items()

@@ -1,19 +1,18 @@
 """Which images of which class make up each split of a dataset root, scanned once and checked."""
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alexnet_lit.data.folders import (
     SplitScan,
-    list_classes,
+    check_split,
     not_images_note,
     scan_split,
     split_train_val,
 )
-from alexnet_lit.data.images import is_hidden
+from alexnet_lit.data.images import ImageInfo
 from alexnet_lit.data.samples import SampleList
 from alexnet_lit.data.scan_cache import ScanCache
 from alexnet_lit.data.skipped import SkippedImages
@@ -30,38 +29,6 @@ def class_counts(samples: Sequence[tuple[Path, int]], class_names: Sequence[str]
         if target >= 0:
             counts[class_names[target]] += 1
     return counts
-
-
-def read_class_names(root: Path) -> list[str]:
-    """The class folders of ``root/train``, sorted; at least two of them must hold files.
-
-    Raises:
-        DataConfigError: ``root`` or ``root/train`` is missing, or fewer than two class folders
-            hold a file (a one-class "classifier" cannot be trained).
-    """
-    if not root.is_dir():
-        raise DataConfigError(
-            f"data.data_dir: folder '{root}' does not exist; pass --data.data_dir pointing at a "
-            "folder with train/<class>/ and val/<class>/ inside."
-        )
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        raise DataConfigError(
-            f"'{train_dir}' does not exist; put the training images in train/<class>/ under "
-            "data.data_dir."
-        )
-    class_names = list_classes(train_dir)
-    # A class folder without a single file cannot be a class; the scan later finds the folders
-    # whose files are all unusable.
-    with_files = [name for name in class_names if _holds_a_file(train_dir / name)]
-    if len(with_files) < 2:
-        found = [f"'{n}'" + ("" if n in with_files else " (empty)") for n in class_names]
-        raise DataConfigError(
-            f"'{train_dir}' needs at least two class folders with images and has "
-            f"{len(with_files)} ({', '.join(found) or 'no class folder'}); put each class's "
-            "images in its own subfolder, e.g. train/cat/ and train/dog/."
-        )
-    return class_names
 
 
 class FolderIndex:
@@ -83,6 +50,9 @@ class FolderIndex:
         val_split: The fraction of each train class held out when there is no ``val/``.
         seed: Seeds that split.
         rescan: Probe every file again, ignoring the scan cache (which is then rewritten).
+        refuse: For a loader that cannot read every image the scan accepts (DALI): given an
+            image's path and header, the reason it cannot, or None. Refused images are left
+            out and recorded as unreadable at the scan.
     """
 
     def __init__(
@@ -93,8 +63,10 @@ class FolderIndex:
         val_split: float = 0.1,
         seed: int = 0,
         rescan: bool = False,
+        refuse: Callable[[str, ImageInfo], str | None] | None = None,
     ) -> None:
         self.root = root
+        self.refuse = refuse
         self.class_names = list(class_names)
         self.skipped = skipped
         self.val_split = val_split
@@ -117,6 +89,8 @@ class FolderIndex:
         if split not in self._samples:
             self._samples[split] = self._as_samples(self._checked_images(split))
         self._scans.clear()  # the samples hold what is needed, in a fraction of the memory
+        for done in self._samples:
+            self._warm.pop(done, None)
         return self._samples[split]
 
     def warm_cache(self, splits: Sequence[str]) -> None:
@@ -125,7 +99,7 @@ class FolderIndex:
         ``rescan``, reads what this one found). This process's own setup uses these scans."""
         for split in splits:
             folder = self.root / split
-            if folder.is_dir():
+            if folder.is_dir() and split not in self._samples:  # not scanned here already
                 self._warm[split] = scan_split(
                     folder, cache=ScanCache(folder, read=not self.rescan)
                 )
@@ -144,6 +118,14 @@ class FolderIndex:
         if scan is None:
             scan = scan_split(split_dir, cache=ScanCache(split_dir, read=not self.rescan))
         self._scans[split] = scan
+        if self.refuse is not None:
+            refused = {path: self.refuse(path, info) for path, info in scan.infos.items()}
+            refused = {path: reason for path, reason in refused.items() if reason}
+            scan.images = {
+                name: [path for path in paths if path not in refused]
+                for name, paths in scan.images.items()
+            }
+            scan.unreadable += list(refused.items())
         scan.infos = {}  # the index needs the lists, not each file's header
         for path, reason in scan.unreadable:
             self.skipped.add(str(path), reason, "scan")
@@ -188,23 +170,13 @@ class FolderIndex:
         self._samples["val"] = self._as_samples(val)
 
     def _checked_images(self, split: str) -> dict[str, list[str]]:
-        split_dir = self.root / split
         images = self._scan(split).images
-        unknown = sorted(set(images) - set(self.class_names))
-        if unknown:
-            raise DataConfigError(
-                f"'{split_dir}' has classes that train/ does not: {', '.join(unknown)}; "
-                "add them to train/ or remove them."
-            )
-        if not any(images.values()):
-            raise DataConfigError(
-                f"'{split_dir}' has no images (by content: JPEG, PNG, GIF, BMP, TIFF, WebP, "
-                f"PPM); put them in {split}/<class>/."
-            )
-        missing = [name for name in self.class_names if not images.get(name)]
+        missing = check_split(self.root / split, images, self.class_names)
         if missing:
             rank_zero_warn(
-                printable(f"'{split_dir}' has no images of train classes: {', '.join(missing)}.")
+                printable(
+                    f"'{self.root / split}' has no images of train classes: {', '.join(missing)}."
+                )
             )
         return images
 
@@ -215,12 +187,3 @@ class FolderIndex:
             for path in images.get(name, [])
         )
         return SampleList(pairs, self.root)
-
-
-def _holds_a_file(folder: Path) -> bool:
-    """Whether ``folder`` holds a file that is not hidden, at any depth (stops at the first)."""
-    for _, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        if any(not is_hidden(name) for name in filenames):
-            return True
-    return False
