@@ -14,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+from alexnet_lit.evaluation.run_page import REPORT
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.training.sweep import TERMINATED, load_search_space, process_space, tune_main
 from tests.conftest import make_image_folder
@@ -105,6 +106,18 @@ def test_sweep_runs_trials_as_runs_and_never_picks_a_diverging_one(
     config = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
     assert config["model"]["dropout"] == pytest.approx(dropouts[1])
     assert config["model"]["optimizer"]["init_args"]["lr"] == 1.0e-3
+
+    # Checking the trial's checkpoint with its own config.yaml (docs/inference.md) makes a run
+    # folder of its own and leaves the trial's record as the sweep wrote it (its report.html
+    # is rebuilt to list the evaluation).
+    def record() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != REPORT}
+
+    written = record()
+    (best_ckpt,) = (run / "checkpoints").glob("best-*.ckpt")
+    cli_main(["validate", "--config", str(run / "config.yaml"), f"--ckpt_path={best_ckpt}"])
+    assert record() == written
+    assert (sweep_dir / "version_0" / "val_report.md").is_file()
 
 
 @pytest.mark.slow

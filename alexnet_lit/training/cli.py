@@ -394,6 +394,12 @@ def fit_cli(
         f"--trainer.default_root_dir={Path(save_dir, version)}",
     ]
     cli = cli_main([*args, *logger], run=False)
+    # The saved config.yaml names no run folder, as a user's own does: run again (to reproduce
+    # the run, or validate its checkpoint) it makes a new folder instead of overwriting this one.
+    for entry in cli.config.trainer.logger:
+        if entry.init_args.get("version") == version:
+            entry.init_args.version = None
+    cli.config.trainer.default_root_dir = None
     if not checkpoints:
         cli.trainer.callbacks[:] = [
             callback
