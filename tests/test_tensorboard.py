@@ -19,8 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from alexnet_lit.evaluation.class_report import most_confused, per_class_metrics
+from alexnet_lit.evaluation.class_report import most_confused, per_class_metrics, summary
 from alexnet_lit.evaluation.pictures import png_bytes, render_confusion_matrix
 from alexnet_lit.loggers import log_image
 from tests.conftest import (
@@ -261,6 +262,23 @@ def test_per_class_metrics_match_scikit_learn():
     expected = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
     for key, reference in zip(("precision", "recall", "f1", "support"), expected, strict=True):
         assert [row[key] for row in rows] == pytest.approx(list(reference)), key
+
+
+def test_the_reports_macro_averages_are_the_logged_metrics():
+    # Class 2 has no image in the split and nothing is predicted as it: torchmetrics' macro
+    # averages leave it out, and the written reports must say the same numbers.
+    targets = torch.tensor([0, 0, 1, 1, 1, 3, 3])
+    predicted = torch.tensor([0, 0, 1, 1, 0, 3, 1])
+    confusion = np.zeros((4, 4), dtype=np.int64)
+    np.add.at(confusion, (targets.numpy(), predicted.numpy()), 1)
+    reported = summary(confusion, per_class_metrics(confusion, list("abcd")))
+    for key, metric in (
+        ("macro_precision", MulticlassPrecision),
+        ("macro_recall", MulticlassRecall),
+        ("macro_f1", MulticlassF1Score),
+    ):
+        logged = metric(4, average="macro")(predicted, targets)
+        assert reported[key] == pytest.approx(float(logged)), key
 
 
 def test_most_confused_lists_off_diagonal_cells_by_count():

@@ -67,10 +67,17 @@ def most_confused(confusion: np.ndarray, class_names: Sequence[str], top: int = 
 
 
 def summary(confusion: np.ndarray, rows: Sequence[dict]) -> dict[str, float | int]:
-    """Images, accuracy and the macro averages of per-class ``rows``."""
+    """Images, accuracy and the macro averages of per-class ``rows``.
+
+    A class with no image in the split that nothing was predicted as has no precision or recall
+    to speak of: the averages leave it out, as the logged ``*_macro`` metrics (torchmetrics) do.
+    """
     total = int(confusion.sum())
+    present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+    scored = [row for row, seen in zip(rows, present, strict=True) if seen]
     macro = {
-        f"macro_{k}": float(np.mean([r[k] for r in rows])) for k in ("precision", "recall", "f1")
+        f"macro_{k}": float(np.mean([r[k] for r in scored])) if scored else 0.0
+        for k in ("precision", "recall", "f1")
     }
     return {
         "images": total,
