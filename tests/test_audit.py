@@ -41,6 +41,16 @@ def test_temperature_scaling_undoes_overconfidence():
     assert torch.equal((overconfident / temperature).argmax(1), overconfident.argmax(1))
 
 
+def test_a_validation_set_without_mistakes_keeps_the_model_confidences():
+    # Every image right: the cross-entropy only falls as T -> 0, which would make every later
+    # prediction (noise included) 100% sure.
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    targets = torch.tensor([0, 1, 0])
+    assert fit_temperature(logits, targets) == 1.0
+    with_a_mistake = torch.tensor([0, 1, 1])
+    assert 0.1 < fit_temperature(logits, with_a_mistake) != 1.0
+
+
 @pytest.mark.slow
 def test_predictions_are_calibrated_unless_asked_not_to(tiny_ckpt, tiny_run, tmp_path):
     ckpt = tmp_path / "scaled.ckpt"

@@ -20,9 +20,14 @@ from alexnet_lit.metrics import ECE_BINS, expected_calibration_error
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The ``T > 0`` minimizing the cross-entropy of ``logits / T`` (L-BFGS on ``log T``)."""
+    """The ``T > 0`` minimizing the cross-entropy of ``logits / T`` (L-BFGS on ``log T``).
+
+    1 when every image is classified correctly: the cross-entropy then falls all the way to
+    T -> 0, so such a set cannot say how sure the model should be, and the model's own
+    confidences are kept rather than pushed to 100% on every input.
+    """
     logits, targets = logits.detach().float().cpu(), targets.detach().cpu()
-    if len(targets) == 0:
+    if len(targets) == 0 or bool((logits.argmax(dim=1) == targets).all()):
         return 1.0
     log_t = torch.zeros(1, requires_grad=True)  # T = exp(log_t) stays positive
     optimizer = torch.optim.LBFGS([log_t], max_iter=50, line_search_fn="strong_wolfe")
