@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from alexnet_lit.evaluation.calibration import fit_temperature
-from alexnet_lit.evaluation.run_page import report_main
+from alexnet_lit.evaluation.run_page import report_main, result_summary
 from alexnet_lit.inference.predict import load_model, predict_probs
 from tests.conftest import HOSTILE, EvaluatedRun
 from tests.helpers import TINY_WIDTH
@@ -118,6 +118,19 @@ def test_the_report_is_rebuilt_from_the_run_folder_alone(run, capsys):
 def test_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert report_main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: '{tmp_path}' is not a run folder")
+
+
+def test_a_run_validated_every_other_epoch_counts_its_epochs_not_its_validations(tmp_path):
+    # 4 epochs of 2 steps, validated after epochs 1 and 3: Lightning logs "epoch" at each step
+    # it logs anything.
+    scalars = {
+        "epoch": [(1, 0.0), (3, 1.0), (5, 2.0), (7, 3.0)],
+        "train/loss_epoch": [(1, 0.9), (3, 0.7), (5, 0.6), (7, 0.5)],
+        "val/acc": [(3, 0.9), (7, 0.8)],
+    }
+    summary = result_summary(tmp_path, scalars)
+    assert summary["best_val_acc"] == 0.9
+    assert (summary["best_epoch"], summary["epochs"]) == (1, 4)
 
 
 # Chromium's own background requests (time, sign-in, safe browsing), which never come from a page.

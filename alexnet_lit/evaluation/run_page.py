@@ -107,8 +107,11 @@ def result_summary(
         # fit continues the same event files). Lightning logs "epoch" at every step it logs, so
         # this is the best's epoch whatever the validation schedule.
         step, value = max(accuracies, key=lambda point: point[1])
-        epoch = dict(scalars.get("epoch", [])).get(step, 0)
-        summary.update(best_val_acc=value, best_epoch=int(epoch), epochs=len(accuracies))
+        epochs = _epochs_at(scalars, accuracies)
+        # The epochs run, not the validations: with check_val_every_n_epoch, fewer.
+        last = max(epochs[-1], *(epoch for _, epoch in scalars.get("epoch", [])))
+        summary.update(best_val_acc=value, best_epoch=epochs[accuracies.index((step, value))])
+        summary["epochs"] = int(last) + 1
     for tag, key in (("val/loss", "final_val_loss"), ("val/ece", "final_val_ece")):
         if scalars.get(tag):
             summary[key] = scalars[tag][-1][1]
@@ -131,6 +134,15 @@ def fit_summary(page: Path, summary: dict[str, Any]) -> str:
         lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
     lines += [f"  report: {page}", "  dashboards: tensorboard --logdir lightning_logs"]
     return "\n".join(lines)
+
+
+def _epochs_at(
+    scalars: dict[str, list[tuple[int, float]]], points: list[tuple[int, float]]
+) -> list[int]:
+    """The 0-based epoch of each ``(step, value)`` point: Lightning logs ``epoch`` at every step
+    it logs anything (a folder without it: one point per epoch)."""
+    epoch_at = dict(scalars.get("epoch", []))
+    return [int(epoch_at.get(step, i)) for i, (step, _) in enumerate(points)]
 
 
 def _png(path: Path) -> str | None:
@@ -159,7 +171,8 @@ def _curves(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, str]]
         with figure((4.2, 3), buffer, dpi=90) as axes:
             for tag, label in present:
                 values = [value for _, value in scalars[tag]]
-                axes.plot(range(len(values)), values, marker="o", markersize=3, label=label)
+                epochs = _epochs_at(scalars, scalars[tag])
+                axes.plot(epochs, values, marker="o", markersize=3, label=label)
             axes.set_xlabel("epoch")
             axes.xaxis.get_major_locator().set_params(integer=True)
             axes.set_title(title)
