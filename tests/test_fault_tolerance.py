@@ -205,6 +205,8 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
         "--model.lr_scheduler.class_path=torch.optim.lr_scheduler.StepLR",
         "--model.lr_scheduler.init_args.step_size=1",
         "--model.lr_scheduler.init_args.gamma=0.5",
+        # A loader worker, as by default: its random crops and flips must continue too.
+        "--data.num_workers=1",
     ]
     # The baselines keep only the RNG callback: no checkpoints are needed from them.
     overlay = tmp_path / "no_checkpoints.yaml"

@@ -367,6 +367,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         distributed = self.trainer is not None and self.trainer.world_size > 1
+        training = shuffle or sampler is not None
         if sampler is None and not shuffle and distributed:
             # Evaluation under DDP: each image exactly once, so metrics are exact. Training keeps
             # Lightning's shuffling DistributedSampler (it calls set_epoch every epoch).
@@ -384,7 +385,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # Training's workers start afresh each epoch, seeded from this process's generators,
+            # which checkpoints hold (RNGStateCheckpoint): a resumed fit draws the crops and flips
+            # the uninterrupted one would. Persistent ones would keep generators seeded at the
+            # fit's first epoch, which no checkpoint holds. Evaluation draws nothing at random.
+            persistent_workers=self.num_workers > 0 and not training,
             pin_memory=on_cuda,
             collate_fn=SkippingCollate(shape),
         )
