@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.cli import LRSchedulerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -36,6 +37,13 @@ PER_STEP_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_sched
 def tutorial_adam(params: Iterable) -> torch.optim.Optimizer:
     """The tutorial's optimizer, Adam with learning rate 1e-4, as one fused kernel per step."""
     return torch.optim.Adam(params, lr=1e-4, fused=True)
+
+
+# Optimizer settings that choose an implementation, not the algorithm (see
+# _check_resumed_training).
+_OPTIMIZER_FLAGS = (
+    "foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay"
+)  # fmt: skip
 
 
 class LitAlexNet(L.LightningModule):
@@ -337,6 +345,37 @@ class LitAlexNet(L.LightningModule):
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
         ]
 
+    def _check_resumed_training(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a resume whose optimizer or schedule is not the checkpoint's:
+        torch would fail deep in ``load_state_dict`` (or quietly mix two optimizers' states)."""
+        saved = checkpoint.get("optimizer_states") or []
+        fresh = self.optimizer(self._param_groups())
+        # An optimizer's own settings name its kind (Adam: betas, eps; SGD: momentum, ...).
+        # Schedulers add initial_lr; the implementation flags vary with the torch version that
+        # saved the file, and torch fills in missing ones.
+        ignored = {"params", "initial_lr", *_OPTIMIZER_FLAGS}
+        kind = set(fresh.param_groups[0]) - ignored
+        saved_kinds = [
+            set(group) - ignored for state in saved for group in state.get("param_groups", [])
+        ]
+        schedules = bool(checkpoint.get("lr_schedulers"))
+        # Fine-tuning adds the thawed backbone's group itself when it resumes.
+        finetuning = any(isinstance(c, BaseFinetuning) for c in self.trainer.callbacks)
+        mismatch = None
+        if len(saved) != 1 or any(saved_kind != kind for saved_kind in saved_kinds):
+            mismatch = f"another optimizer than this config's {type(fresh).__name__}"
+        elif not finetuning and len(saved_kinds) != len(fresh.param_groups):
+            mismatch = f"{len(saved_kinds)} parameter group(s), not {len(fresh.param_groups)}"
+            mismatch += " (model.no_decay_bias)"
+        elif schedules != (self.lr_scheduler is not None):
+            mismatch = "a learning-rate schedule" if schedules else "no learning-rate schedule"
+        if mismatch is not None:
+            raise CheckpointError(
+                f"--ckpt_path '{self._checkpoint_path()}' was saved by a fit with {mismatch}, "
+                "so its training state cannot go on here; resume with the run's config.yaml "
+                "(--config), or start a new fit from its weights with --model.weights."
+            )
+
     @classmethod
     def load_from_checkpoint(
         cls,
@@ -373,6 +412,7 @@ class LitAlexNet(L.LightningModule):
         if "temperature" in trained:
             self.hparams["temperature"] = float(trained["temperature"])
         if self._resuming_fit():
+            self._check_resumed_training(checkpoint)
             # val/acc_best goes on from the best the checkpoint's ModelCheckpoint kept, as the
             # tracker's own state is not saved (a new state key would break older checkpoints).
             for key, state in checkpoint.get("callbacks", {}).items():

@@ -147,6 +147,44 @@ def test_a_checkpoint_of_another_network_shape_is_one_line_naming_the_option(
     )
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            ["--model.optimizer.class_path=torch.optim.SGD", "--model.optimizer.init_args.lr=0.1"],
+            "with another optimizer than this config's SGD",
+        ),
+        (["--model.no_decay_bias=true"], "with 1 parameter group(s), not 2"),
+        (["--model.lr_scheduler=null"], "with a learning-rate schedule"),
+    ],
+    ids=["optimizer", "groups", "schedule"],
+)
+def test_resuming_with_another_optimizer_or_schedule_is_one_line(
+    change, named, evaluated_run, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    last = shutil.copy(evaluated_run.fit / "checkpoints" / "last.ckpt", tmp_path / "last.ckpt")
+    config = str(evaluated_run.fit / "config.yaml")
+    line = cli_error_line(capsys, ["fit", "--config", config, f"--ckpt_path={last}", *change])
+    assert line.startswith(f"error: --ckpt_path '{last}' was saved by a fit {named}")
+    assert line.endswith("or start a new fit from its weights with --model.weights.")
+
+
+def test_a_ckpt_path_that_is_no_lightning_checkpoint_points_to_model_weights(
+    tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "alexnet.pth"
+    torch.save(torch.load(tiny_ckpt, weights_only=True)["state_dict"], plain)
+    args = cli_args("validate", tiny_run / "data", "--data.image_size=96", f"--ckpt_path={plain}")
+    line = cli_error_line(capsys, args)
+    assert line == (
+        f"error: --ckpt_path '{plain}' is not a Lightning checkpoint (it has no state_dict "
+        f"entry); to start from weights such as a plain state_dict or the tutorial's "
+        f"alexnet.pt, pass --model.weights {plain} instead."
+    )
+
+
 def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     line = cli_error_line(capsys, fit_args(tmp_path / "nowhere"))

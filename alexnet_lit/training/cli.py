@@ -103,6 +103,12 @@ class AlexNetCLI(LightningCLI):
         self._resolve_ckpt_path(config, subcommand)
         if "://" not in config.ckpt_path:  # remote files are left to the trainer
             checkpoint = load_checkpoint(config.ckpt_path)
+            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                raise CheckpointError(
+                    f"--ckpt_path '{config.ckpt_path}' is not a Lightning checkpoint (it has no "
+                    f"state_dict entry); to start from weights such as a plain state_dict or the "
+                    f"tutorial's alexnet.pt, pass --model.weights {config.ckpt_path} instead."
+                )
             if subcommand == "fit" and "optimizer_states" not in checkpoint:
                 last = Path(config.ckpt_path).with_name(LAST_NAME)
                 resume = f"resume from '{last}' (the full state), or " if last.is_file() else ""
