@@ -197,6 +197,7 @@ class AlexNetCLI(LightningCLI):
             checkpoint_io = checkpoint_io.checkpoint_io
         if isinstance(checkpoint_io, AtomicCheckpointIO):
             checkpoint_io.hand_over(self._loaded_checkpoints)
+        self._loaded_checkpoints = {}  # the trainer's load takes it; no second copy for the fit
         _follow_weight_averaging(trainer)
         return trainer
 
