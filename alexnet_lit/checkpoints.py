@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a .ckpt file.")
+    # torch maps only its zip format; a file of the older format (a .pth saved with
+    # _use_new_zipfile_serialization=False) is read whole.
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

@@ -93,6 +93,8 @@ def weights_preprocessing(weights: str | None, in_channels: int = 3) -> dict[str
     if weights == IMAGENET:
         return imagenet_preprocessing(in_channels)
     checkpoint = load_checkpoint(path, mmap=True)
+    if not isinstance(checkpoint, dict):
+        return None  # not weights at all: read_state_dict says so in one line
     record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
     if not isinstance(record, dict):
         return None

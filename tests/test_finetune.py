@@ -23,6 +23,7 @@ from alexnet_lit.weights import (
     imagenet_file,
     imagenet_preprocessing,
     load_weights,
+    read_state_dict,
     weights_preprocessing,
 )
 from tests.conftest import make_image_folder
@@ -274,6 +275,21 @@ def test_weights_that_would_run_code_are_refused(
     )
     assert "was refused: it holds Python objects that could run code" in line
     assert not crafted_checkpoint.marker.exists()
+
+
+def test_a_state_dict_in_torchs_older_file_format_loads_and_a_list_is_one_line(tmp_path):
+    state = build_alexnet("tutorial", 2, hidden_features=8).state_dict()
+    old = tmp_path / "old_format.pth"  # what torch wrote before 1.6, and still can
+    torch.save(state, old, _use_new_zipfile_serialization=False)
+    assert weights_preprocessing(str(old)) is None  # a .pth records no preprocessing
+    loaded, _ = read_state_dict(str(old), "tutorial")
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in state.items())
+
+    listed = tmp_path / "list.pth"
+    torch.save([state], listed)
+    assert weights_preprocessing(str(listed)) is None
+    with pytest.raises(CheckpointError, match=r"list\.pth' holds no state dict; check the file"):
+        read_state_dict(str(listed), "tutorial")
 
 
 def test_a_weights_only_file_as_ckpt_path_points_at_model_weights(
