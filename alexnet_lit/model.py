@@ -9,6 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from alexnet_lit.errors import UserError
+
 Arch = Literal["tutorial", "torchvision"]
 ARCHS = ("tutorial", "torchvision")
 # The width of both AlexNets' two hidden linear layers, and of ImageNet's weights.
@@ -53,9 +55,9 @@ class AlexNet(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+            raise UserError(f"model.num_classes must be at least 1, got {num_classes}.")
         if hidden_features < 1:
-            raise ValueError(f"hidden_features must be at least 1, got {hidden_features}.")
+            raise UserError(f"model.hidden_features must be at least 1, got {hidden_features}.")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),  # [96,54,54]
             nn.ReLU(inplace=True),
@@ -132,9 +134,9 @@ def build_alexnet(
             num_classes, in_channels=in_channels, dropout=dropout, hidden_features=hidden_features
         )
     if arch != "torchvision":
-        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}.")
+        raise UserError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}.")
     if hidden_features < 1:
-        raise ValueError(f"hidden_features must be at least 1, got {hidden_features}.")
+        raise UserError(f"model.hidden_features must be at least 1, got {hidden_features}.")
     model = torchvision.models.AlexNet(num_classes=num_classes, dropout=dropout)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)

@@ -22,7 +22,7 @@ from torchmetrics.classification import (
 from torchvision.transforms import v2
 
 from alexnet_lit.checkpoints import unsafe_checkpoint_message
-from alexnet_lit.errors import CheckpointError, DataConfigError
+from alexnet_lit.errors import CheckpointError, DataConfigError, UserError
 from alexnet_lit.metrics import EpochOutputs, expected_calibration_error
 from alexnet_lit.model import ALEXNET_WIDTH, Arch, build_alexnet
 from alexnet_lit.preprocessing import preprocessing_record
@@ -115,7 +115,7 @@ class LitAlexNet(L.LightningModule):
                 "two classes or more (the CLI links it from the data's class folders)."
             )
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
+            raise UserError(
                 f"model.class_names has {len(class_names)} names but model.num_classes is "
                 f"{num_classes}; pass one name per class."
             )
@@ -154,7 +154,7 @@ class LitAlexNet(L.LightningModule):
         )
         self._start_weights_loaded = False  # see load_start_weights
         if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(
+            raise UserError(
                 f"model.class_weights has {len(class_weights)} values but model.num_classes is "
                 f"{num_classes}; pass one weight per class."
             )
@@ -328,7 +328,7 @@ class LitAlexNet(L.LightningModule):
         config = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             if scheduler.mode != "max":
-                raise ValueError(
+                raise UserError(
                     "model.lr_scheduler: ReduceLROnPlateau watches val/acc, where higher is "
                     "better; set its init_args.mode to max."
                 )

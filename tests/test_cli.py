@@ -24,7 +24,7 @@ from tests.conftest import (
     EvaluatedRun,
     make_image_folder,
 )
-from tests.helpers import TINY_WIDTH, cli_args, cli_error_line, fit_args, run_script
+from tests.helpers import ROOT, TINY_WIDTH, cli_args, cli_error_line, fit_args, run_script
 
 
 def test_fast_dev_run_links_classes_from_the_data(image_folder, tmp_path, monkeypatch):
@@ -271,6 +271,26 @@ def test_a_data_value_no_image_could_pass_is_one_line_before_the_fit(
     line = cli_error_line(capsys, fit_args(image_folder, option))
     assert line.startswith(f"error: {named}")
     assert list((tmp_path / "lightning_logs").glob("*")) == []  # no run folder half-made
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--model.hidden_features=0"], "model.hidden_features must be at least 1, got 0."),
+        (
+            ["--config", str(ROOT / "configs" / "experiments" / "plateau.yaml"),
+             "--model.lr_scheduler.init_args.mode=min"],
+            "model.lr_scheduler: ReduceLROnPlateau watches val/acc",
+        ),
+    ],
+    ids=["width", "plateau"],
+)  # fmt: skip
+def test_a_model_value_that_cannot_train_is_one_line(
+    options, named, image_folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    line = cli_error_line(capsys, fit_args(image_folder, *options))
+    assert line.startswith(f"error: {named}")
 
 
 # --- fast.yaml: native mixed precision only ------------------------------------------------------

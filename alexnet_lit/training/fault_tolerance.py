@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from alexnet_lit.checkpoints import BackgroundCheckpointIO, SaveInterrupted
-from alexnet_lit.errors import first_line
+from alexnet_lit.errors import UserError, first_line
 from alexnet_lit.runs import run_dir
 
 _NONE = torch.iinfo(torch.long).max
@@ -76,7 +76,7 @@ class StopOnNonFiniteLoss(L.Callback):
 
     def __init__(self, check_every_n_steps: int = 50) -> None:
         if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be at least 1, got {check_every_n_steps}.")
+            raise UserError(f"check_every_n_steps must be at least 1, got {check_every_n_steps}.")
         self.check_every_n_steps = check_every_n_steps
         # [global_step, epoch, batch_idx] of the first bad step; _NONE while there is none.
         self._first_bad: torch.Tensor | None = None

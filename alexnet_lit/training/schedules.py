@@ -5,6 +5,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from alexnet_lit.errors import UserError
+
 
 class WarmupCosineLR(LRScheduler):
     """Linear warmup to the optimizer's learning rate, then cosine decay; stepped per batch.
@@ -36,14 +38,14 @@ class WarmupCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if total_steps is None or total_steps < 1:
-            raise ValueError(
+            raise UserError(
                 f"WarmupCosineLR needs total_steps >= 1, got {total_steps}; set "
                 "model.lr_scheduler.init_args.total_steps or train through LitAlexNet."
             )
         if warmup_steps is None:
             warmup_steps = round(warmup_fraction * total_steps)
         if not 0 <= warmup_steps < total_steps:
-            raise ValueError(
+            raise UserError(
                 f"WarmupCosineLR: warmup_steps ({warmup_steps}) must be >= 0 and below "
                 f"total_steps ({total_steps}); shorten the warmup."
             )
