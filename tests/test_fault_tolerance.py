@@ -240,7 +240,8 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
             )
         )  # fmt: skip
     # --ckpt_path last found version_0's last.ckpt and the run continued in version_0.
-    assert sorted(p.name for p in (tmp_path / "c" / "lightning_logs").iterdir()) == ["version_0"]
+    logs = tmp_path / "c" / "lightning_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
     assert resumed.trainer.current_epoch == 2
     assert resumed.trainer.global_step == full.trainer.global_step == 2 * STEPS_PER_EPOCH
     assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.25)
@@ -253,6 +254,13 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
     adam_full = full.trainer.optimizers[0].state_dict()["state"]
     adam_resumed = resumed.trainer.optimizers[0].state_dict()["state"]
     assert torch.equal(adam_full[0]["exp_avg"], adam_resumed[0]["exp_avg"])
+
+    # The run's config.yaml, run again, is a new run in a new folder, not this resume again.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "c")
+        again = cli_main(["fit", "--config", str(logs / "version_0" / "config.yaml")])
+    assert again.trainer.global_step == 2 * STEPS_PER_EPOCH  # from step 0
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1"]
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ class AlexNetCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loaded_checkpoints = {}  # --ckpt_path, loaded once (see _parse_ckpt_path)
+        self._resumed_logger = None  # the logger a resumed fit's folder was set on
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -164,9 +165,19 @@ class AlexNetCLI(LightningCLI):
             and run_dir.parent.resolve() == log_root.resolve()
         ):
             logger.init_args.version = run_dir.name
+            self._resumed_logger = logger
 
     def instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        resumed = self._resumed_logger
+        if resumed is not None:
+            super().instantiate_classes()
+            # The saved config.yaml describes the run, not this resume of it: run again, it
+            # trains anew in a new folder instead of "resuming" a finished run (or failing on a
+            # relative path from another folder).
+            resumed.init_args.version = None
+            config.ckpt_path = None
+            return None
         logger = _claim_run_folder(config)
         if logger is None:
             return super().instantiate_classes()
