@@ -315,6 +315,20 @@ def test_fast_yaml_uses_bf16_only_where_the_cpu_has_it(
     assert line.startswith(f"native_mixed_precision: {expected}, ") and reason in line
 
 
+def test_a_run_of_fast_yaml_saves_its_config_for_any_machine(image_folder, tmp_path, monkeypatch):
+    # Trained where bf16 is native, its config.yaml run on a CPU without it trains in fp32: the
+    # choice is the machine's, not the run's recipe.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    one_batch = ("--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
+    fitted = cli_main(fit_args(image_folder, "--config", FAST_CONFIG, *one_batch))
+    assert fitted.trainer.precision == "bf16-mixed"
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
+    config = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
+    again = cli_main(["fit", "--config", str(config), "--trainer.fast_dev_run=1"])
+    assert again.trainer.precision == "32-true"
+
+
 def test_an_explicit_precision_wins_over_fast_yaml(image_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())

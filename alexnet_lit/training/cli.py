@@ -75,6 +75,7 @@ class AlexNetCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loaded_checkpoints = {}  # --ckpt_path, loaded once (see _parse_ckpt_path)
         self._resumed_logger = None  # the logger a resumed fit's folder was set on
+        self._native_precision = False  # trainer.precision chosen by native_mixed_precision
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -142,6 +143,7 @@ class AlexNetCLI(LightningCLI):
                 )
             else:
                 trainer.precision, reason = native_mixed_precision(trainer.accelerator)
+                self._native_precision = True
                 rank_zero_info(f"native_mixed_precision: {trainer.precision}, {reason}.")
 
     def _resolve_ckpt_path(self, config, subcommand: str) -> None:
@@ -169,30 +171,30 @@ class AlexNetCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        resumed = self._resumed_logger
-        if resumed is not None:
-            super().instantiate_classes()
-            # The saved config.yaml describes the run, not this resume of it: run again, it
-            # trains anew in a new folder instead of "resuming" a finished run (or failing on a
-            # relative path from another folder).
-            resumed.init_args.version = None
-            config.ckpt_path = None
-            return None
         logger = _claim_run_folder(config)
-        if logger is None:
-            return super().instantiate_classes()
-        name, version = logger.init_args.name or "", f"version_{logger.init_args.version}"
-        folder = Path(logger.init_args.save_dir, name, version)
         try:
-            super().instantiate_classes()
-        except BaseException:
-            with contextlib.suppress(OSError):  # nothing ran: leave no empty run folder behind
-                folder.rmdir()
-            raise
+            if logger is None:
+                return super().instantiate_classes()
+            name, version = logger.init_args.name or "", f"version_{logger.init_args.version}"
+            folder = Path(logger.init_args.save_dir, name, version)
+            try:
+                super().instantiate_classes()
+            except BaseException:
+                with contextlib.suppress(OSError):  # nothing ran: leave no empty run folder
+                    folder.rmdir()
+                raise
         finally:
-            # The saved config.yaml keeps version null, as the user wrote it, so that running it
-            # again makes a new run.
-            logger.init_args.version = None
+            # The saved config.yaml says what the user asked for, not what was chosen here, so
+            # that running it again is a new run of the same recipe on whatever machine: no run
+            # folder (a claimed or resumed one), no checkpoint to resume (a finished run would
+            # "resume" doing nothing), no precision picked for this machine's hardware.
+            for chosen in (logger, self._resumed_logger):
+                if chosen is not None:
+                    chosen.init_args.version = None
+            if self._resumed_logger is not None:
+                config.ckpt_path = None
+            if self._native_precision:
+                config.trainer.precision = None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
