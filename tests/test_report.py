@@ -98,6 +98,8 @@ def test_a_fit_ends_with_a_summary_of_where_its_results_went(run):
     assert "best checkpoint: lightning_logs/version_0/checkpoints/best-epoch=" in out
     assert "report: lightning_logs/version_0/report.html" in out
     assert "tensorboard --logdir lightning_logs" in out
+    (line,) = [m for m in run.log if m.startswith("temperature scaling: T = ")]
+    assert line.count("(") == line.count(")") and " in the best checkpoint; " in line
 
 
 def test_the_report_is_rebuilt_from_the_run_folder_alone(run, capsys):

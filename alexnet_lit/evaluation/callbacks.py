@@ -278,10 +278,13 @@ class TemperatureScaling(L.Callback):
         line = f"temperature scaling: T = {self._latest['temperature']:.3f} (last epoch"
         if before is not None:
             line += f", val ECE {float(before):.4f} -> {self._latest['after']:.4f}"
+        line += ")"
         best = checkpoint_temperature(best_checkpoint(run_dir(trainer)))
         if best is not None:
-            line += f"), {best:.3f} in the best checkpoint"
-        rank_zero_info(line + "; stored in the checkpoints' hyperparameters.")
+            line += f", {best:.3f} in the best checkpoint"
+        if trainer.checkpoint_callbacks:
+            line += "; each checkpoint stores the T fitted on its own epoch"
+        rank_zero_info(line + ".")
 
 
 class EvaluationReport(_DrawsWhenNews):
