@@ -63,3 +63,13 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     code = export_main(["--ckpt", str(tmp_path / "no.ckpt"), "--format", "onnx", "--out", "x"])
     assert code == 2
     assert capsys.readouterr().err.startswith(f"error: checkpoint '{tmp_path / 'no.ckpt'}'")
+
+
+def test_an_out_path_that_cannot_be_written_is_one_line(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    out = tmp_path / "taken" / "model.pt2"
+    assert (
+        export_main(["--ckpt", str(tiny_ckpt), "--format", "torch_export", "--out", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: '{tmp_path / 'taken'}") and err.count("\n") == 1

@@ -91,6 +91,19 @@ def test_missing_checkpoint_names_it(tmp_path, capsys):
     )
 
 
+def test_a_device_or_an_out_path_that_cannot_be_used_is_one_line(tiny_ckpt, tmp_path, capsys):
+    image = make_image_folder(tmp_path / "img", splits={"x": 1}) / "x" / "ant" / "img_0.jpg"
+    args = ["--ckpt", str(tiny_ckpt), str(image)]
+    assert predict_main([*args, "--device", "banana"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --device 'banana' is not a device torch knows; use auto, cpu or cuda:N.\n"
+    )
+    (tmp_path / "taken").write_text("a file where --out wants a folder")
+    assert predict_main([*args, "--out", str(tmp_path / "taken" / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: '{tmp_path / 'taken'}") and err.count("\n") == 1
+
+
 def test_tutorial_state_dict_gets_a_hint(tmp_path, capsys):
     ckpt = tmp_path / "alexnet.pt"
     torch.save({"21.weight": torch.zeros(2, 4096)}, ckpt)

@@ -122,6 +122,17 @@ def test_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: '{tmp_path}' is not a run folder")
 
 
+def test_a_damaged_file_in_the_run_folder_is_one_line(run, tmp_path, capsys):
+    folder = tmp_path / "version_0"
+    shutil.copytree(run.fit, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    summary = folder / "val_report.json"
+    summary.write_text(summary.read_text()[:20])  # cut off mid-write
+    assert report_main([str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: '{folder}' has a file the report cannot read (JSONDecodeError")
+    assert err.count("\n") == 1
+
+
 def test_a_run_validated_every_other_epoch_counts_its_epochs_not_its_validations(tmp_path):
     # 4 epochs of 2 steps, validated after epochs 1 and 3: Lightning logs "epoch" at each step
     # it logs anything.

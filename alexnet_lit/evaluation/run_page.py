@@ -381,9 +381,22 @@ def report_main(argv: list[str] | None = None) -> int:
     """``scripts/report.py RUN_DIR``: rebuild a run's report.html."""
     import argparse
 
-    from alexnet_lit.errors import run_main
+    from alexnet_lit.errors import first_line, run_main
 
     parser = argparse.ArgumentParser(description="Rebuild a run's report.html from its folder.")
     parser.add_argument("run_dir", type=Path, help="a lightning_logs/version_N folder")
     args = parser.parse_args(argv)
-    return run_main(lambda: print(printable(f"wrote {build_report(args.run_dir)[0]}")))
+
+    def rebuild() -> None:
+        try:
+            page, _ = build_report(args.run_dir)
+        except UserError:
+            raise
+        except Exception as err:  # whatever a damaged file of the folder raises
+            raise UserError(
+                f"'{args.run_dir}' has a file the report cannot read ({type(err).__name__}: "
+                f"{first_line(err)}); re-run the evaluation that wrote it, or delete it."
+            ) from err
+        print(printable(f"wrote {page}"))
+
+    return run_main(rebuild)

@@ -123,6 +123,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
     inputs = [torch.randn(n, *shape, generator=generator) for n in (1, 3)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.open("ab").close()  # a path that cannot be written fails here, as an OSError naming it
     metadata = export_metadata(lit.hparams)
     with torch.no_grad():
         if fmt == "onnx":

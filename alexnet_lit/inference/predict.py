@@ -152,7 +152,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceError("--device cuda was given but no CUDA GPU is available; use cpu.")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise InferenceError(
+            f"--device {device!r} is not a device torch knows; use auto, cpu or cuda:N."
+        ) from err
 
 
 def eval_loader(
