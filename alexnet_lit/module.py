@@ -114,6 +114,8 @@ class LitAlexNet(L.LightningModule):
                 f"model.num_classes must be at least 2, got {num_classes}; a classifier needs "
                 "two classes or more (the CLI links it from the data's class folders)."
             )
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"model.dropout must be at least 0 and below 1, got {dropout}.")
         if class_names is not None and len(class_names) != num_classes:
             raise UserError(
                 f"model.class_names has {len(class_names)} names but model.num_classes is "

@@ -277,13 +277,14 @@ def test_a_data_value_no_image_could_pass_is_one_line_before_the_fit(
     ("options", "named"),
     [
         (["--model.hidden_features=0"], "model.hidden_features must be at least 1, got 0."),
+        (["--model.dropout=1.7"], "model.dropout must be at least 0 and below 1, got 1.7."),
         (
             ["--config", str(ROOT / "configs" / "experiments" / "plateau.yaml"),
              "--model.lr_scheduler.init_args.mode=min"],
             "model.lr_scheduler: ReduceLROnPlateau watches val/acc",
         ),
     ],
-    ids=["width", "plateau"],
+    ids=["width", "dropout", "plateau"],
 )  # fmt: skip
 def test_a_model_value_that_cannot_train_is_one_line(
     options, named, image_folder, tmp_path, monkeypatch, capsys
