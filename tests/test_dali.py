@@ -71,6 +71,19 @@ def test_training_batches_cover_the_split_with_random_crops(data):
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, second, strict=True))
 
 
+def test_a_loader_made_for_a_resumed_epoch_reads_what_the_uninterrupted_one_does(data):
+    dm = data_module(data)
+    dm.setup("fit")
+    preset = DALIPreset(SIZE, 77, 3, (0.5,) * 3, (0.5,) * 3, train=True)
+    samples = dm.datasets["train"].samples
+    uninterrupted = DALILoader(samples, preset, 4)
+    list(uninterrupted)  # epoch 0
+    expected = list(uninterrupted)  # epoch 1
+    resumed = list(DALILoader(samples, preset, 4, epoch=lambda: 1))
+    for (images, targets), (want_images, want_targets) in zip(resumed, expected, strict=True):
+        assert torch.equal(targets, want_targets) and torch.equal(images, want_images)
+
+
 def loaders(samples, train: bool, world_size: int) -> list[DALILoader]:
     preset = DALIPreset(SIZE, 77, 3, (0.5,) * 3, (0.5,) * 3, train=train)
     return [DALILoader(samples, preset, 2, rank, world_size) for rank in range(world_size)]
@@ -145,6 +158,22 @@ def test_cli_fit_on_dali_records_what_it_skipped(data, tmp_path, monkeypatch):
     assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
     rows = read_csv(tmp_path / "lightning_logs" / "version_0" / "skipped_images.csv")
     assert [(Path(row["path"]).name, row["when"]) for row in rows] == [("x_broken.jpg", "load")]
+
+
+@pytest.mark.slow
+def test_a_resumed_dali_fit_ends_with_the_uninterrupted_fits_weights(data, tmp_path, monkeypatch):
+    overlay = str(Path(__file__).resolve().parents[1] / "configs" / "dali.yaml")
+    common = ["--config", overlay, "--data.num_workers=1", "--trainer.deterministic=true"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "resumed").mkdir()
+    monkeypatch.chdir(tmp_path / "full")
+    full = cli_main(fit_args(data, *common, "--trainer.max_epochs=2"))
+    monkeypatch.chdir(tmp_path / "resumed")
+    cli_main(fit_args(data, *common, "--trainer.max_epochs=1"))
+    resumed = cli_main(fit_args(data, *common, "--trainer.max_epochs=2", "--ckpt_path=last"))
+    weights = resumed.model.state_dict()
+    for key, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, weights[key]), key  # epoch 1's order and crops, not epoch 0's
 
 
 def test_missing_dali_is_one_line_naming_the_extra(data, tmp_path, monkeypatch, capsys):

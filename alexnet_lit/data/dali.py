@@ -164,6 +164,9 @@ class DALILoader:
         num_threads: DALI's CPU threads.
         seed: Seeds each epoch's permutation (training) and the pipeline's random crops.
         on_bad_image: Called with ``(path, reason)`` for an image DALI cannot decode.
+        epoch: Gives the epoch an iteration reads (the trainer's ``current_epoch``), so that a
+            resumed fit reads the order and crops the uninterrupted fit would; None counts the
+            iterations from 0.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class DALILoader:
         num_threads: int = 1,
         seed: int = 0,
         on_bad_image: Callable[[str, str], None] = lambda path, reason: None,
+        epoch: Callable[[], int] | None = None,
     ) -> None:
         require_dali()
         self.samples = [(str(path), int(label)) for path, label in samples]
@@ -187,7 +191,8 @@ class DALILoader:
         self.num_threads = max(1, num_threads)
         self.seed = seed
         self.on_bad_image = on_bad_image
-        self.epoch = 0
+        self.epoch = 0  # the next iteration's, unless ``epoch`` gives it
+        self.current_epoch = epoch
         self.bad: set[str] = set()
 
     def shard(self, epoch: int) -> list[tuple[str, int]]:
@@ -205,7 +210,8 @@ class DALILoader:
         return math.ceil(len(self.shard(self.epoch)) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch = self.epoch if self.current_epoch is None else self.current_epoch()
+        self.epoch = epoch + 1
         remaining = self._without_bad(self.shard(epoch))
         seed = self.seed + 1000 * epoch + self.rank
         while remaining:

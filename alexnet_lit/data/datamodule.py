@@ -419,6 +419,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_threads=max(1, self.num_workers),
             seed=self.hparams.seed,
             on_bad_image=lambda path, reason: self.skipped.add(path, reason, "load"),
+            epoch=None if trainer is None or not train else lambda: trainer.current_epoch,
         )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
