@@ -1,6 +1,8 @@
 """notebooks/reload_checkpoint.ipynb runs top to bottom in a real Jupyter kernel."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import nbclient
@@ -18,16 +20,26 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_reloads_the_newest_best_checkpoint(tiny_run, tiny_ckpt, monkeypatch):
+def test_notebook_reloads_the_newest_best_checkpoint(tiny_run, tiny_ckpt, tmp_path, monkeypatch):
     for name in ("ALEXNET_CKPT", "ALEXNET_DATA"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout's package
     # A non-GUI backend that still returns each figure as a PNG output.
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    # Run from the run's parent folder: the defaults find lightning_logs/ and the config's data.
+    # A project trained with a relative --data.data_dir, as the README's commands do, and the
+    # notebook run from its notebooks/ folder, where Jupyter starts it: the defaults find
+    # ../lightning_logs/ and the run's data.
+    project = tmp_path / "project"
+    shutil.copytree(tiny_run, project)
+    config = project / tiny_ckpt.relative_to(tiny_run).parents[1] / "config.yaml"
+    config.write_text(re.sub(r"(?m)^  data_dir: .*$", "  data_dir: data", config.read_text()))
+    (project / "notebooks").mkdir()
     nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": tiny_run}}
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": project / "notebooks"}},
     ).execute()
 
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]

@@ -48,7 +48,8 @@ def record_run(folder: Path, trainer: L.Trainer) -> None:
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "subcommand": str(trainer.state.fn.value),
         "ckpt_path": None if trainer.ckpt_path is None else str(Path(trainer.ckpt_path).resolve()),
-        "data_dir": None if data is None else str(getattr(data, "data_dir", "")),
+        # Absolute: the notebook and the report find it from any working folder.
+        "data_dir": None if data is None else str(Path(data.data_dir).resolve()),
         "class_names": None if data is None else list(getattr(data, "class_names", [])),
         "images_per_class": counts,
         "image_size": getattr(data, "image_size", None),

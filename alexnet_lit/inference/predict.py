@@ -465,17 +465,35 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_data_dir(ckpt: str | Path) -> Path | None:
-    """The ``data.data_dir`` recorded in the run's ``config.yaml`` next to a CLI checkpoint.
+    """The data folder of the run a CLI checkpoint belongs to: the absolute path its
+    ``run.json`` recorded, else the ``data.data_dir`` of its ``config.yaml``.
 
     Returns the built-in demo's folder for a run on the demo data, and None when the checkpoint
     is not inside a CLI run directory.
     """
+    import json
+
     import yaml
 
     from alexnet_lit.data.demo import demo_dir
+    from alexnet_lit.evaluation.run_page import RUN_RECORD
 
-    config = Path(ckpt).resolve().parents[1] / "config.yaml"
+    folder = Path(ckpt).resolve().parents[1]
+    record = folder / RUN_RECORD
+    if record.is_file():
+        data_dir = json.loads(record.read_text()).get("data_dir")
+        if data_dir:
+            return Path(data_dir)
+    config = folder / "config.yaml"
     if not config.is_file():
         return None
     data_dir = (yaml.safe_load(config.read_text()).get("data") or {}).get("data_dir")
-    return demo_dir() if data_dir is None else Path(os.path.expanduser(data_dir))
+    if data_dir is None:
+        return demo_dir()
+    data_dir = Path(os.path.expanduser(data_dir))
+    if not data_dir.is_absolute():
+        # Relative to the folder the fit ran in, which holds its run folder (lightning_logs/
+        # version_N): the nearest such folder that has it.
+        found = (parent / data_dir for parent in folder.parents)
+        return next((path for path in found if path.is_dir()), data_dir)
+    return data_dir
