@@ -251,6 +251,9 @@ def test_bad_value_names_the_key_and_the_reason(image_folder, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     line = cli_error_line(capsys, fit_args(image_folder, "--data.batch_size=many"))
     assert 'Parser key "data.batch_size"' in line and "Got value: many" in line
+    # A key cut short is a mistake, not the key it begins (argparse would take it).
+    line = cli_error_line(capsys, fit_args(image_folder, "--model.hidden=3"))
+    assert "unrecognized arguments: --model.hidden=3" in line
 
 
 @pytest.mark.parametrize(

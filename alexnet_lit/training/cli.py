@@ -321,8 +321,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
             save_config_kwargs={"overwrite": True},
             # The optimizer is the model's (model.optimizer in YAML): one way to set it, not two.
             auto_configure_optimizers=False,
-            # Raise instead of printing the whole usage text, so the error is one line.
-            parser_kwargs={"exit_on_error": False},
+            # Raise instead of printing the whole usage text, so the error is one line; and take
+            # no abbreviation (argparse's default), so a mistyped key is an error, not another key.
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
         )
     except UserError as err:
         _exit_with(str(err))
