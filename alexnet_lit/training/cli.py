@@ -383,7 +383,7 @@ def fit_parser() -> ArgumentParser:
         args=[],
         run=False,
         auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
     ).parser
 
 
