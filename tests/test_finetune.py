@@ -17,6 +17,7 @@ from alexnet_lit.errors import CheckpointError
 from alexnet_lit.inference.predict import predict_probs
 from alexnet_lit.model import build_alexnet
 from alexnet_lit.preprocessing import normalize
+from alexnet_lit.runs import read_scalars
 from alexnet_lit.training.callbacks import BackboneFinetuning
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.weights import (
@@ -239,6 +240,9 @@ def test_resume_after_the_thaw_continues_the_schedule_exactly(tmp_path, caplog):
         assert torch.equal(tensor, resumed.model.state_dict()[key]), f"resume differs in {key}"
     lrs = [[g["lr"] for g in cli.trainer.optimizers[0].param_groups] for cli in (full, resumed)]
     assert lrs[0] == lrs[1] == pytest.approx([1e-4, 2e-5])
+    # TensorBoard has the backbone's rate from the thaw epoch on, each epoch's own.
+    logged = read_scalars(tmp_path / "a" / "lightning_logs" / "version_0")["lr-Adam/pg2"]
+    assert [value for _, value in logged] == pytest.approx([1e-5, 2e-5])
 
 
 def test_missing_imagenet_file_offline_is_one_line(

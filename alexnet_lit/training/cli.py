@@ -14,6 +14,7 @@ from typing import Any
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import (
+    BaseFinetuning,
     BasePredictionWriter,
     ModelCheckpoint,
     StochasticWeightAveraging,
@@ -212,6 +213,7 @@ class AlexNetCLI(LightningCLI):
             checkpoint_io.hand_over(self._loaded_checkpoints)
         self._loaded_checkpoints = {}  # the trainer's load takes it; no second copy for the fit
         _follow_weight_averaging(trainer)
+        _finetuning_first(trainer)
         return trainer
 
     def before_predict(self) -> None:
@@ -224,6 +226,16 @@ def _loggers(config: Any) -> list[Namespace]:
     """The logger configs of ``trainer.logger`` (one, a list, or none)."""
     loggers = config if isinstance(config, list) else [config]
     return [logger for logger in loggers if isinstance(logger, Namespace)]
+
+
+def _finetuning_first(trainer: Trainer) -> None:
+    """Fine-tuning callbacks before the others: they thaw the backbone (a new optimizer group,
+    new rates) in ``on_train_epoch_start``, where LearningRateMonitor logs the rates, which
+    would otherwise show each rate an epoch late and miss the thaw epoch's new group."""
+    finetuning = [c for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+    if finetuning:
+        rest = [c for c in trainer.callbacks if not isinstance(c, BaseFinetuning)]
+        trainer.callbacks[:] = [*finetuning, *rest]
 
 
 def _follow_weight_averaging(trainer: Trainer) -> None:
