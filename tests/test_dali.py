@@ -3,6 +3,7 @@ PIL path, exact shards, unreadable images skipped and recorded, and a fit throug
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +108,22 @@ def test_shards_are_exact_for_evaluation_and_equal_for_training(data, world_size
     covered = {path for loader in train for path, _ in loader.shard(0)}
     assert covered == {str(path) for path, _ in dm.datasets["train"].samples}
     assert train[0].shard(0) != train[0].shard(1)  # reshuffled each epoch
+    # More ranks than twice the images: the padding repeats the order as often as it takes.
+    many = loaders(dm.datasets["train"].samples, True, 3 * len(dm.datasets["train"]))
+    assert {len(loader.shard(0)) for loader in many} == {1}
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_fewer_evaluation_images_than_processes_is_one_line(backend, data):
+    dm = data_module(data, backend=backend)
+    dm.setup("validate")
+    images = len(dm.datasets["val"])
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = SimpleNamespace(  # what the loaders read of a DDP trainer
+        world_size=images + 1, global_rank=0, strategy=cpu, current_epoch=0
+    )
+    with pytest.raises(DataConfigError, match=f"{images} evaluation images cannot be split over"):
+        dm.val_dataloader()
 
 
 def test_an_image_dali_cannot_decode_is_skipped_and_recorded(data, tmp_path):

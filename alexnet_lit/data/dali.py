@@ -14,6 +14,7 @@ out: in training it is replaced by another image of the shard (the step count st
 evaluation the rest of the shard is read without it.
 """
 
+import itertools
 import math
 import random
 import re
@@ -203,7 +204,8 @@ class DALILoader:
         order = list(range(len(self.samples)))
         random.Random(self.seed + epoch).shuffle(order)
         per_rank = math.ceil(len(order) / self.world_size)
-        order += order[: per_rank * self.world_size - len(order)]  # pad, as DistributedSampler
+        # Pad, as DistributedSampler does, repeating the order as often as it takes.
+        order = list(itertools.islice(itertools.cycle(order), per_rank * self.world_size))
         return [self.samples[i] for i in order[self.rank :: self.world_size]]
 
     def __len__(self) -> int:

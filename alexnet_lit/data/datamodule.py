@@ -371,12 +371,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if sampler is None and not shuffle and distributed:
             # Evaluation under DDP: each image exactly once, so metrics are exact. Training keeps
             # Lightning's shuffling DistributedSampler (it calls set_epoch every epoch).
+            self._check_evaluation_split(len(dataset))
             world_size = self.trainer.world_size
-            if len(dataset) < world_size:
-                raise DataConfigError(
-                    f"{len(dataset)} evaluation images cannot be split over {world_size} "
-                    "processes; add images or lower trainer.devices / trainer.num_nodes."
-                )
             sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
         shape = (self.image_size, self.image_size, self.hparams.in_channels)  # a preset's HWC
         return DataLoader(
@@ -394,11 +390,22 @@ class ImageFolderDataModule(L.LightningDataModule):
             collate_fn=SkippingCollate(shape),
         )
 
+    def _check_evaluation_split(self, images: int) -> None:
+        """Every process scores at least one evaluation image (DDP's collectives need it)."""
+        world_size = 1 if self.trainer is None else self.trainer.world_size
+        if images < world_size:
+            raise DataConfigError(
+                f"{images} evaluation images cannot be split over {world_size} "
+                "processes; add images or lower trainer.devices / trainer.num_nodes."
+            )
+
     def _dali_loader(self, stage: str) -> DALILoader:
         """The same images and labels as the PIL path's dataset, through a DALI pipeline."""
         trainer = self.trainer
         device = torch.device("cpu") if trainer is None else trainer.strategy.root_device
         train = stage == "train"
+        if not train:
+            self._check_evaluation_split(len(self.datasets[stage]))
         preset = DALIPreset(
             image_size=self.image_size,
             resize_size=self.preprocessing["resize_size"],
