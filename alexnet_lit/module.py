@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, StochasticWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -352,24 +352,25 @@ class LitAlexNet(L.LightningModule):
         torch would fail deep in ``load_state_dict`` (or quietly mix two optimizers' states)."""
         saved = checkpoint.get("optimizer_states") or []
         fresh = self.optimizer(self._param_groups())
-        # An optimizer's own settings name its kind (Adam: betas, eps; SGD: momentum, ...).
-        # Schedulers add initial_lr; the implementation flags vary with the torch version that
-        # saved the file, and torch fills in missing ones.
-        ignored = {"params", "initial_lr", *_OPTIMIZER_FLAGS}
-        kind = set(fresh.param_groups[0]) - ignored
-        saved_kinds = [
-            set(group) - ignored for state in saved for group in state.get("param_groups", [])
-        ]
+        # An optimizer's own settings name its kind (Adam: betas, eps; SGD: momentum, ...): each
+        # saved group must have this one's. Schedulers add keys of their own (initial_lr,
+        # OneCycleLR's max_lr, SWALR's swa_lr), and the implementation flags vary with the torch
+        # version that saved the file (torch fills in missing ones).
+        kind = set(fresh.defaults) - set(_OPTIMIZER_FLAGS)
+        saved_groups = [group for state in saved for group in state.get("param_groups", [])]
+        callbacks = self.trainer.callbacks
+        # Fine-tuning adds the thawed backbone's group itself when it resumes; SWA adds its
+        # own schedule.
+        finetuning = any(isinstance(c, BaseFinetuning) for c in callbacks)
+        averaging = any(isinstance(c, StochasticWeightAveraging) for c in callbacks)
         schedules = bool(checkpoint.get("lr_schedulers"))
-        # Fine-tuning adds the thawed backbone's group itself when it resumes.
-        finetuning = any(isinstance(c, BaseFinetuning) for c in self.trainer.callbacks)
         mismatch = None
-        if len(saved) != 1 or any(saved_kind != kind for saved_kind in saved_kinds):
+        if len(saved) != 1 or any(kind - set(group) for group in saved_groups):
             mismatch = f"another optimizer than this config's {type(fresh).__name__}"
-        elif not finetuning and len(saved_kinds) != len(fresh.param_groups):
-            mismatch = f"{len(saved_kinds)} parameter group(s), not {len(fresh.param_groups)}"
+        elif not finetuning and len(saved_groups) != len(fresh.param_groups):
+            mismatch = f"{len(saved_groups)} parameter group(s), not {len(fresh.param_groups)}"
             mismatch += " (model.no_decay_bias)"
-        elif schedules != (self.lr_scheduler is not None):
+        elif not averaging and schedules != (self.lr_scheduler is not None):
             mismatch = "a learning-rate schedule" if schedules else "no learning-rate schedule"
         if mismatch is not None:
             raise CheckpointError(

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -168,6 +169,27 @@ def test_resuming_with_another_optimizer_or_schedule_is_one_line(
     line = cli_error_line(capsys, ["fit", "--config", config, f"--ckpt_path={last}", *change])
     assert line.startswith(f"error: --ckpt_path '{last}' was saved by a fit {named}")
     assert line.endswith("or start a new fit from its weights with --model.weights.")
+
+
+class StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+@pytest.mark.slow
+def test_a_onecycle_fit_resumes(image_folder, tmp_path, monkeypatch):
+    # OneCycleLR adds settings of its own (max_lr, min_lr, momentum bounds) to the optimizer's
+    # group: the resume check must not take them for another optimizer's.
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(
+        image_folder, "--config", str(ROOT / "configs" / "experiments" / "onecycle.yaml"),
+        "--trainer.max_epochs=2",
+    )  # fmt: skip
+    first = cli_main(args[1:], run=False)
+    first.trainer.callbacks.append(StopAfterFirstEpoch())  # a fit cut short after one epoch
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    resumed = cli_main([*args, "--ckpt_path=last"])
+    assert resumed.trainer.global_step == 2 * first.trainer.global_step
 
 
 def test_a_ckpt_path_that_is_no_lightning_checkpoint_points_to_model_weights(
