@@ -207,6 +207,9 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
         "--model.lr_scheduler.init_args.gamma=0.5",
         # A loader worker, as by default: its random crops and flips must continue too.
         "--data.num_workers=1",
+        # No sanity check: the validation loader is then first made after the resume, at
+        # another point of the random stream than in the uninterrupted run.
+        "--trainer.num_sanity_val_steps=0",
     ]
     # The baselines keep only the RNG callback: no checkpoints are needed from them.
     overlay = tmp_path / "no_checkpoints.yaml"
@@ -224,10 +227,10 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
         )
     )
     full = fit_in(
-        tmp_path / "a", tiny_data, "--config", str(overlay), "--trainer.max_epochs=2", *scheduler
+        tmp_path / "a", tiny_data, "--config", str(overlay), "--trainer.max_epochs=3", *scheduler
     )
     again = fit_in(
-        tmp_path / "b", tiny_data, "--config", str(overlay), "--trainer.max_epochs=2", *scheduler
+        tmp_path / "b", tiny_data, "--config", str(overlay), "--trainer.max_epochs=3", *scheduler
     )
     first = fit_in(tmp_path / "c", tiny_data, "--trainer.max_epochs=1", *scheduler)
     assert first.trainer.global_step == STEPS_PER_EPOCH
@@ -235,16 +238,16 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
         mp.chdir(tmp_path / "c")
         resumed = cli_main(
             fit_args(
-                tiny_data, "--trainer.deterministic=true", "--trainer.max_epochs=2",
+                tiny_data, "--trainer.deterministic=true", "--trainer.max_epochs=3",
                 "--ckpt_path=last", *scheduler,
             )
         )  # fmt: skip
     # --ckpt_path last found version_0's last.ckpt and the run continued in version_0.
     logs = tmp_path / "c" / "lightning_logs"
     assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
-    assert resumed.trainer.current_epoch == 2
-    assert resumed.trainer.global_step == full.trainer.global_step == 2 * STEPS_PER_EPOCH
-    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.25)
+    assert resumed.trainer.current_epoch == 3
+    assert resumed.trainer.global_step == full.trainer.global_step == 3 * STEPS_PER_EPOCH
+    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.125)
 
     weights = {name: run.model.state_dict() for name, run in [("full", full), ("again", again)]}
     weights["resumed"] = resumed.model.state_dict()
@@ -259,7 +262,7 @@ def test_rerun_repeats_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_pa
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path / "c")
         again = cli_main(["fit", "--config", str(logs / "version_0" / "config.yaml")])
-    assert again.trainer.global_step == 2 * STEPS_PER_EPOCH  # from step 0
+    assert again.trainer.global_step == 3 * STEPS_PER_EPOCH  # from step 0
     assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1"]
 
 

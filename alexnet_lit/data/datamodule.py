@@ -386,6 +386,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             # the uninterrupted one would. Persistent ones would keep generators seeded at the
             # fit's first epoch, which no checkpoint holds. Evaluation draws nothing at random.
             persistent_workers=self.num_workers > 0 and not training,
+            # An evaluation loader's workers take their seed from their own generator, not
+            # from the global one, whose stream a resumed fit must continue: its iterator is
+            # made at a different point of a resumed fit (the first validation) than of an
+            # uninterrupted one. Evaluation draws nothing at random with it.
+            generator=None if training else torch.Generator().manual_seed(0),
             pin_memory=on_cuda,
             collate_fn=SkippingCollate(shape),
         )
