@@ -38,17 +38,10 @@ def print_error(message: object) -> None:
 
 def run_main(main: Callable[[], object]) -> int:
     """Run a script's ``main``: 0 when it returns, 2 with one ``error:`` line on stderr when it
-    raises a :class:`UserError`, or an ``OSError`` about a path."""
+    raises a :class:`UserError`."""
     try:
         main()
     except UserError as err:
         print_error(err)
-        return 2
-    except OSError as err:
-        if err.filename is None:
-            raise
-        # A path the user gave that cannot be made, read or written (a file where a folder
-        # should be, permissions, a full disk).
-        print_error(f"'{err.filename}': {err.strerror}; check the path and its permissions.")
         return 2
     return 0

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from alexnet_lit.errors import UserError
+
 if TYPE_CHECKING:  # Lightning is imported where a trainer exists; the data doctor needs none
     import lightning as L
 
@@ -63,6 +65,28 @@ def open_text(path: str | Path, mode: str = "w") -> IO[str]:
     """Open a text file for the project's outputs: UTF-8, and any file name (or other string)
     that is not valid UTF-8 written as its original bytes. ``newline=""`` suits ``csv``."""
     return open(path, mode, encoding=ENCODING, errors=ERRORS, newline="")
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Make ``path``'s folder and check that the file can be written there, before the work
+    that ends in writing it.
+
+    Raises:
+        UserError: It cannot (a file where a folder should be, permissions, a read-only
+            place); the message names ``option`` and the path.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as err:
+        raise UserError(
+            f"{option} '{path}' cannot be written ({err.strerror}); pick another path."
+        ) from err
 
 
 def printable(text: str | Path) -> str:

@@ -32,8 +32,10 @@ def test_notebook_reloads_the_newest_best_checkpoint(tiny_run, tiny_ckpt, tmp_pa
     # ../lightning_logs/ and the run's data.
     project = tmp_path / "project"
     shutil.copytree(tiny_run, project)
-    config = project / tiny_ckpt.relative_to(tiny_run).parents[1] / "config.yaml"
+    run = project / tiny_ckpt.relative_to(tiny_run).parents[1]
+    config = run / "config.yaml"
     config.write_text(re.sub(r"(?m)^  data_dir: .*$", "  data_dir: data", config.read_text()))
+    (run / "run.json").write_text(json.dumps({"data_dir": "data"}))  # as older runs recorded it
     (project / "notebooks").mkdir()
     nbclient.NotebookClient(
         notebook,

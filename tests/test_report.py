@@ -129,7 +129,7 @@ def test_a_damaged_file_in_the_run_folder_is_one_line(run, tmp_path, capsys):
     summary.write_text(summary.read_text()[:20])  # cut off mid-write
     assert report_main([str(folder)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: '{folder}' has a file the report cannot read (JSONDecodeError")
+    assert err.startswith(f"error: '{summary}' cannot be read (JSONDecodeError")
     assert err.count("\n") == 1
 
 
@@ -144,6 +144,9 @@ def test_a_run_validated_every_other_epoch_counts_its_epochs_not_its_validations
     summary = result_summary(tmp_path, scalars)
     assert summary["best_val_acc"] == 0.9
     assert (summary["best_epoch"], summary["epochs"]) == (1, 4)
+    # Without Lightning's epoch scalar (another logger's folder): one point per epoch.
+    summary = result_summary(tmp_path, {"val/acc": [(3, 0.9), (7, 0.8)]})
+    assert (summary["best_epoch"], summary["epochs"]) == (0, 2)
 
 
 # Chromium's own background requests (time, sign-in, safe browsing), which never come from a page.

@@ -24,7 +24,7 @@ from alexnet_lit.checkpoints import best_checkpoint, checkpoint_temperature
 from alexnet_lit.data.folders import SPLITS, identical_files, imbalance_text
 from alexnet_lit.data.index import class_counts
 from alexnet_lit.data.scan_cache import ScanCache
-from alexnet_lit.errors import UserError
+from alexnet_lit.errors import UserError, first_line
 from alexnet_lit.evaluation.pictures import figure
 from alexnet_lit.model import ALEXNET_WIDTH
 from alexnet_lit.runs import open_text, printable, read_csv, read_scalars
@@ -49,7 +49,9 @@ def record_run(folder: Path, trainer: L.Trainer) -> None:
         "subcommand": str(trainer.state.fn.value),
         "ckpt_path": None if trainer.ckpt_path is None else str(Path(trainer.ckpt_path).resolve()),
         # Absolute: the notebook and the report find it from any working folder.
-        "data_dir": None if data is None else str(Path(data.data_dir).resolve()),
+        "data_dir": None
+        if getattr(data, "data_dir", None) is None
+        else str(Path(data.data_dir).resolve()),
         "class_names": None if data is None else list(getattr(data, "class_names", [])),
         "images_per_class": counts,
         "image_size": getattr(data, "image_size", None),
@@ -110,7 +112,7 @@ def result_summary(
         step, value = max(accuracies, key=lambda point: point[1])
         epochs = _epochs_at(scalars, accuracies)
         # The epochs run, not the validations: with check_val_every_n_epoch, fewer.
-        last = max(epochs[-1], *(epoch for _, epoch in scalars.get("epoch", [])))
+        last = max([epochs[-1], *(epoch for _, epoch in scalars.get("epoch", []))])
         summary.update(best_val_acc=value, best_epoch=epochs[accuracies.index((step, value))])
         summary["epochs"] = int(last) + 1
     for tag, key in (("val/loss", "final_val_loss"), ("val/ece", "final_val_ece")):
@@ -189,7 +191,7 @@ def _evaluation(folder: Path, stage: str, title: str) -> dict[str, Any] | None:
         return None
     summary_file = folder / f"{stage}_report.json"
     if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+        summary = _parsed(summary_file, json.loads)
     else:  # a run folder written before the JSON summary: the totals from the per-class rows
         support = [int(row["support"]) for row in rows]
         right = sum(float(row["recall"]) * n for row, n in zip(rows, support, strict=True))
@@ -235,7 +237,18 @@ def _later_evaluations(folder: Path) -> list[dict[str, Any]]:
 
 def _record(folder: Path) -> dict[str, Any]:
     path = folder / RUN_RECORD
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _parsed(path, json.loads) if path.is_file() else {}
+
+
+def _parsed(path: Path, parse: Any) -> Any:
+    """``parse`` of a run file's text; a file cut short or damaged is one sentence naming it."""
+    try:
+        return parse(path.read_text())
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:  # JSONDecodeError: ValueError
+        raise UserError(
+            f"'{path}' cannot be read ({type(err).__name__}: {first_line(err)}); re-run the "
+            "command that wrote it, or delete it to leave its section out."
+        ) from err
 
 
 def _settings(config: dict[str, Any], record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -320,7 +333,7 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
             f"'{folder}' is not a run folder (it has no config.yaml); pass a "
             "lightning_logs/version_N folder."
         )
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = _parsed(config_path, yaml.safe_load) or {}
     record = _record(folder)
     counts = record.get("images_per_class", {})
     classes = record.get("class_names") or sorted({n for split in counts.values() for n in split})
@@ -382,22 +395,13 @@ def report_main(argv: list[str] | None = None) -> int:
     """``scripts/report.py RUN_DIR``: rebuild a run's report.html."""
     import argparse
 
-    from alexnet_lit.errors import first_line, run_main
+    from alexnet_lit.errors import run_main
 
     parser = argparse.ArgumentParser(description="Rebuild a run's report.html from its folder.")
     parser.add_argument("run_dir", type=Path, help="a lightning_logs/version_N folder")
     args = parser.parse_args(argv)
 
     def rebuild() -> None:
-        try:
-            page, _ = build_report(args.run_dir)
-        except UserError:
-            raise
-        except Exception as err:  # whatever a damaged file of the folder raises
-            raise UserError(
-                f"'{args.run_dir}' has a file the report cannot read ({type(err).__name__}: "
-                f"{first_line(err)}); re-run the evaluation that wrote it, or delete it."
-            ) from err
-        print(printable(f"wrote {page}"))
+        print(printable(f"wrote {build_report(args.run_dir)[0]}"))
 
     return run_main(rebuild)

@@ -13,6 +13,7 @@ import torch
 
 from alexnet_lit.errors import InferenceError, run_main
 from alexnet_lit.inference.predict import load_model
+from alexnet_lit.runs import check_writable
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
@@ -122,8 +123,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> float:
     # Batch sizes other than the example's prove that the batch axis is dynamic.
     inputs = [torch.randn(n, *shape, generator=generator) for n in (1, 3)]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.open("ab").close()  # a path that cannot be written fails here, as an OSError naming it
+    check_writable(out, "--out")
     metadata = export_metadata(lit.hparams)
     with torch.no_grad():
         if fmt == "onnx":

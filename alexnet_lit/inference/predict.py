@@ -25,7 +25,7 @@ from alexnet_lit.evaluation.gradcam import grad_cam, overlay
 from alexnet_lit.evaluation.pictures import image_grid
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.preprocessing import normalize
-from alexnet_lit.runs import open_text, printable, run_dir, write_csv
+from alexnet_lit.runs import check_writable, open_text, printable, run_dir, write_csv
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LitAlexNet:
@@ -391,6 +391,7 @@ def predict_files(
         raise InferenceError(
             "--top-k and --batch-size must be at least 1 and --num-workers at least 0."
         )
+    check_writable(csv_path(out), "--out")
     found = collect_image_paths(inputs)
     ignored = f" ({not_images_note(found.not_images)})" if found.not_images else ""
     if not found.paths:
@@ -480,10 +481,10 @@ def run_data_dir(ckpt: str | Path) -> Path | None:
 
     folder = Path(ckpt).resolve().parents[1]
     record = folder / RUN_RECORD
-    if record.is_file():
-        data_dir = json.loads(record.read_text()).get("data_dir")
-        if data_dir:
-            return Path(data_dir)
+    if record.is_file():  # absolute; older runs recorded it as given, maybe relative
+        recorded = Path(json.loads(record.read_text()).get("data_dir") or ".")
+        if recorded.is_absolute() and recorded.is_dir():
+            return recorded
     config = folder / "config.yaml"
     if not config.is_file():
         return None

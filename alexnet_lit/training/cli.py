@@ -192,7 +192,7 @@ class AlexNetCLI(LightningCLI):
             for chosen in (logger, self._resumed_logger):
                 if chosen is not None:
                     chosen.init_args.version = None
-            if self._resumed_logger is not None:
+            if self.subcommand == "fit" and config.get("ckpt_path"):
                 config.ckpt_path = None
             if self._native_precision:
                 config.trainer.precision = None
