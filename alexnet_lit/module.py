@@ -351,6 +351,8 @@ class LitAlexNet(L.LightningModule):
         """Refuse, in one line, a resume whose optimizer or schedule is not the checkpoint's:
         torch would fail deep in ``load_state_dict`` (or quietly mix two optimizers' states)."""
         saved = checkpoint.get("optimizer_states") or []
+        if not saved:
+            return  # weights only: refused before loading (AlexNetCLI), or Lightning's to say
         fresh = self.optimizer(self._param_groups())
         # An optimizer's own settings name its kind (Adam: betas, eps; SGD: momentum, ...): each
         # saved group must have this one's. Schedulers add keys of their own (initial_lr,
@@ -365,7 +367,7 @@ class LitAlexNet(L.LightningModule):
         averaging = any(isinstance(c, StochasticWeightAveraging) for c in callbacks)
         schedules = bool(checkpoint.get("lr_schedulers"))
         mismatch = None
-        if len(saved) != 1 or any(kind - set(group) for group in saved_groups):
+        if len(saved) > 1 or any(kind - set(group) for group in saved_groups):
             mismatch = f"another optimizer than this config's {type(fresh).__name__}"
         elif not finetuning and len(saved_groups) != len(fresh.param_groups):
             mismatch = f"{len(saved_groups)} parameter group(s), not {len(fresh.param_groups)}"
