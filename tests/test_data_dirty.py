@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
@@ -23,7 +24,7 @@ from alexnet_lit.data.doctor import check_data_main
 from alexnet_lit.data.folders import identical_files, scan_split, split_train_val
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.presets import EvalPreset, TrainPreset
-from alexnet_lit.data.samplers import BalancedSampler
+from alexnet_lit.data.samplers import BalancedSampler, ShuffledSampler
 from alexnet_lit.preprocessing import normalize
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
@@ -413,8 +414,30 @@ def test_balanced_sampler_is_balanced_disjoint_per_rank_and_seeded_by_epoch():
         sampler.set_epoch(1)
     assert [list(s) for s in ranks] != draws
     many = BalancedSampler(targets * 30, seed=0)
-    counts = Counter(targets[i % 100] for i in many)
+    counts = Counter(targets[i % 100] for i, _ in many)
     assert all(800 <= counts[c] <= 1200 for c in range(3)), counts
+    # An image drawn twice gets two augmentation seeds (two crops), not one.
+    seeds = [seed for i, seed in whole if i == 99]  # the class of one image, drawn ~33 times
+    assert len(seeds) > 1 and len(set(seeds)) == len(seeds)
+
+
+def test_training_shuffle_is_one_permutation_per_epoch_shared_out_with_augmentation_seeds():
+    # Several processes: DistributedSampler's order, from seed + epoch.
+    ranks = [ShuffledSampler(10, num_replicas=3, rank=r, seed=5) for r in range(3)]
+    shares = [list(sampler) for sampler in ranks]
+    assert [len(share) for share in shares] == [4, 4, 4] == [len(s) for s in ranks]  # padded
+    assert {i for share in shares for i, _ in share} == set(range(10))
+    assert shares == [list(s) for s in ranks]  # the same on every process, every time
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    assert [list(s) for s in ranks] != shares  # another order and other crops each epoch
+    # One process: RandomSampler's, from the process's random stream, which checkpoints keep.
+    torch.manual_seed(0)
+    alone = list(ShuffledSampler(10))
+    assert sorted(i for i, _ in alone) == list(range(10))  # each image once
+    assert list(ShuffledSampler(10)) != alone
+    torch.manual_seed(0)
+    assert list(ShuffledSampler(10)) == alone
 
 
 def test_sampler_is_used_by_the_train_loader(image_folder):

@@ -1,5 +1,6 @@
 """The ImageFolder DataModule: roots, splits, presets, loaders, worker counts and the class list."""
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from alexnet_lit.data.folders import (
 )
 from alexnet_lit.data.index import FolderIndex, class_counts
 from alexnet_lit.data.presets import EvalPreset, Preset, TrainPreset, random_erasing
-from alexnet_lit.data.samplers import BalancedSampler, UnpaddedDistributedSampler
+from alexnet_lit.data.samplers import BalancedSampler, ShuffledSampler, UnpaddedDistributedSampler
 from alexnet_lit.data.skipped import SkippedImages
 from alexnet_lit.errors import DataConfigError
 from alexnet_lit.preprocessing import (
@@ -49,6 +50,16 @@ def default_num_workers(processes: int = 1) -> int:
     time, and a 16-vCPU GPU machine was still loader-bound with 16 (docs/speed.md).
     """
     return max(0, min(16, usable_cpus() // max(1, processes) - 1))
+
+
+def shuffle_seed(processes: int = 1) -> int:
+    """The seed of training's shuffle and augmentations: ``seed_everything``'s, which it puts in
+    ``PL_GLOBAL_SEED`` (Lightning's own DistributedSampler reads it there); without one, this
+    process's torch seed, or 0 with several processes, which must all draw the same order."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if seed is not None:
+        return int(seed)
+    return torch.initial_seed() if processes == 1 else 0
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -340,15 +351,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.hparams.backend == "dali":
             return self._dali_loader("train")
         dataset = self.datasets["train"]
-        if self.hparams.balance != "sampler":
-            return self._loader(dataset, shuffle=True)
         trainer = self.trainer
-        sampler = BalancedSampler(
-            dataset.targets,
-            num_replicas=1 if trainer is None else trainer.world_size,
-            rank=0 if trainer is None else trainer.global_rank,
-            seed=self.hparams.seed,
-        )
+        world_size = 1 if trainer is None else trainer.world_size
+        rank = 0 if trainer is None else trainer.global_rank
+        if self.hparams.balance == "sampler":
+            sampler = BalancedSampler(dataset.targets, world_size, rank, self.hparams.seed)
+        else:
+            sampler = ShuffledSampler(len(dataset), world_size, rank, shuffle_seed(world_size))
         return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | DALILoader:
@@ -364,13 +373,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["predict"])
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler=None) -> DataLoader:
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         distributed = self.trainer is not None and self.trainer.world_size > 1
-        training = shuffle or sampler is not None
-        if sampler is None and not shuffle and distributed:
-            # Evaluation under DDP: each image exactly once, so metrics are exact. Training keeps
-            # Lightning's shuffling DistributedSampler (it calls set_epoch every epoch).
+        if sampler is None and distributed:
+            # Evaluation under DDP: each image exactly once, so metrics are exact. (Training's
+            # samplers are DistributedSamplers of its own; Lightning calls set_epoch on them.)
             self._check_evaluation_split(len(dataset))
             world_size = self.trainer.world_size
             sampler = UnpaddedDistributedSampler(dataset, world_size, self.trainer.global_rank)
@@ -378,19 +386,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
-            # Training's workers start afresh each epoch, seeded from this process's generators,
-            # which checkpoints hold (RNGStateCheckpoint): a resumed fit draws the crops and flips
-            # the uninterrupted one would. Persistent ones would keep generators seeded at the
-            # fit's first epoch, which no checkpoint holds. Evaluation draws nothing at random.
-            persistent_workers=self.num_workers > 0 and not training,
-            # An evaluation loader's workers take their seed from their own generator, not
-            # from the global one, whose stream a resumed fit must continue: its iterator is
-            # made at a different point of a resumed fit (the first validation) than of an
-            # uninterrupted one. Evaluation draws nothing at random with it.
-            generator=None if training else torch.Generator().manual_seed(0),
+            persistent_workers=self.num_workers > 0,
+            # The workers' base seed comes from a generator of the loader's own, not from the
+            # process's stream, which a resumed fit must continue as the uninterrupted one does:
+            # a loader is made at another point of a resumed fit. Training's random crops and
+            # flips come with the sampler's indices instead (alexnet_lit.data.samplers).
+            generator=torch.Generator().manual_seed(0),
             pin_memory=on_cuda,
             collate_fn=SkippingCollate(shape),
         )

@@ -68,12 +68,20 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadImage:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | BadImage:
+        # Training's samplers give (index, seed): the image's random crop and flip are drawn from
+        # that seed, whichever process reads it (alexnet_lit.data.samplers).
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
         if path in self.unreadable:
             return BadImage(index, str(path), self.unreadable[path])
         try:
-            image = self.read(path)
+            if seed is None:
+                image = self.read(path)
+            else:
+                with torch.random.fork_rng(devices=[]):  # the process's own stream is left as is
+                    torch.manual_seed(seed)
+                    image = self.read(path)
         # A broken file raises anything from OSError to SyntaxError, in Pillow or a transform.
         except Exception as err:
             return bad_image(index, path, err)
