@@ -248,16 +248,20 @@ def test_each_checkpoint_carries_the_temperature_fitted_on_its_own_weights(run):
         for path in sorted((val / name).iterdir())
     ]
     targets = torch.tensor([target for _, target in samples])
+    stored = []
     for ckpt in (best, checkpoints / "last.ckpt"):
         model = load_model(ckpt)
         # log-softmax: the logits up to a constant per row, which a temperature ignores.
         logits = predict_probs(model, samples).log()
-        assert model.hparams.temperature != 1.0
 
         def nll(temperature: float, logits: torch.Tensor = logits) -> float:
             return float(torch.nn.functional.cross_entropy(logits / temperature, targets))
 
         # The stored temperature is the best one for these weights' logits (on a tiny run the
-        # optimum can be flat, so compare the loss it reaches, not the value).
+        # optimum can be flat, so compare the loss it reaches, not the value; after the first
+        # epoch's two steps the logits can be so near uniform that T stays exactly 1).
         assert nll(model.hparams.temperature) <= nll(fit_temperature(logits, targets)) + 1e-4
-        assert nll(model.hparams.temperature) < nll(1.0)
+        assert nll(model.hparams.temperature) <= nll(1.0)
+        stored.append(model.hparams.temperature)
+    # Each file holds its own epoch's (the last epoch is never the best: RUN_LR), one fitted.
+    assert stored[0] != stored[1] and any(t != 1.0 for t in stored)
