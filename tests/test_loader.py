@@ -15,8 +15,10 @@ from alexnet_lit.data import presets
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.presets import EvalPreset, TrainPreset
 from alexnet_lit.preprocessing import normalize
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import make_image_folder
 from tests.dirty_data import mode_images
+from tests.helpers import fit_args
 
 
 def photo(path: Path, size: tuple[int, int], exif_orientation: int = 1) -> Path:
@@ -166,3 +168,22 @@ def test_workers_send_uint8_and_the_device_gets_normalized_floats(tmp_path):
     assert images.min() >= -1.0 and images.max() <= 1.0 and images.std() > 0.1
     torch.testing.assert_close(images, normalize(batch.images, [0.5] * 3, [0.5] * 3))
     assert torch.equal(targets, batch.targets)
+
+
+@pytest.mark.slow
+def test_the_number_of_loader_workers_does_not_change_what_a_fit_learns(image_folder, tmp_path):
+    # Each image's crop and flip come from the seed its sampler index carries, not from the
+    # random stream of whichever process reads it.
+    weights = []
+    for workers in (0, 2):
+        folder = tmp_path / f"workers_{workers}"
+        folder.mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(folder)
+            cli = cli_main(
+                fit_args(image_folder, f"--data.num_workers={workers}",
+                         "--trainer.deterministic=true", "--trainer.max_epochs=2")
+            )  # fmt: skip
+        weights.append(cli.model.state_dict())
+    for key, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][key]), key
