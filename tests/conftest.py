@@ -24,7 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # instead of letting each worker's torch use all of them.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        # and in the processes the tests start (scripts, DDP ranks, sweep workers), whose OpenMP
+        # threads would otherwise spin against the other workers' for the same cores.
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.hookimpl(wrapper=True)
