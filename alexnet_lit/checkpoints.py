@@ -117,6 +117,18 @@ def find_checkpoint(
     return best_checkpoint(newest.parent.parent) if which == "best" else newest
 
 
+def checkpoint_argument(value: str | Path) -> Path:
+    """A script's ``--ckpt``: a file, or ``best`` / ``last``, the newest run's under
+    ``./lightning_logs`` (:func:`find_checkpoint`), as ``train.py``'s ``--ckpt_path`` takes them.
+
+    Raises:
+        CheckpointError: ``best`` or ``last`` with no run there that has one.
+    """
+    if str(value) in ("best", "last") and not Path(value).is_file():
+        return find_checkpoint(which="best" if str(value) == "best" else "last")
+    return Path(value)
+
+
 def checkpoint_temperature(path: str | Path | None) -> float | None:
     """The fitted temperature a checkpoint carries, read without loading its tensors; None when
     there is no such file or it records none."""

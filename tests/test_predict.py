@@ -16,6 +16,7 @@ from alexnet_lit.data.folders import scan_split
 from alexnet_lit.data.images import load_image
 from alexnet_lit.data.presets import eval_transform
 from alexnet_lit.errors import CheckpointError
+from alexnet_lit.inference.export import export_main
 from alexnet_lit.inference.predict import load_model, predict_main
 from alexnet_lit.training.cli import cli_main
 from tests.conftest import CLASSES, make_image_folder
@@ -196,6 +197,27 @@ def test_one_finder_newest_run_then_its_best_by_score_or_its_last(tmp_path):
     assert find_checkpoint([logs], "last") == newest / "last.ckpt"
     with pytest.raises(CheckpointError, match=r"no \*/checkpoints/best\*\.ckpt under"):
         find_checkpoint([tmp_path / "elsewhere"], "best")
+
+
+def test_predict_and_export_take_best_or_last_as_train_py_does(
+    tiny_run, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    images = make_image_folder(tmp_path / "new", splits={"a": 1}, seed=1)
+    monkeypatch.chdir(tmp_path)  # no lightning_logs/ here
+    assert predict_main(["--ckpt", "best", str(images)]) == 2
+    assert "no */checkpoints/best*.ckpt under 'lightning_logs'" in capsys.readouterr().err
+
+    monkeypatch.chdir(tiny_run)  # its lightning_logs/version_0 has one best file
+    expected, out = tmp_path / "expected.csv", tmp_path / "best.csv"
+    quick = [str(images), "--num-workers", "0", "--top-k", "1"]
+    assert predict_main(["--ckpt", str(tiny_ckpt), *quick, "--out", str(expected)]) == 0
+    assert predict_main(["--ckpt", "best", *quick, "--out", str(out)]) == 0
+    assert out.read_text() == expected.read_text()
+    named = f"--ckpt best: {tiny_ckpt.relative_to(tiny_run)}"
+    assert named in capsys.readouterr().out
+    exported = tmp_path / "model.pt"
+    assert export_main(["--ckpt", "best", "--format", "torchscript", "--out", str(exported)]) == 0
+    assert named in capsys.readouterr().out and exported.is_file()
 
 
 def test_a_checkpoint_of_another_shape_is_one_sentence(tmp_path):

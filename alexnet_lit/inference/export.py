@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from alexnet_lit.checkpoints import checkpoint_argument
 from alexnet_lit.errors import InferenceError, run_main
-from alexnet_lit.inference.predict import load_model
-from alexnet_lit.runs import check_writable
+from alexnet_lit.inference.predict import CKPT_HELP, load_model
+from alexnet_lit.runs import check_writable, printable
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
@@ -151,13 +152,16 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         description="Export a checkpoint to ONNX, TorchScript or torch.export and check it "
         "against PyTorch."
     )
-    parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
+    parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="file to write (.onnx, .pt, .pt2)")
     args = parser.parse_args(argv)
 
     def main() -> None:
-        difference = export_checkpoint(args.ckpt, args.format, args.out)
+        ckpt = checkpoint_argument(args.ckpt)
+        if args.ckpt in ("best", "last"):
+            print(printable(f"--ckpt {args.ckpt}: {ckpt}"))
+        difference = export_checkpoint(ckpt, args.format, args.out)
         print(
             f"wrote {args.out}; max abs difference from PyTorch on random input (batch 1 and 3): "
             f"{difference:.3g} (limit {TOLERANCE})"

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from alexnet_lit.checkpoints import load_checkpoint
+from alexnet_lit.checkpoints import checkpoint_argument, load_checkpoint
 from alexnet_lit.data.datamodule import default_num_workers
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.folders import InputScan, not_images_note, scan_inputs
@@ -422,13 +422,19 @@ def predict_files(
     return written, failed
 
 
+CKPT_HELP = (
+    "a checkpoint from scripts/train.py, or best / last: the newest run's best checkpoint or "
+    "last.ckpt under ./lightning_logs"
+)
+
+
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """``scripts/predict.py``: exit code 0, or 2 with one line for a user's mistake."""
     parser = argparse.ArgumentParser(
         description="Predict image files or folders with a checkpoint and write one CSV row per "
         "image."
     )
-    parser.add_argument("--ckpt", required=True, help="a checkpoint from scripts/train.py")
+    parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
     parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument(
         "--out", default="predictions.csv",
@@ -453,8 +459,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def main() -> None:
+        ckpt = checkpoint_argument(args.ckpt)
+        if args.ckpt in ("best", "last"):
+            print(printable(f"--ckpt {args.ckpt}: {ckpt}"))
         rows, failed = predict_files(
-            args.ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
+            ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
             args.num_workers, calibrated=not args.no_calibration, explain_dir=args.explain,
         )  # fmt: skip
         unreadable = f" ({failed} unreadable, see the error column)" if failed else ""
