@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, 
 from alexnet_lit.evaluation.class_report import most_confused, per_class_metrics, summary
 from alexnet_lit.evaluation.pictures import png_bytes, render_confusion_matrix
 from alexnet_lit.loggers import log_image
+from alexnet_lit.training.cli import cli_main
 from tests.conftest import (
     RUN_BATCH,
     RUN_CLASSES,
@@ -32,7 +33,7 @@ from tests.conftest import (
     RUN_TRAIN_BATCHES,
     EvaluatedRun,
 )
-from tests.helpers import TINY_WIDTH, read_csv, tiny_trainer
+from tests.helpers import TINY_WIDTH, fit_args, read_csv, tiny_trainer
 
 CLASSES = RUN_CLASSES  # more than 5 classes, so top-5 accuracy is logged
 EPOCHS, TRAIN_BATCHES, BATCH = RUN_EPOCHS, RUN_TRAIN_BATCHES, RUN_BATCH
@@ -338,3 +339,19 @@ def test_epoch_time_counts_training_batches_not_what_follows_validation(monkeypa
     trainer.fit(BoringModel())
     assert trainer.callback_metrics["train/epoch_time_s"] < 1.0  # not the 100 s after validation
     assert trainer.callback_metrics["val/epoch_time_s"] < 1.0
+
+
+@pytest.mark.slow
+def test_without_a_logger_the_default_callbacks_fit_and_no_dashboard_is_named(
+    image_folder, tmp_path, monkeypatch, capsys, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(fit_args(image_folder, "--trainer.max_epochs=1", "--trainer.logger=false"))
+    assert "trainer.logger: false: the learning rates are not logged." in caplog.text
+    assert "dashboards:" not in capsys.readouterr().out
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+    assert list(tmp_path.glob("checkpoints/best-*.ckpt")) and (tmp_path / "report.html").is_file()
+    # With TensorBoard, the line names its folder, wherever the config puts it.
+    cli_main(fit_args(image_folder, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=x"))
+    assert "dashboards: tensorboard --logdir x\n" in capsys.readouterr().out
+    assert list(tmp_path.glob("x/version_0/events.out.tfevents.*"))

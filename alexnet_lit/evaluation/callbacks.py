@@ -10,6 +10,7 @@ twice. They work in any order in the config: the temperature is fitted when the 
 """
 
 import io
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -35,7 +36,13 @@ from alexnet_lit.evaluation.pictures import (
     to_pixels,
 )
 from alexnet_lit.evaluation.run_page import build_report, fit_summary, record_run, source_run
-from alexnet_lit.loggers import log_files, log_image, set_tags, takes_pictures
+from alexnet_lit.loggers import (
+    log_files,
+    log_image,
+    set_tags,
+    takes_pictures,
+    tensorboard_logger,
+)
 from alexnet_lit.metrics import Evaluated, expected_calibration_error
 from alexnet_lit.runs import logged_step, printable, run_dir
 
@@ -417,7 +424,9 @@ class RunReport(_WritesIntoTheRun):
             return
         built = _build(folder, trainer)
         if built is not None:
-            print(printable(fit_summary(*built)), flush=True)
+            tensorboard = tensorboard_logger(trainer)
+            logdir = os.path.normpath(tensorboard.root_dir) if tensorboard is not None else None
+            print(printable(fit_summary(*built, logdir)), flush=True)
         _upload(trainer, folder, best_checkpoint(folder))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

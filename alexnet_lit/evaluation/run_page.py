@@ -125,9 +125,9 @@ def result_summary(
     return summary
 
 
-def fit_summary(page: Path, summary: dict[str, Any]) -> str:
+def fit_summary(page: Path, summary: dict[str, Any], logdir: str | Path | None = None) -> str:
     """What a fit prints when it ends: its best val/acc, best checkpoint and where to look
-    (``summary``: :func:`result_summary`'s)."""
+    (``summary``: :func:`result_summary`'s; ``logdir``: TensorBoard's, when it logged)."""
     lines = ["", "Done."]
     if summary.get("best_val_acc") is not None:
         lines.append(
@@ -135,7 +135,9 @@ def fit_summary(page: Path, summary: dict[str, Any]) -> str:
         )
     if summary.get("best_checkpoint"):
         lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
-    lines += [f"  report: {page}", "  dashboards: tensorboard --logdir lightning_logs"]
+    lines.append(f"  report: {page}")
+    if logdir is not None:
+        lines.append(f"  dashboards: tensorboard --logdir {logdir}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
     BasePredictionWriter,
+    LearningRateMonitor,
     ModelCheckpoint,
     StochasticWeightAveraging,
     WeightAveraging,
@@ -214,6 +215,7 @@ class AlexNetCLI(LightningCLI):
         self._loaded_checkpoints = {}  # the trainer's load takes it; no second copy for the fit
         _follow_weight_averaging(trainer)
         _finetuning_first(trainer)
+        _without_logger(trainer)
         return trainer
 
     def before_predict(self) -> None:
@@ -236,6 +238,16 @@ def _finetuning_first(trainer: Trainer) -> None:
     if finetuning:
         rest = [c for c in trainer.callbacks if not isinstance(c, BaseFinetuning)]
         trainer.callbacks[:] = [*finetuning, *rest]
+
+
+def _without_logger(trainer: Trainer) -> None:
+    """``trainer.logger: false`` leaves the learning rates nowhere to go, and Lightning's
+    LearningRateMonitor (in configs/default.yaml's callbacks) would end the fit with a traceback:
+    leave it out, and say so."""
+    monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+    if not trainer.loggers and monitors:
+        trainer.callbacks[:] = [c for c in trainer.callbacks if c not in monitors]
+        rank_zero_info("trainer.logger: false: the learning rates are not logged.")
 
 
 def _follow_weight_averaging(trainer: Trainer) -> None:
