@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import re
 import shutil
 import socket
@@ -265,3 +266,17 @@ def test_each_checkpoint_carries_the_temperature_fitted_on_its_own_weights(run):
         stored.append(model.hparams.temperature)
     # Each file holds its own epoch's (the last epoch is never the best: RUN_LR), one fitted.
     assert stored[0] != stored[1] and any(t != 1.0 for t in stored)
+
+
+@pytest.mark.slow
+def test_a_validate_or_test_report_shows_the_checkpoint_and_its_accuracy(run):
+    for folder, stage in ((run.validate, "val"), (run.test, "test")):
+        html, _ = parse(folder / "report.html")
+        result = json.loads((folder / f"{stage}_report.json").read_text())
+        name = "validation" if stage == "val" else "test"
+        said = f"{result['accuracy']:.4f}</span> accuracy of the checkpoint on {result['images']}"
+        assert f"{said} {name} images" in html
+        assert f"<th>checkpoint</th><td>{run.fit / 'checkpoints' / 'last.ckpt'}</td>" in html
+        # Not the settings of a training it did not do, nor a best epoch "of 1".
+        assert "random weights" not in html and "<th>optimizer</th>" not in html
+        assert "best <code>val/acc</code>" not in html

@@ -209,6 +209,8 @@ def _evaluation(folder: Path, stage: str, title: str) -> dict[str, Any] | None:
         notes.append(summary["calibration"]["note"])
     return {
         "title": title,
+        "accuracy": summary["accuracy"],
+        "images": summary["images"],
         "notes": notes,
         "classes": rows,
         "pairs": read_csv(folder / f"{stage}_confused_pairs.csv"),
@@ -355,13 +357,18 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
     ]
     scalars = read_scalars(folder)  # the event file, read once
     summary = result_summary(folder, scalars)
+    settings = _settings(config, record)
+    if stage is not None:  # an evaluation of a checkpoint: its weights and training are the fit's
+        kept = ("batch size", "image size", "loader", "precision", "accelerator")
+        checkpoint = ("checkpoint", printable(record.get("ckpt_path") or "none"))
+        settings = [checkpoint, *(pair for pair in settings if pair[0] in kept)]
     html = render_page(
         "report.html.j2",
         folder=str(folder),
         name=folder.name,
         record=record,
         subcommand=subcommand,
-        settings=_settings(config, record),
+        settings=settings,
         classes=classes,
         splits=list(counts),
         counts=counts,
