@@ -335,6 +335,10 @@ class LitAlexNet(L.LightningModule):
                     "better; set its init_args.mode to max."
                 )
             config["monitor"] = "val/acc"
+            if interval == "epoch":
+                # Stepped when val/acc is new: with check_val_every_n_epoch=N, after every Nth
+                # epoch, as Lightning validates (it steps when (epoch + 1) % frequency == 0).
+                config["frequency"] = self.trainer.check_val_every_n_epoch or 1
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def _param_groups(self) -> Iterable:

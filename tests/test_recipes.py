@@ -38,7 +38,10 @@ def tiny_datamodule(data_dir: Path) -> ImageFolderDataModule:
 
 
 def configured(model: LitAlexNet, total_steps: int = 17) -> dict:
-    model.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)  # a stand-in
+    # A stand-in for the trainer: what configure_optimizers reads of it.
+    model.trainer = SimpleNamespace(
+        estimated_stepping_batches=total_steps, check_val_every_n_epoch=1
+    )
     return model.configure_optimizers()
 
 
@@ -131,6 +134,21 @@ def test_overlay_fast_dev_run(name, image_folder, tmp_path, monkeypatch):
     cli = cli_main(tiny_args(image_folder, "--config", str(overlay), "--trainer.fast_dev_run=1"))
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+
+
+@pytest.mark.slow
+def test_plateau_steps_after_each_validation_when_not_every_epoch_validates(
+    image_folder, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    overlay = ROOT / "configs" / "experiments" / "plateau.yaml"
+    every_other = ("--trainer.check_val_every_n_epoch=2", "--trainer.limit_train_batches=1")
+    cli = cli_main(
+        tiny_args(image_folder, "--config", str(overlay), "--trainer.max_epochs=4", *every_other)
+    )
+    assert cli.trainer.current_epoch == 4
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert config.scheduler.last_epoch == 2  # after epochs 2 and 4, each with a new val/acc
 
 
 def test_warmup_cosine_follows_its_formula():
