@@ -459,10 +459,12 @@ def batch_mix(
 
 
 def _total_steps_unset(factory: Callable) -> bool:
-    """Whether a scheduler factory takes ``total_steps`` and was not given one."""
+    """Whether a scheduler factory takes ``total_steps`` and was not given one (nor OneCycleLR's
+    other way to say it, ``epochs`` and ``steps_per_epoch``)."""
     keywords = getattr(factory, "keywords", None)  # jsonargparse passes every init arg by name
     if keywords and "total_steps" in keywords:
-        return keywords["total_steps"] is None
+        per_epoch = (keywords.get("epochs"), keywords.get("steps_per_epoch"))
+        return keywords["total_steps"] is None and None in per_epoch
     try:
         parameter = inspect.signature(factory).parameters.get("total_steps")
     except (TypeError, ValueError):

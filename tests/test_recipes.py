@@ -184,6 +184,10 @@ def test_one_cycle_gets_total_steps_from_the_trainer_and_steps_per_batch():
     config = configured(LitAlexNet(num_classes=3, lr_scheduler=factory), total_steps=17)
     assert config["lr_scheduler"]["scheduler"].total_steps == 17
     assert config["lr_scheduler"]["interval"] == "step"
+    # Its other way to say the length, epochs x steps per epoch, is the user's to keep.
+    factory = partial(factory, epochs=2, steps_per_epoch=5)
+    config = configured(LitAlexNet(num_classes=3, lr_scheduler=factory), total_steps=17)
+    assert config["lr_scheduler"]["scheduler"].total_steps == 10
 
 
 def test_epoch_schedulers_step_per_epoch_and_plateau_needs_mode_max():
