@@ -1,8 +1,9 @@
 """The LightningModule: AlexNet plus its loss, metrics and optimizer."""
 
+import contextlib
 import inspect
 import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from torchmetrics.classification import (
 from torchvision.transforms import v2
 
 from alexnet_lit.checkpoints import unsafe_checkpoint_message
-from alexnet_lit.errors import CheckpointError, DataConfigError, UserError
+from alexnet_lit.errors import CheckpointError, DataConfigError, UserError, first_line
 from alexnet_lit.metrics import EpochOutputs, expected_calibration_error
 from alexnet_lit.model import ALEXNET_WIDTH, Arch, build_alexnet
 from alexnet_lit.preprocessing import preprocessing_record
@@ -116,6 +117,8 @@ class LitAlexNet(L.LightningModule):
             )
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"model.dropout must be at least 0 and below 1, got {dropout}.")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise UserError(f"model.label_smoothing must be from 0 to 1, got {label_smoothing}.")
         if class_names is not None and len(class_names) != num_classes:
             raise UserError(
                 f"model.class_names has {len(class_names)} names but model.num_classes is "
@@ -319,13 +322,15 @@ class LitAlexNet(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # Frozen parameters (fine-tuning's backbone) get no optimizer state until they thaw.
-        optimizer = self.optimizer(self._param_groups())
+        with _settings_of("model.optimizer"):
+            optimizer = self.optimizer(self._param_groups())
         if self.lr_scheduler is None:
             return optimizer
         kwargs = {}
         if _total_steps_unset(self.lr_scheduler):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler(optimizer, **kwargs)
+        with _settings_of("model.lr_scheduler"):
+            scheduler = self.lr_scheduler(optimizer, **kwargs)
         interval = self.hparams.lr_scheduler_interval or scheduler_interval(scheduler)
         config = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -456,6 +461,16 @@ def batch_mix(
     if not mixes:
         return None
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+@contextlib.contextmanager
+def _settings_of(key: str) -> Iterator[None]:
+    """torch's optimizers and schedulers check their arguments (``Invalid learning rate: -1.0``)
+    when built, in the fit: a ValueError there is the config's ``key``, said in one line."""
+    try:
+        yield
+    except ValueError as err:
+        raise UserError(f"{key}: {first_line(err)}; fix its init_args.") from err
 
 
 def _total_steps_unset(factory: Callable) -> bool:

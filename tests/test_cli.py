@@ -14,9 +14,10 @@ from PIL import Image
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.data.presets import eval_transform
+from alexnet_lit.errors import UserError
 from alexnet_lit.runs import read_scalars
 from alexnet_lit.training import precision as precision_module
-from alexnet_lit.training.cli import cli_main
+from alexnet_lit.training.cli import cli_main, parse_fit_args
 from tests.conftest import (
     CLASSES,
     RUN_CLASSES,
@@ -308,15 +309,43 @@ def test_a_data_value_no_image_could_pass_is_one_line_before_the_fit(
              "--model.lr_scheduler.init_args.mode=min"],
             "model.lr_scheduler: ReduceLROnPlateau watches val/acc",
         ),
+        (["--model.label_smoothing=1.5"], "model.label_smoothing must be from 0 to 1, got 1.5."),
+        # torch's own check of an optimizer's arguments, when the fit builds it
+        (["--model.optimizer.init_args.lr=-1"], "model.optimizer: Invalid learning rate: -1.0"),
+        # Lightning's refusals of trainer settings, and one it would divide by mid-fit
+        (["--trainer.max_epochs=-5"], "`max_epochs` must be a non-negative integer or -1."),
+        (["--trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be"),
     ],
-    ids=["width", "dropout", "plateau"],
+    ids=["width", "dropout", "plateau", "smoothing", "lr", "epochs", "accumulate"],
 )  # fmt: skip
-def test_a_model_value_that_cannot_train_is_one_line(
+def test_a_model_or_trainer_value_that_cannot_train_is_one_line(
     options, named, image_folder, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
     line = cli_error_line(capsys, fit_args(image_folder, *options))
     assert line.startswith(f"error: {named}")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            b"trainer:\n  max_epochs: [1, 2\n",
+            "expected ',' or ']', but got '<stream end>' at line 3",
+        ),
+        (b"\x80\x04 a checkpoint, say", "'utf-8' codec can't decode byte 0x80"),
+    ],
+    ids=["yaml", "binary"],
+)
+def test_a_config_file_that_is_not_yaml_is_named_in_one_line(
+    content, reason, image_folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_bytes(content)
+    line = cli_error_line(capsys, fit_args(image_folder, "--config=mine.yaml"))
+    assert line.startswith(f"error: --config mine.yaml is not a YAML config ({reason}")
+    with pytest.raises(UserError, match=r"--config mine\.yaml is not a YAML config"):
+        parse_fit_args(["--config", "mine.yaml"])  # the sweeps' and recipes' parse
 
 
 # --- fast.yaml: native mixed precision only ------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -11,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ArgumentParser, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
@@ -34,7 +37,7 @@ from alexnet_lit.checkpoints import (
     load_checkpoint,
 )
 from alexnet_lit.data import ImageFolderDataModule
-from alexnet_lit.errors import CheckpointError, UserError, print_error
+from alexnet_lit.errors import CheckpointError, UserError, first_line, print_error
 from alexnet_lit.inference.predict import PredictionCSVWriter
 from alexnet_lit.loggers import FOLDER_LOGGERS, arrange_loggers, check_logger_config
 from alexnet_lit.module import LitAlexNet
@@ -94,6 +97,11 @@ class AlexNetCLI(LightningCLI):
             "(configs/fast.yaml turns it on).",
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if args is None or isinstance(args, list | tuple):
+            check_config_files(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI calls this private hook to torch.load --ckpt_path and copy its
         # hyperparameters into the config, and offers no public way to do either. Here the file
@@ -126,6 +134,11 @@ class AlexNetCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         check_logger_config(_class_paths(config.trainer.logger))
+        accumulate = config.trainer.get("accumulate_grad_batches", 1)
+        if accumulate is not None and accumulate < 1:  # Lightning would divide by it mid-fit
+            raise UserError(
+                f"trainer.accumulate_grad_batches must be at least 1, got {accumulate}."
+            )
         checkpoint = self._loaded_checkpoints.get(config.get("ckpt_path"))
         if checkpoint is not None:  # resume, validate, test, predict: the checkpoint's record
             record = checkpoint.get("hyper_parameters", {}).get("preprocessing")
@@ -364,6 +377,34 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
         raise
     except ArgumentError as err:
         _exit_with(argument_error_line(err, sys.argv[1:] if args is None else args))
+    except MisconfigurationException as err:  # Lightning's one-line refusal of a setting
+        _exit_with(first_line(err))
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Each ``--config FILE`` is YAML text, or one sentence names it (jsonargparse would end in a
+    UnicodeDecodeError's traceback, or in a parse error that does not say which file).
+
+    Raises:
+        UserError: A config file that is not UTF-8 text or not valid YAML.
+    """
+    args = list(args)
+    paths = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    paths += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue  # a missing file, or YAML given inline: jsonargparse says what is wrong
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as err:
+            reason = first_line(err)
+            mark = getattr(err, "problem_mark", None)
+            if mark is not None:
+                reason = f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+            raise UserError(
+                f"--config {path} is not a YAML config ({reason}); fix it, or pass a config "
+                "such as configs/default.yaml."
+            ) from err
 
 
 def argument_error_line(err: ArgumentError, args: Sequence[str]) -> str:
@@ -393,7 +434,9 @@ def parse_fit_args(args: Sequence[str]) -> Namespace:
     Raises:
         ArgumentError: An unknown key or a value its type refuses (:func:`argument_error_line`
             says it in one line).
+        UserError: A ``--config`` file that is not YAML.
     """
+    check_config_files(args)
     return fit_parser().parse_args(list(args))
 
 
