@@ -67,25 +67,28 @@ def open_text(path: str | Path, mode: str = "w") -> IO[str]:
     return open(path, mode, encoding=ENCODING, errors=ERRORS, newline="")
 
 
-def check_writable(path: str | Path, option: str) -> None:
-    """Make ``path``'s folder and check that the file can be written there, before the work
-    that ends in writing it.
+def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
+    """Make ``path``'s folder (``folder``: ``path`` itself) and check that the file (a file in
+    it) can be written there, before the work that ends in writing it.
 
     Raises:
         UserError: It cannot (a file where a folder should be, permissions, a read-only
             place); the message names ``option`` and the path.
     """
     path = Path(path)
+    probe = path / f".write-check-{os.getpid()}" if folder else path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
-        with open(path, "ab"):
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        existed = probe.exists()
+        with open(probe, "ab"):
             pass
         if not existed:
-            path.unlink()
+            probe.unlink()
     except OSError as err:
+        in_the_way = next((p for p in probe.parents if p.is_file()), None)
+        reason = f"'{in_the_way}' is a file, not a folder" if in_the_way else err.strerror
         raise UserError(
-            f"{option} '{path}' cannot be written ({err.strerror}); pick another path."
+            f"{option} '{path}' cannot be written ({reason}); pick another path."
         ) from err
 
 

@@ -102,8 +102,20 @@ def test_a_device_or_an_out_path_that_cannot_be_used_is_one_line(tiny_ckpt, tmp_
     (tmp_path / "taken").write_text("a file where --out wants a folder")
     assert predict_main([*args, "--out", str(tmp_path / "taken" / "p.csv")]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: --out '{tmp_path / 'taken' / 'p.csv'}' cannot be written ("
+        f"error: --out '{tmp_path / 'taken' / 'p.csv'}' cannot be written "
+        f"('{tmp_path / 'taken'}' is a file, not a folder)"
     )
+    # --explain's folder, before any prediction is written
+    out = tmp_path / "p.csv"
+    explain = ["--explain", str(tmp_path / "taken" / "cams"), "--out", str(out)]
+    assert predict_main([*args, *explain]) == 2
+    assert "error: --explain" in capsys.readouterr().err and not out.exists()
+    # A device torch knows that this machine has not
+    if not torch.backends.mps.is_available():
+        assert predict_main([*args, "--device", "mps"]) == 2
+        assert capsys.readouterr().err == (
+            "error: --device 'mps' is not available on this machine; use auto or cpu.\n"
+        )
 
 
 def test_tutorial_state_dict_gets_a_hint(tmp_path, capsys):

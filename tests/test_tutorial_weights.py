@@ -80,6 +80,19 @@ def test_a_narrower_tutorial_network_imports_at_its_own_width(tmp_path):
         assert torch.equal(model(x), narrow.eval()(x))
 
 
+def test_a_file_of_another_shape_or_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    wider = tutorial_alexnet(3, len(CLASSES))
+    wider[15] = nn.Linear(9216, 4096)  # the classifier of a 224 px input read at 256 px
+    weights = tmp_path / "alexnet.pt"
+    torch.save(wider.state_dict(), weights)
+    assert import_main([str(weights), "--classes", *CLASSES, "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{weights}': Tensor classifier.0.weight")
+    (tmp_path / "taken").write_text("a file where --out wants a folder")
+    out = str(tmp_path / "taken" / "m.ckpt")
+    assert import_main([str(weights), "--classes", *CLASSES, "--out", out]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_class_count_mismatch_is_one_clear_line(tutorial, tmp_path, capsys):
     code = import_main(
         [str(tutorial[1]), "--classes", "husky", "shiba", "--out", str(tmp_path / "x")]

@@ -153,11 +153,18 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceError("--device cuda was given but no CUDA GPU is available; use cpu.")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as err:
         raise InferenceError(
             f"--device {device!r} is not a device torch knows; use auto, cpu or cuda:N."
         ) from err
+    try:
+        torch.empty(0, device=resolved)
+    except RuntimeError as err:  # a kind torch knows that this machine lacks (mps, xpu, ...)
+        raise InferenceError(
+            f"--device {device!r} is not available on this machine; use auto or cpu."
+        ) from err
+    return resolved
 
 
 def eval_loader(
@@ -392,6 +399,8 @@ def predict_files(
             "--top-k and --batch-size must be at least 1 and --num-workers at least 0."
         )
     check_writable(csv_path(out), "--out")
+    if explain_dir is not None:
+        check_writable(explain_dir, "--explain", folder=True)
     found = collect_image_paths(inputs)
     ignored = f" ({not_images_note(found.not_images)})" if found.not_images else ""
     if not found.paths:

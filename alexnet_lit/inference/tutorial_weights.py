@@ -9,10 +9,11 @@ from pathlib import Path
 import lightning
 
 from alexnet_lit.checkpoints import AtomicCheckpointIO, load_checkpoint
-from alexnet_lit.errors import CheckpointError, InferenceError, run_main
+from alexnet_lit.errors import CheckpointError, InferenceError, first_line, run_main
 from alexnet_lit.model import convert_tutorial_state_dict
 from alexnet_lit.module import LitAlexNet
 from alexnet_lit.preprocessing import IMAGE_SIZE, MEAN, STD, preprocessing_record
+from alexnet_lit.runs import check_writable
 
 
 def tutorial_checkpoint(weights_path: str | Path, class_names: Sequence[str]) -> dict:
@@ -57,7 +58,10 @@ def tutorial_checkpoint(weights_path: str | Path, class_names: Sequence[str]) ->
         hidden_features=hidden_features,
         preprocessing=preprocessing_record(IMAGE_SIZE, in_channels, MEAN, STD),
     )
-    model.model.load_tutorial_state_dict(state_dict)
+    try:
+        model.model.load_tutorial_state_dict(state_dict)
+    except ValueError as err:  # a tensor of another shape than this AlexNet's
+        raise CheckpointError(f"'{weights_path}': {first_line(err)}") from err
     return {
         "state_dict": {key: tensor.clone() for key, tensor in model.state_dict().items()},
         "hyper_parameters": dict(model.hparams),
@@ -71,6 +75,7 @@ def import_tutorial_weights(
     weights_path: str | Path, class_names: Sequence[str], out: str | Path
 ) -> Path:
     """Convert ``weights_path`` and save the checkpoint to ``out`` (parents created)."""
+    check_writable(out, "--out")
     checkpoint = tutorial_checkpoint(weights_path, class_names)
     AtomicCheckpointIO().save_checkpoint(checkpoint, out)
     return Path(out)
