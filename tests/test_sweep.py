@@ -252,6 +252,12 @@ def test_two_workers_share_one_postgresql_study(data, tmp_path, postgres):
             ["--storage", "postgresql://someone:secret@127.0.0.1:1/sweeps"],
             "cannot open the study storage postgresql://someone:***@127.0.0.1:1/sweeps",
         ),
+        ("model.dropout: {float: [0.2, 0.7]}", ["--storage", "."], "--storage '.' is a folder"),
+        (
+            "model.dropout: {float: [0.2, 0.7]}",
+            ["--sweep-dir", "search.yaml/sweep"],
+            "--sweep-dir 'search.yaml/sweep' cannot be written ('search.yaml' is a file",
+        ),
     ],
 )
 def test_bad_input_is_one_line(search, extra, expected, data, tmp_path, capsys, monkeypatch):

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from alexnet_lit.errors import UserError, first_line, print_error
 from alexnet_lit.evaluation.run_page import result_summary
-from alexnet_lit.runs import printable, write_csv
+from alexnet_lit.runs import check_writable, printable, write_csv
 from alexnet_lit.training.cli import (
     INTERRUPTED,
     argument_error_line,
@@ -91,10 +91,10 @@ def load_search_space(path: str | Path) -> dict[str, "optuna.distributions.BaseD
     """
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"cannot read the search file '{path}': {err.strerror}.") from err
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"'{path}' is not valid YAML: {first_line(err)}.") from err
     if not isinstance(spec, dict) or not spec:
         raise UserError(
@@ -398,7 +398,14 @@ def open_storage(storage: str | None, sweep_dir: Path) -> Any:
 
     if storage is None or "://" not in storage:
         path = Path(storage) if storage else sweep_dir / "journal.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise UserError(
+                f"--storage '{path}' is a folder; pass a journal file such as "
+                f"'{path / 'journal.log'}', or a database URL."
+            )
+        # Its folder, probed with a file of this process's own: the journal may be another
+        # worker's, being written.
+        check_writable(path.parent, "--storage" if storage else "--sweep-dir", folder=True)
         return JournalStorage(JournalFileBackend(str(path)))
     try:
         return _rdb_storage(storage)
@@ -879,7 +886,7 @@ def _sweep(own: argparse.Namespace, fit_args: list[str]) -> int:
     storage_text = shown_url(own.storage) if own.storage else str(sweep_dir / "journal.log")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's own line says it
     study = open_study(storage, name, space, fit_args, own)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(sweep_dir, "--sweep-dir", folder=True)  # made here
     fail_abandoned_trials(study)
     done = len(finished_trials(study))
     print(
