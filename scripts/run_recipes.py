@@ -7,7 +7,9 @@
 See alexnet_lit/training/recipes.py.
 """
 
+import sys
+
 from alexnet_lit.training.recipes import recipes_main
 
 if __name__ == "__main__":
-    recipes_main()
+    sys.exit(recipes_main())

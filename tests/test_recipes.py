@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import shlex
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from alexnet_lit import LitAlexNet
 from alexnet_lit.data import ImageFolderDataModule
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.training.finders import BatchSizeSearch, LRFinder
+from alexnet_lit.training.recipes import command, recipes_main
 from alexnet_lit.training.schedules import WarmupCosineLR
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, edited_overlay, fit_args, tiny_fit
@@ -360,3 +362,27 @@ def test_run_recipes_table_reports_mean_spread_and_the_command():
     assert "| 0.920 ± 0.020 |" in adamw and "| 1 min 50 s |" in adamw
     assert "--seed_everything" not in adamw
     assert "failed" in ema
+
+
+def test_run_recipes_checks_its_arguments_before_any_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    bad = ["--recipes", "default", "--out", str(out), "--", "--trainer.max_epochs=abc"]
+    assert recipes_main(bad) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith('error: after --: Parser key "trainer.max_epochs"') and not out.exists()
+    (tmp_path / "taken").write_text("a file where --out wants a folder")
+    assert recipes_main(["--recipes", "default", "--out", str(tmp_path / "taken" / "runs")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_run_recipes_redoes_a_run_whose_record_was_cut_short(tmp_path, capsys):
+    # A finished run of the default recipe, and the record of another cut short by a kill.
+    done = {"recipe": "default", "seed": 0, "command": shlex.join(command("default", 0, []))}
+    done |= {"returncode": 0, "wall_s": 60.0, "epochs": 10, "best_val_acc": 0.96}
+    log = tmp_path / "runs.jsonl"
+    log.write_text(json.dumps(done) + '\n{"recipe": "adamw", "se')
+    assert recipes_main(["--recipes", "default", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{log}:2 is not a whole record (cut short?); that run is done again." in out
+    assert "| default | " in (tmp_path / "results.md").read_text()
+    assert log.read_text().endswith("\n")  # the next record starts on a line of its own

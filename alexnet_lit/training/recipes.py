@@ -21,9 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
+from argparse import ArgumentError
 from pathlib import Path
 
+from alexnet_lit.errors import UserError, run_main
 from alexnet_lit.evaluation.run_page import result_summary
+from alexnet_lit.runs import check_writable
+from alexnet_lit.training.cli import argument_error_line, parse_fit_args
 
 # The checkout's root: the recipes are its configs/, and each run starts its scripts/train.py.
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +126,42 @@ def markdown_table(results: list[dict], extra: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def recipes_main(argv: list[str] | None = None) -> None:
+RECORD_KEYS = {"recipe", "seed", "command", "returncode"}
+
+
+def finished_runs(path: Path) -> list[dict]:
+    """The records of ``runs.jsonl``; a line that is not a whole record (the tool was stopped
+    while writing it) is said and left out, so that its run is done again."""
+    runs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and record.keys() >= RECORD_KEYS:
+            runs.append(record)
+        else:
+            print(f"{path}:{number} is not a whole record (cut short?); that run is done again.")
+    return runs
+
+
+def check_extra_args(extra: list[str]) -> None:
+    """The arguments after ``--`` parse as ``train.py fit``'s, checked once before any run.
+
+    Raises:
+        UserError: They do not; the line names the key.
+    """
+    try:
+        parse_fit_args(["--config", str(ROOT / "configs" / "default.yaml"), *extra])
+    except ArgumentError as err:
+        raise UserError(f"after --: {argument_error_line(err, extra)}") from err
+
+
+def recipes_main(argv: list[str] | None = None) -> int:
+    """``scripts/run_recipes.py``: 0 when every run succeeded, 1 when one failed (its train.log
+    says why), 2 with one line for a mistake in the arguments."""
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
     if "--" in argv:
@@ -135,12 +174,19 @@ def recipes_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore runs.jsonl; rerun all")
     args = parser.parse_args(argv)
+    return run_main(lambda: _run_recipes(args, extra))
 
-    args.out.mkdir(parents=True, exist_ok=True)
+
+def _run_recipes(args: argparse.Namespace, extra: list[str]) -> None:
+    check_extra_args(extra)
+    check_writable(args.out, "--out", folder=True)
     log_path = args.out / "runs.jsonl"
     done = []
     if log_path.exists() and not args.fresh:
-        done = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        done = finished_runs(log_path)
+    if log_path.exists() and not log_path.read_bytes().endswith(b"\n"):
+        with open(log_path, "a") as log:  # end the cut-short line: the next record is whole
+            log.write("\n")
     results = []
     for recipe in args.recipes:
         for seed in args.seeds:
