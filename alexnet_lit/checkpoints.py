@@ -52,7 +52,8 @@ def load_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a .ckpt file.")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint '{path}' {what}; pass the path of a .ckpt file.")
     # torch maps only its zip format; a file of the older format (a .pth saved with
     # _use_new_zipfile_serialization=False) is read whole.
     mmap = mmap and zipfile.is_zipfile(path)

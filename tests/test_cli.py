@@ -211,7 +211,10 @@ def test_a_ckpt_path_that_is_no_lightning_checkpoint_points_to_model_weights(
 def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     line = cli_error_line(capsys, fit_args(tmp_path / "nowhere"))
-    assert line.startswith("error: data.data_dir: folder") and "nowhere" in line
+    assert line.startswith(f"error: data.data_dir: '{tmp_path / 'nowhere'}' does not exist;")
+    (tmp_path / "a.zip").write_bytes(b"PK")  # the dataset still zipped, say
+    line = cli_error_line(capsys, fit_args(tmp_path / "a.zip"))
+    assert line.startswith(f"error: data.data_dir: '{tmp_path / 'a.zip'}' is a file, not a folder;")
 
 
 def test_missing_train_split_names_it(tmp_path, monkeypatch, capsys):

@@ -90,6 +90,8 @@ def test_missing_checkpoint_names_it(tmp_path, capsys):
     assert err == f"error: checkpoint '{tmp_path / 'none.ckpt'}' does not exist; " + (
         "pass the path of a .ckpt file.\n"
     )
+    assert predict_main(["--ckpt", str(tmp_path), str(image)]) == 2  # a run folder, say
+    assert capsys.readouterr().err.startswith(f"error: checkpoint '{tmp_path}' is a folder;")
 
 
 def test_a_device_or_an_out_path_that_cannot_be_used_is_one_line(tiny_ckpt, tmp_path, capsys):

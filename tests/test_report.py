@@ -132,6 +132,9 @@ def test_a_damaged_file_in_the_run_folder_is_one_line(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: '{summary}' cannot be read (JSONDecodeError")
     assert err.count("\n") == 1
+    (folder / "config.yaml").write_text("- a list, not a config\n")  # edited by hand, say
+    assert report_main([str(folder)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{folder / 'config.yaml'}' holds no config")
 
 
 def test_a_run_validated_every_other_epoch_counts_its_epochs_not_its_validations(tmp_path):

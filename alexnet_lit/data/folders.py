@@ -76,9 +76,10 @@ def read_class_names(root: Path) -> list[str]:
             hold a file (a one-class "classifier" cannot be trained).
     """
     if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DataConfigError(
-            f"data.data_dir: folder '{root}' does not exist; pass --data.data_dir pointing at a "
-            "folder with train/<class>/ and val/<class>/ inside."
+            f"data.data_dir: '{root}' {what}; pass --data.data_dir pointing at a folder with "
+            "train/<class>/ and val/<class>/ inside."
         )
     train_dir = root / "train"
     if not train_dir.is_dir():

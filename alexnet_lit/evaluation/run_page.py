@@ -338,6 +338,11 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
             "lightning_logs/version_N folder."
         )
     config = _parsed(config_path, yaml.safe_load) or {}
+    if not isinstance(config, dict):
+        raise UserError(
+            f"'{config_path}' holds no config (a YAML mapping such as trainer: ...); re-run the "
+            "command that wrote it, or restore it."
+        )
     record = _record(folder)
     counts = record.get("images_per_class", {})
     classes = record.get("class_names") or sorted({n for split in counts.values() for n in split})
