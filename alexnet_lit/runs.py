@@ -9,10 +9,12 @@ aborts a write. JSON escapes them instead (``\\udcXX``, which ``json.loads`` tur
 same string).
 """
 
+import contextlib
 import csv
 import os
+import shutil
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -59,6 +61,19 @@ def next_run_folder(root: str | Path = "lightning_logs") -> Path:
             return folder
         except FileExistsError:
             version += 1
+
+
+@contextlib.contextmanager
+def discard_if_unused(folder: Path) -> Iterator[None]:
+    """A tool's claimed run folder (:func:`next_run_folder`) is removed when what runs inside
+    this block fails before anything was written there (a mistyped argument, a missing data
+    folder): a mistake leaves no empty ``version_N`` behind."""
+    try:
+        yield
+    except BaseException:
+        if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def open_text(path: str | Path, mode: str = "w") -> IO[str]:

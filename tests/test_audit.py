@@ -350,3 +350,16 @@ def test_a_missing_compare_overlay_is_one_line(tmp_path, monkeypatch, capsys):
     line = capsys.readouterr().err.strip()
     assert line == "error: --compare 'nope.yaml' does not exist; pass a YAML overlay."
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_mistake_in_the_fit_arguments_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("cleanlab")
+    monkeypatch.chdir(tmp_path)
+    missing = fit_args(tmp_path / "nowhere")[1:]
+    for main, args in ((learning_curve_main, missing), (find_label_issues_main, missing)):
+        with pytest.raises(SystemExit) as exit_info:  # as train.py ends on a fit's mistake
+            main(args)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("data.data_dir: " in line for line in err), err
+    assert list((tmp_path / "lightning_logs").iterdir()) == []  # no version_N left empty

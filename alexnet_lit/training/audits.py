@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from alexnet_lit.errors import DataConfigError, UserError, run_main
 from alexnet_lit.evaluation.class_report import per_class_metrics, summary
-from alexnet_lit.runs import next_run_folder, printable, write_csv
+from alexnet_lit.runs import discard_if_unused, next_run_folder, printable, write_csv
 from alexnet_lit.training.cli import fit_cli
 
 Samples = list[tuple[Path, int]]
@@ -152,7 +152,8 @@ def find_label_issues(fit_args: Sequence[str], folds: int = 5, top: int = 10) ->
 
     require_cleanlab()  # before any training
     run = next_run_folder()
-    cli = fit_cli(fit_args, run, "fold_0", checkpoints=False)
+    with discard_if_unused(run):
+        cli = fit_cli(fit_args, run, "fold_0", checkpoints=False)
     data = cli.datamodule
     samples, class_names = data.samples("train"), data.class_names
     splits = stratified_folds([t for _, t in samples], folds, data.hparams.seed, class_names)
@@ -315,7 +316,8 @@ def learning_curve(
             for label, overlay in curves.items():
                 name = f"f{fraction:g}_s{seed}" if not compare else f"{label}_f{fraction:g}_s{seed}"
                 args = [*fit_args, *overlay, f"--seed_everything={seed}"]
-                cli = fit_cli(args, run, name, checkpoints=False)
+                with discard_if_unused(run):
+                    cli = fit_cli(args, run, name, checkpoints=False)
                 if samples is None:
                     samples, num_classes = (
                         cli.datamodule.samples("train"),

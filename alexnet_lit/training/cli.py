@@ -485,7 +485,10 @@ def fit_cli(
         # Lightning's own files (and, under SLURM, the checkpoints it resumes from) go there too.
         f"--trainer.default_root_dir={Path(save_dir, version)}",
     ]
-    cli = cli_main([*args, *logger], run=False)
+    with warnings.catch_warnings():
+        # The parse of these args, not the command line's, which is what Lightning warns about.
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        cli = cli_main([*args, *logger], run=False)
     # The saved config.yaml names no run folder, as a user's own does: run again (to reproduce
     # the run, or validate its checkpoint) it makes a new folder instead of overwriting this one.
     for entry in cli.config.trainer.logger:
