@@ -10,11 +10,10 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
-from mlflow import MlflowClient
-from mlflow.artifacts import download_artifacts
 
 from alexnet_lit.runs import read_scalars
 from alexnet_lit.training.cli import cli_main
@@ -70,8 +69,14 @@ def in_tmp(tmp_path, monkeypatch, tracking) -> Path:
     return tmp_path
 
 
+def client_of(url: str) -> Any:
+    from mlflow import MlflowClient  # here, not at collection: mlflow takes a second to import
+
+    return MlflowClient(url)
+
+
 def experiment_runs(url: str, name: str) -> list:
-    client = MlflowClient(url)
+    client = client_of(url)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"no MLflow experiment {name}"
     return client.search_runs([experiment.experiment_id])
@@ -109,7 +114,7 @@ def test_a_fit_is_an_mlflow_run_and_tensorboard_alone_is_unchanged(image_folder,
     assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "mlruns").exists()
 
     (run,) = experiment_runs(tracking, "alexnet-lit")
-    client, run_id = MlflowClient(tracking), run.info.run_id
+    client, run_id = client_of(tracking), run.info.run_id
     assert run.info.run_name == "version_1" and run.info.status == "FINISHED"
     assert run.data.tags["run_folder"] == str(both.resolve())
     assert run.data.tags["dataset"] == str(image_folder.resolve())
@@ -130,6 +135,8 @@ def test_a_fit_is_an_mlflow_run_and_tensorboard_alone_is_unchanged(image_folder,
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == [
         f"checkpoints/{best.name}"
     ]
+    from mlflow.artifacts import download_artifacts
+
     config = download_artifacts(run_id=run_id, artifact_path="config.yaml", tracking_uri=tracking)
     assert Path(config).read_bytes() == (both / "config.yaml").read_bytes()
 
