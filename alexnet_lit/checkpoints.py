@@ -30,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.serialization import config as serialization_config
 
 from alexnet_lit.errors import CheckpointError, first_line
+from alexnet_lit.runs import printable
 
 # A run's checkpoints: RUN/checkpoints/best-epoch=EE-val_acc=A.AAAA[-vN].ckpt and last.ckpt.
 BEST_PATTERN = "best*.ckpt"
@@ -120,14 +121,17 @@ def find_checkpoint(
 
 def checkpoint_argument(value: str | Path) -> Path:
     """A script's ``--ckpt``: a file, or ``best`` / ``last``, the newest run's under
-    ``./lightning_logs`` (:func:`find_checkpoint`), as ``train.py``'s ``--ckpt_path`` takes them.
+    ``./lightning_logs`` (:func:`find_checkpoint`, the file chosen printed), as ``train.py``'s
+    ``--ckpt_path`` takes them.
 
     Raises:
         CheckpointError: ``best`` or ``last`` with no run there that has one.
     """
-    if str(value) in ("best", "last") and not Path(value).is_file():
-        return find_checkpoint(which="best" if str(value) == "best" else "last")
-    return Path(value)
+    if str(value) not in ("best", "last"):
+        return Path(value)
+    path = find_checkpoint(which="best" if str(value) == "best" else "last")
+    print(printable(f"--ckpt {value}: {path}"))
+    return path
 
 
 def checkpoint_temperature(path: str | Path | None) -> float | None:

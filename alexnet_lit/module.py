@@ -322,8 +322,9 @@ class LitAlexNet(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # Frozen parameters (fine-tuning's backbone) get no optimizer state until they thaw.
+        groups = self._param_groups()
         with _settings_of("model.optimizer"):
-            optimizer = self.optimizer(self._param_groups())
+            optimizer = self.optimizer(groups)
         if self.lr_scheduler is None:
             return optimizer
         kwargs = {}
@@ -469,6 +470,8 @@ def _settings_of(key: str) -> Iterator[None]:
     when built, in the fit: a ValueError there is the config's ``key``, said in one line."""
     try:
         yield
+    except UserError:
+        raise  # the project's own schedules say theirs already
     except ValueError as err:
         raise UserError(f"{key}: {first_line(err)}; fix its init_args.") from err
 

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import os
 import shutil
+import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -91,16 +92,21 @@ def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
             place); the message names ``option`` and the path.
     """
     path = Path(path)
-    probe = path / f".write-check-{os.getpid()}" if folder else path
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        existed = probe.exists()
-        with open(probe, "ab"):
-            pass
-        if not existed:
-            probe.unlink()
+        if folder:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):  # a name of its own: the folder may be shared
+                pass
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            existed = path.exists()
+            with open(path, "ab"):
+                pass
+            if not existed:
+                path.unlink()
     except OSError as err:
-        in_the_way = next((p for p in probe.parents if p.is_file()), None)
+        above = [path, *path.parents] if folder else path.parents
+        in_the_way = next((p for p in above if p.is_file()), None)
         reason = f"'{in_the_way}' is a file, not a folder" if in_the_way else err.strerror
         raise UserError(
             f"{option} '{path}' cannot be written ({reason}); pick another path."

@@ -19,9 +19,10 @@ from torchvision.transforms import v2
 
 from alexnet_lit import LitAlexNet
 from alexnet_lit.data import ImageFolderDataModule
+from alexnet_lit.training import recipes as recipes_module
 from alexnet_lit.training.cli import cli_main
 from alexnet_lit.training.finders import BatchSizeSearch, LRFinder
-from alexnet_lit.training.recipes import command, recipes_main
+from alexnet_lit.training.recipes import command, finished_runs, recipes_main
 from alexnet_lit.training.schedules import WarmupCosineLR
 from tests.conftest import make_image_folder
 from tests.helpers import ROOT, edited_overlay, fit_args, tiny_fit
@@ -369,20 +370,38 @@ def test_run_recipes_checks_its_arguments_before_any_run(tmp_path, capsys):
     bad = ["--recipes", "default", "--out", str(out), "--", "--trainer.max_epochs=abc"]
     assert recipes_main(bad) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith('error: after --: Parser key "trainer.max_epochs"') and not out.exists()
+    assert line.startswith(
+        'error: after -- (with the default recipe): Parser key "trainer.max_epochs"'
+    )
+    assert not out.exists()
     (tmp_path / "taken").write_text("a file where --out wants a folder")
     assert recipes_main(["--recipes", "default", "--out", str(tmp_path / "taken" / "runs")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_run_recipes_redoes_a_run_whose_record_was_cut_short(tmp_path, capsys):
-    # A finished run of the default recipe, and the record of another cut short by a kill.
-    done = {"recipe": "default", "seed": 0, "command": shlex.join(command("default", 0, []))}
-    done |= {"returncode": 0, "wall_s": 60.0, "epochs": 10, "best_val_acc": 0.96}
+def test_run_recipes_redoes_a_run_whose_record_was_cut_short(tmp_path, monkeypatch, capsys):
+    def record(recipe: str, seed: int, extra: list[str]) -> dict:
+        done = {"recipe": recipe, "seed": seed, "command": shlex.join(command(recipe, seed, extra))}
+        return done | {"returncode": 0, "wall_s": 60.0, "epochs": 10, "best_val_acc": 0.96}
+
+    ran = []
+
+    def run_one(recipe, seed, extra, out, keep):  # instead of a real fit
+        ran.append(recipe)
+        return record(recipe, seed, extra)
+
+    monkeypatch.setattr(recipes_module, "run_one", run_one)
+    # A finished run of the default recipe, and adamw's record cut short by a kill.
     log = tmp_path / "runs.jsonl"
-    log.write_text(json.dumps(done) + '\n{"recipe": "adamw", "se')
-    assert recipes_main(["--recipes", "default", "--out", str(tmp_path)]) == 0
+    log.write_text(json.dumps(record("default", 0, [])) + '\n{"recipe": "adamw", "se')
+    assert recipes_main(["--recipes", "default", "adamw", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{log}:2 is not a whole record (cut short?); that run is done again." in out
-    assert "| default | " in (tmp_path / "results.md").read_text()
-    assert log.read_text().endswith("\n")  # the next record starts on a line of its own
+    assert ran == ["adamw"]  # default was done, adamw again
+    assert "| adamw | " in (tmp_path / "results.md").read_text()
+    # The cut-short line was ended: adamw's new record is whole, and read back.
+    assert [r["recipe"] for r in finished_runs(log)] == ["default", "adamw"]
+    ran.clear()
+    assert recipes_main(["--recipes", "sgd_nesterov", "--out", str(tmp_path), "--",
+                         "--model.optimizer.init_args.momentum=0.95"]) == 0  # fmt: skip
+    assert ran == ["sgd_nesterov"]  # a key of the recipe's own optimizer passes the check

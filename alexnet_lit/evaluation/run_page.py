@@ -209,6 +209,7 @@ def _evaluation(folder: Path, stage: str, title: str) -> dict[str, Any] | None:
         notes.append(summary["calibration"]["note"])
     return {
         "title": title,
+        "stage": stage,
         "accuracy": summary["accuracy"],
         "images": summary["images"],
         "notes": notes,
@@ -381,6 +382,8 @@ def build_report(folder: str | Path, fit: L.Trainer | None = None) -> tuple[Path
         summary=summary,
         curves=_curves(scalars),
         evaluations=evaluations,
+        # A validate or test run's own result: its stage's evaluation, not another's.
+        evaluated=next((e for e in evaluations if e["stage"] == stage), None),
         later=_later_evaluations(folder) if subcommand == "fit" else [],
         data=_data_section(folder, record),
         reproduce=f"python scripts/train.py {subcommand} --config {shlex.quote(str(config_path))}",

@@ -14,7 +14,7 @@ import torch
 from alexnet_lit.checkpoints import checkpoint_argument
 from alexnet_lit.errors import InferenceError, run_main
 from alexnet_lit.inference.predict import CKPT_HELP, load_model
-from alexnet_lit.runs import check_writable, printable
+from alexnet_lit.runs import check_writable
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 # fp32 outputs of the exported model may differ from PyTorch's by at most this much.
@@ -159,8 +159,6 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
     def main() -> None:
         ckpt = checkpoint_argument(args.ckpt)
-        if args.ckpt in ("best", "last"):
-            print(printable(f"--ckpt {args.ckpt}: {ckpt}"))
         difference = export_checkpoint(ckpt, args.format, args.out)
         print(
             f"wrote {args.out}; max abs difference from PyTorch on random input (batch 1 and 3): "

@@ -469,8 +469,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
     def main() -> None:
         ckpt = checkpoint_argument(args.ckpt)
-        if args.ckpt in ("best", "last"):
-            print(printable(f"--ckpt {args.ckpt}: {ckpt}"))
         rows, failed = predict_files(
             ckpt, args.paths, args.out, args.top_k, args.device, args.batch_size,
             args.num_workers, calibrated=not args.no_calibration, explain_dir=args.explain,

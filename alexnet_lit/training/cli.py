@@ -9,7 +9,7 @@ import re
 import sys
 import warnings
 from argparse import ArgumentError
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,10 @@ class AlexNetCLI(LightningCLI):
                 config.trainer.precision = None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # Lightning's refusal of a trainer setting
+            raise UserError(first_line(err)) from err
         arrange_loggers(trainer, self.subcommand)
         # Write checkpoints atomically and load them as data only, unless a plugin chose otherwise
         # (configs/background_checkpoints.yaml's BackgroundCheckpointIO writes through one). The
@@ -378,8 +381,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AlexNetCLI:
         raise
     except ArgumentError as err:
         _exit_with(argument_error_line(err, sys.argv[1:] if args is None else args))
-    except MisconfigurationException as err:  # Lightning's one-line refusal of a setting
-        _exit_with(first_line(err))
 
 
 def check_config_files(args: Sequence[str]) -> None:
@@ -390,8 +391,12 @@ def check_config_files(args: Sequence[str]) -> None:
         UserError: A config file that is not UTF-8 text or not valid YAML.
     """
     args = list(args)
-    paths = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
-    paths += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+    paths = [value for flag, value in itertools.pairwise(args) if flag in ("--config", "-c")]
+    for arg in args:
+        for prefix in ("--config=", "-c=", "-c"):
+            if arg.startswith(prefix) and arg not in ("-c", "--config"):
+                paths.append(arg.removeprefix(prefix))
+                break
     for path in map(Path, paths):
         if not path.is_file():
             continue  # a missing file, or YAML given inline: jsonargparse says what is wrong
@@ -441,13 +446,20 @@ def parse_fit_args(args: Sequence[str]) -> Namespace:
     return fit_parser().parse_args(list(args))
 
 
+@contextlib.contextmanager
+def args_given_in_code() -> Iterator[None]:
+    """For a CLI given ``args=[...]`` by a tool (a sweep, an audit) rather than by the command
+    line, which is what LightningCLI warns about whenever the process has arguments of its own."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        yield
+
+
 @functools.cache
 def fit_parser() -> ArgumentParser:
     """The parser of ``train.py fit``'s arguments."""
     # Building the parser takes most of a parse's time: once per process.
-    with warnings.catch_warnings():
-        # The parse of these args, not the command line's, which is what Lightning warns about.
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+    with args_given_in_code():
         return _ParseOnly(
             LitAlexNet,
             ImageFolderDataModule,
@@ -468,7 +480,8 @@ def fit_cli(
     """The CLI of ``train.py fit ARGS``, instantiated but not run, with its run folder at
     ``save_dir/version`` (a TensorBoard logger in place of the configured one; trackers such as
     MLflow's kept beside it, their runs in ``experiment`` where given); without ModelCheckpoint
-    callbacks unless ``checkpoints``. Mistakes end the process as the CLI does.
+    callbacks unless ``checkpoints``. Mistakes end the process as the CLI does (exit 2), but
+    for a ``--config`` file that is not YAML, a :class:`UserError` (:func:`check_config_files`).
     """
     tensorboard = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -485,9 +498,7 @@ def fit_cli(
         # Lightning's own files (and, under SLURM, the checkpoints it resumes from) go there too.
         f"--trainer.default_root_dir={Path(save_dir, version)}",
     ]
-    with warnings.catch_warnings():
-        # The parse of these args, not the command line's, which is what Lightning warns about.
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+    with args_given_in_code():
         cli = cli_main([*args, *logger], run=False)
     # The saved config.yaml names no run folder, as a user's own does: run again (to reproduce
     # the run, or validate its checkpoint) it makes a new folder instead of overwriting this one.

@@ -46,6 +46,12 @@ def command(recipe: str, seed: int, extra: list[str]) -> list[str]:
     return [*args, "--seed_everything", str(seed), *extra]
 
 
+def absolute(argv: list[str]) -> list[str]:
+    """``argv`` with the repository's ``scripts/`` and ``configs/`` paths made absolute: a run
+    starts in its own folder."""
+    return [str(ROOT / arg) if arg.startswith(("scripts/", "configs/")) else arg for arg in argv]
+
+
 def without_seed(argv: list[str]) -> list[str]:
     at = argv.index("--seed_everything")
     return argv[:at] + argv[at + 2 :]
@@ -56,9 +62,7 @@ def run_one(recipe: str, seed: int, extra: list[str], out: Path, keep: bool) -> 
     work_dir.mkdir(parents=True, exist_ok=True)
     argv = command(recipe, seed, extra)
     # Run from work_dir so lightning_logs/ lands there; configs and the script by absolute path.
-    absolute = [sys.executable] + [
-        str(ROOT / arg) if arg.startswith(("scripts/", "configs/")) else arg for arg in argv[1:]
-    ]
+    started = [sys.executable, *absolute(argv[1:])]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -67,7 +71,7 @@ def run_one(recipe: str, seed: int, extra: list[str], out: Path, keep: bool) -> 
     start = time.perf_counter()
     with open(work_dir / "train.log", "w") as log:
         returncode = subprocess.run(
-            absolute, cwd=work_dir, env=env, stdout=log, stderr=log
+            started, cwd=work_dir, env=env, stdout=log, stderr=log
         ).returncode
     wall_s = time.perf_counter() - start
     versions = sorted(
@@ -147,16 +151,19 @@ def finished_runs(path: Path) -> list[dict]:
     return runs
 
 
-def check_extra_args(extra: list[str]) -> None:
-    """The arguments after ``--`` parse as ``train.py fit``'s, checked once before any run.
+def check_extra_args(recipes: list[str], extra: list[str]) -> None:
+    """Each recipe's ``train.py fit`` arguments, the ones after ``--`` included, parse: checked
+    before any run.
 
     Raises:
-        UserError: They do not; the line names the key.
+        UserError: They do not; the line names the recipe and the key.
     """
-    try:
-        parse_fit_args(["--config", str(ROOT / "configs" / "default.yaml"), *extra])
-    except ArgumentError as err:
-        raise UserError(f"after --: {argument_error_line(err, extra)}") from err
+    for recipe in recipes:
+        try:
+            parse_fit_args(absolute(command(recipe, 0, extra))[3:])
+        except ArgumentError as err:
+            line = argument_error_line(err, extra)
+            raise UserError(f"after -- (with the {recipe} recipe): {line}") from err
 
 
 def recipes_main(argv: list[str] | None = None) -> int:
@@ -174,11 +181,18 @@ def recipes_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore runs.jsonl; rerun all")
     args = parser.parse_args(argv)
-    return run_main(lambda: _run_recipes(args, extra))
+    failed = False
+
+    def main() -> None:
+        nonlocal failed
+        failed = _run_recipes(args, extra)
+
+    return run_main(main) or int(failed)
 
 
-def _run_recipes(args: argparse.Namespace, extra: list[str]) -> None:
-    check_extra_args(extra)
+def _run_recipes(args: argparse.Namespace, extra: list[str]) -> bool:
+    """Run what is not done yet and write the table; whether a run failed."""
+    check_extra_args(args.recipes, extra)
     check_writable(args.out, "--out", folder=True)
     log_path = args.out / "runs.jsonl"
     done = []
@@ -208,5 +222,4 @@ def _run_recipes(args: argparse.Namespace, extra: list[str]) -> None:
     table = markdown_table(results, extra)
     (args.out / "results.md").write_text(table)
     print("\n" + table)
-    if any(r["returncode"] for r in results):
-        raise SystemExit(1)
+    return any(r["returncode"] for r in results)

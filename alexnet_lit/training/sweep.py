@@ -838,8 +838,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tune_main(argv: Sequence[str] | None = None) -> int:
     """``scripts/tune.py``: run (or continue) a sweep; exit 2 with one line on a mistake."""
-    # Trials run the CLI in this process, with args=[...], which is what this warns about.
-    warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
     previous = signal.getsignal(signal.SIGTERM)
     _SIGTERM.received = False
     if previous is signal.SIG_DFL:
