@@ -318,8 +318,14 @@ def test_a_data_value_no_image_could_pass_is_one_line_before_the_fit(
         # Lightning's refusals of trainer settings, and one it would divide by mid-fit
         (["--trainer.max_epochs=-5"], "`max_epochs` must be a non-negative integer or -1."),
         (["--trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be"),
+        # the project's own schedule says its own line, not wrapped in another
+        (
+            ["--config", str(ROOT / "configs" / "experiments" / "warmup_cosine.yaml"),
+             "--model.lr_scheduler.init_args.warmup_steps=100000"],
+            "WarmupCosineLR: warmup_steps (100000) must be",
+        ),
     ],
-    ids=["width", "dropout", "plateau", "smoothing", "lr", "epochs", "accumulate"],
+    ids=["width", "dropout", "plateau", "smoothing", "lr", "epochs", "accumulate", "warmup"],
 )  # fmt: skip
 def test_a_model_or_trainer_value_that_cannot_train_is_one_line(
     options, named, image_folder, tmp_path, monkeypatch, capsys
