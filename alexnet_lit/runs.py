@@ -47,14 +47,18 @@ def run_dir(trainer: "L.Trainer") -> Path:
     return resolved[1]
 
 
-def next_run_folder(root: str | Path = "lightning_logs") -> Path:
+def next_run_folder(root: str | Path = "lightning_logs", option: str = "the run folders") -> Path:
     """Create and return ``root/version_N`` for the next free N, the folder a TensorBoardLogger
     would take (its own numbering). Creating it is the claim: a run started at the same moment
-    gets the next N."""
+    gets the next N.
+
+    Raises:
+        UserError: ``root`` cannot be written (``option`` names where it was set).
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    check_writable(root, option, folder=True)
     version = TensorBoardLogger(save_dir=root, name="").version
-    Path(root).mkdir(parents=True, exist_ok=True)
     while True:
         folder = Path(root, f"version_{version}")
         try:

@@ -217,6 +217,16 @@ def test_missing_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert line.startswith(f"error: data.data_dir: '{tmp_path / 'a.zip'}' is a file, not a folder;")
 
 
+def test_a_log_folder_under_a_file_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").write_text("a file where the logs' folder would be")
+    line = cli_error_line(
+        capsys, fit_args(image_folder, "--trainer.logger.init_args.save_dir=notes")
+    )
+    assert line.startswith("error: trainer.logger's save_dir 'notes/lightning_logs' cannot be")
+    assert "('notes' is a file, not a folder)" in line
+
+
 def test_missing_train_split_names_it(tmp_path, monkeypatch, capsys):
     # A missing val/ is not an error: train/ is split (tests/test_data_dirty.py).
     monkeypatch.chdir(tmp_path)

@@ -326,7 +326,8 @@ def _claim_run_folder(config: Namespace) -> Namespace | None:
     if logger.init_args.get("version") is not None or not rank_zero or remote:
         return None
     # The number, as the logger would pick it: its folder is version_N, the progress bar's v_num N.
-    logger.init_args.version = int(next_run_folder(root).name.removeprefix("version_"))
+    folder = next_run_folder(root, "trainer.logger's save_dir")
+    logger.init_args.version = int(folder.name.removeprefix("version_"))
     return logger
 
 
