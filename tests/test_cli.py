@@ -361,8 +361,9 @@ def test_a_config_file_that_is_not_yaml_is_named_in_one_line(
 ):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.yaml").write_bytes(content)
-    line = cli_error_line(capsys, fit_args(image_folder, "--config=mine.yaml"))
-    assert line.startswith(f"error: --config mine.yaml is not a YAML config ({reason}")
+    for config in (["--config=mine.yaml"], ["-c", "mine.yaml"]):  # and LightningCLI's short form
+        line = cli_error_line(capsys, fit_args(image_folder, *config))
+        assert line.startswith(f"error: --config mine.yaml is not a YAML config ({reason}")
     with pytest.raises(UserError, match=r"--config mine\.yaml is not a YAML config"):
         parse_fit_args(["--config", "mine.yaml"])  # the sweeps' and recipes' parse
 
