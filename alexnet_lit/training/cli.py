@@ -42,7 +42,7 @@ from alexnet_lit.errors import CheckpointError, UserError, first_line, print_err
 from alexnet_lit.inference.predict import PredictionCSVWriter
 from alexnet_lit.loggers import FOLDER_LOGGERS, arrange_loggers, check_logger_config
 from alexnet_lit.module import LitAlexNet
-from alexnet_lit.runs import next_run_folder
+from alexnet_lit.runs import discard_if_unused, next_run_folder
 from alexnet_lit.training.fault_tolerance import NonFiniteLossError
 from alexnet_lit.training.precision import native_mixed_precision
 from alexnet_lit.weights import weights_preprocessing
@@ -188,17 +188,13 @@ class AlexNetCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = _claim_run_folder(config)
-        try:
-            if logger is None:
-                return super().instantiate_classes()
+        claimed = contextlib.nullcontext()
+        if logger is not None:  # nothing ran if this fails: leave no empty run folder behind
             name, version = logger.init_args.name or "", f"version_{logger.init_args.version}"
-            folder = Path(logger.init_args.save_dir, name, version)
-            try:
+            claimed = discard_if_unused(Path(logger.init_args.save_dir, name, version))
+        try:
+            with claimed:
                 super().instantiate_classes()
-            except BaseException:
-                with contextlib.suppress(OSError):  # nothing ran: leave no empty run folder
-                    folder.rmdir()
-                raise
         finally:
             # The saved config.yaml says what the user asked for, not what was chosen here, so
             # that running it again is a new run of the same recipe on whatever machine: no run
