@@ -321,10 +321,7 @@ class LitAlexNet(L.LightningModule):
             return False
 
     def configure_optimizers(self) -> Any:
-        # Frozen parameters (fine-tuning's backbone) get no optimizer state until they thaw.
-        groups = self._param_groups()
-        with _settings_of("model.optimizer"):
-            optimizer = self.optimizer(groups)
+        optimizer = self._build_optimizer()
         if self.lr_scheduler is None:
             return optimizer
         kwargs = {}
@@ -347,6 +344,13 @@ class LitAlexNet(L.LightningModule):
                 config["frequency"] = self.trainer.check_val_every_n_epoch or 1
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """``model.optimizer`` over the trainable parameters; frozen ones (fine-tuning's
+        backbone) get no optimizer state until they thaw."""
+        groups = self._param_groups()
+        with _settings_of("model.optimizer"):
+            return self.optimizer(groups)
+
     def _param_groups(self) -> Iterable:
         params = [p for p in self.parameters() if p.requires_grad]
         if not self.hparams.no_decay_bias:
@@ -363,7 +367,7 @@ class LitAlexNet(L.LightningModule):
         saved = checkpoint.get("optimizer_states") or []
         if not saved:
             return  # weights only: refused before loading (AlexNetCLI), or Lightning's to say
-        fresh = self.optimizer(self._param_groups())
+        fresh = self._build_optimizer()
         # An optimizer's own settings name its kind (Adam: betas, eps; SGD: momentum, ...): each
         # saved group must have this one's. Schedulers add keys of their own (initial_lr,
         # OneCycleLR's max_lr, SWALR's swa_lr), and the implementation flags vary with the torch
