@@ -119,6 +119,13 @@ def find_checkpoint(
     return best_checkpoint(newest.parent.parent) if which == "best" else newest
 
 
+# The help of a script's --ckpt (checkpoint_argument).
+CKPT_HELP = (
+    "a checkpoint from scripts/train.py, or best / last: the newest run's best checkpoint or "
+    "last.ckpt under ./lightning_logs"
+)
+
+
 def checkpoint_argument(value: str | Path) -> Path:
     """A script's ``--ckpt``: a file, or ``best`` / ``last``, the newest run's under
     ``./lightning_logs`` (:func:`find_checkpoint`, the file chosen printed), as ``train.py``'s

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from alexnet_lit.checkpoints import checkpoint_argument
+from alexnet_lit.checkpoints import CKPT_HELP, checkpoint_argument
 from alexnet_lit.errors import InferenceError, run_main
-from alexnet_lit.inference.predict import CKPT_HELP, load_model
+from alexnet_lit.inference.predict import load_model
 from alexnet_lit.runs import check_writable
 
 FORMATS = ("onnx", "torchscript", "torch_export")

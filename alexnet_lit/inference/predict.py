@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from alexnet_lit.checkpoints import checkpoint_argument, load_checkpoint
+from alexnet_lit.checkpoints import CKPT_HELP, checkpoint_argument, load_checkpoint
 from alexnet_lit.data.datamodule import default_num_workers
 from alexnet_lit.data.datasets import ImageListDataset, LoadedBatch, SkippingCollate
 from alexnet_lit.data.folders import InputScan, not_images_note, scan_inputs
@@ -429,12 +429,6 @@ def predict_files(
     if explain_dir is not None:
         explain_files(model, loader, explain_dir, temperature, progress)
     return written, failed
-
-
-CKPT_HELP = (
-    "a checkpoint from scripts/train.py, or best / last: the newest run's best checkpoint or "
-    "last.ckpt under ./lightning_logs"
-)
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
